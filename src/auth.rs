@@ -1,0 +1,308 @@
+//! Authentication: JWT verification into an [`Identity`], the scraper API-key check, and minting
+//! of internal tokens (for the reconciler and the `token` subcommand).
+//!
+//! HS256 is pinned: `none` and every other algorithm are refused before any signature work.
+//! This module knows nothing about HTTP or WebSockets; callers hand it the token text.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
+
+/// Who is on the other end of a socket or HTTP call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    User { user_id: String, org_id: String },
+    Player { player_id: String, org_id: String },
+    /// A service token (`type: "internal"`, `iss: "prostaff-api"`); may join and act anywhere.
+    Internal,
+}
+
+impl Identity {
+    /// The organisation this identity belongs to (`None` for internal services).
+    pub fn org_id(&self) -> Option<&str> {
+        match self {
+            Identity::User { org_id, .. } | Identity::Player { org_id, .. } => Some(org_id),
+            Identity::Internal => None,
+        }
+    }
+
+    /// Short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Identity::User { .. } => "user",
+            Identity::Player { .. } => "player",
+            Identity::Internal => "internal",
+        }
+    }
+}
+
+/// A verified token: the identity and, when the token has one, its expiry (unix seconds).
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub identity: Identity,
+    pub expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing token")]
+    MissingToken,
+    #[error("malformed token")]
+    Malformed,
+    #[error("algorithm not allowed")]
+    AlgorithmNotAllowed,
+    #[error("invalid signature")]
+    BadSignature,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("token has no exp")]
+    MissingExp,
+    #[error("missing identity claims")]
+    MissingIdentityClaims,
+}
+
+impl AuthError {
+    /// Stable label for the `reason` metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::MissingToken => "missing_token",
+            AuthError::Malformed => "malformed_token",
+            AuthError::AlgorithmNotAllowed => "algorithm_not_allowed",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::MissingExp => "missing_exp",
+            AuthError::MissingIdentityClaims => "missing_identity_claims",
+        }
+    }
+}
+
+/// Verifies HS256 tokens against the internal secret and, when configured, the Rails secret.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    keys: Vec<DecodingKey>,
+    validation: Validation,
+}
+
+impl TokenVerifier {
+    pub fn new(internal_secret: &str, rails_secret: Option<&str>, require_exp: bool) -> Self {
+        let mut keys = vec![DecodingKey::from_secret(internal_secret.as_bytes())];
+        if let Some(secret) = rails_secret {
+            keys.push(DecodingKey::from_secret(secret.as_bytes()));
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        if require_exp {
+            validation.required_spec_claims.insert("exp".to_string());
+        }
+        TokenVerifier { keys, validation }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Authenticated, AuthError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::MissingToken);
+        }
+        // The header is checked first so `alg: none` and friends never reach signature code.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        if header.alg != Algorithm::HS256 {
+            return Err(AuthError::AlgorithmNotAllowed);
+        }
+        let mut last_error = AuthError::BadSignature;
+        for key in &self.keys {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation) {
+                Ok(data) => return authenticated_from_claims(&data.claims),
+                Err(error) => {
+                    last_error = match error.kind() {
+                        ErrorKind::InvalidSignature => AuthError::BadSignature,
+                        ErrorKind::ExpiredSignature => AuthError::Expired,
+                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                        ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
+                        ErrorKind::MissingRequiredClaim(_) => AuthError::MissingExp,
+                        _ => AuthError::Malformed,
+                    };
+                    // Only a signature mismatch is worth trying the next secret for.
+                    if last_error != AuthError::BadSignature {
+                        return Err(last_error);
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+}
+
+fn claim_id(claims: &Map<String, Value>, name: &str) -> Option<String> {
+    match claims.get(name)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn authenticated_from_claims(claims: &Map<String, Value>) -> Result<Authenticated, AuthError> {
+    let expires_at = claims.get("exp").and_then(Value::as_u64);
+    Ok(Authenticated { identity: identity_from_claims(claims)?, expires_at })
+}
+
+/// Maps the claim shapes of DESIGN.md onto identities.
+pub fn identity_from_claims(claims: &Map<String, Value>) -> Result<Identity, AuthError> {
+    let text = |name: &str| claims.get(name).and_then(Value::as_str);
+    if text("type") == Some("internal") && text("iss") == Some("prostaff-api") {
+        return Ok(Identity::Internal);
+    }
+    if text("entity_type") == Some("player") {
+        if let (Some(player_id), Some(org_id)) =
+            (claim_id(claims, "player_id"), claim_id(claims, "organization_id"))
+        {
+            return Ok(Identity::Player { player_id, org_id });
+        }
+        return Err(AuthError::MissingIdentityClaims);
+    }
+    if let Some(user_id) = claim_id(claims, "user_id") {
+        if let Some(org_id) = claim_id(claims, "org_id").or_else(|| claim_id(claims, "organization_id")) {
+            return Ok(Identity::User { user_id, org_id });
+        }
+    }
+    Err(AuthError::MissingIdentityClaims)
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Signs `claims` with HS256.
+pub fn mint(secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes()))
+        .expect("HS256 encoding of a JSON object cannot fail")
+}
+
+/// The token the hub sends to Rails (`iss: prostaff-events`, one minute of life).
+pub fn mint_reconciler_token(secret: &str) -> String {
+    let iat = unix_now();
+    mint(secret, &serde_json::json!({"type": "internal", "iss": "prostaff-events", "iat": iat, "exp": iat + 60}))
+}
+
+/// Constant-time comparison of an offered API key with the configured one. An empty configured
+/// key refuses everything.
+pub fn api_key_matches(configured: &str, offered: Option<&str>) -> bool {
+    match offered {
+        Some(offered) if !configured.is_empty() => {
+            bool::from(configured.as_bytes().ct_eq(offered.as_bytes()))
+        }
+        _ => false,
+    }
+}
+
+/// Decodes the token carried in the phoenix.js `authToken` subprotocol entry
+/// (`base64url.bearer.phx.<standard base64 without padding>`).
+pub fn token_from_subprotocol(entry: &str) -> Option<String> {
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let encoded = entry.trim().strip_prefix("base64url.bearer.phx.")?.trim_end_matches('=');
+    let bytes = STANDARD_NO_PAD
+        .decode(encoded)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(encoded))
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &str = "test-secret-test-secret-test-secret";
+
+    fn verifier() -> TokenVerifier {
+        TokenVerifier::new(SECRET, Some("rails-secret"), false)
+    }
+
+    #[test]
+    fn identities_from_each_claim_shape() {
+        let v = verifier();
+        let user = v.verify(&mint(SECRET, &json!({"user_id": "u1", "org_id": "o1"}))).unwrap();
+        assert_eq!(user.identity, Identity::User { user_id: "u1".into(), org_id: "o1".into() });
+        let rails = v
+            .verify(&mint("rails-secret", &json!({"user_id": 7, "organization_id": 9, "exp": unix_now() + 60})))
+            .unwrap();
+        assert_eq!(rails.identity, Identity::User { user_id: "7".into(), org_id: "9".into() });
+        assert!(rails.expires_at.is_some());
+        let player = v
+            .verify(&mint(SECRET, &json!({"entity_type": "player", "player_id": "p1", "organization_id": "o1"})))
+            .unwrap();
+        assert_eq!(player.identity, Identity::Player { player_id: "p1".into(), org_id: "o1".into() });
+        let internal = v.verify(&mint(SECRET, &json!({"type": "internal", "iss": "prostaff-api"}))).unwrap();
+        assert_eq!(internal.identity, Identity::Internal);
+    }
+
+    #[test]
+    fn refusals_have_specific_reasons() {
+        let v = verifier();
+        assert_eq!(v.verify(&mint("wrong", &json!({"user_id": "u", "org_id": "o"}))).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(
+            v.verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o", "exp": unix_now() - 10}))).unwrap_err(),
+            AuthError::Expired
+        );
+        assert_eq!(
+            v.verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o", "nbf": unix_now() + 100}))).unwrap_err(),
+            AuthError::NotYetValid
+        );
+        assert_eq!(v.verify(&mint(SECRET, &json!({"user_id": "u"}))).unwrap_err(), AuthError::MissingIdentityClaims);
+        assert_eq!(
+            v.verify(&mint(SECRET, &json!({"type": "internal", "iss": "someone-else"}))).unwrap_err(),
+            AuthError::MissingIdentityClaims
+        );
+        assert_eq!(v.verify("garbage").unwrap_err(), AuthError::Malformed);
+        assert_eq!(v.verify("").unwrap_err(), AuthError::MissingToken);
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = URL_SAFE_NO_PAD.encode(br#"{"user_id":"u","org_id":"o"}"#);
+        let err = verifier().verify(&format!("{header}.{body}.")).unwrap_err();
+        assert!(matches!(err, AuthError::AlgorithmNotAllowed | AuthError::Malformed), "{err:?}");
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &json!({"user_id": "u", "org_id": "o"}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(verifier().verify(&hs512).unwrap_err(), AuthError::AlgorithmNotAllowed);
+    }
+
+    #[test]
+    fn exp_can_be_required() {
+        let strict = TokenVerifier::new(SECRET, None, true);
+        assert_eq!(strict.verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o"}))).unwrap_err(), AuthError::MissingExp);
+    }
+
+    #[test]
+    fn api_key_compare() {
+        assert!(api_key_matches("k", Some("k")));
+        assert!(!api_key_matches("k", Some("K")));
+        assert!(!api_key_matches("k", None));
+        assert!(!api_key_matches("", Some("")));
+    }
+
+    #[test]
+    fn subprotocol_token_decodes_standard_base64() {
+        use base64::engine::general_purpose::STANDARD_NO_PAD;
+        use base64::Engine;
+        let token = "a+b/c?=";
+        let entry = format!("base64url.bearer.phx.{}", STANDARD_NO_PAD.encode(token));
+        assert_eq!(token_from_subprotocol(&entry).as_deref(), Some(token));
+        assert_eq!(token_from_subprotocol("phoenix"), None);
+    }
+}

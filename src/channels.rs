@@ -1,0 +1,198 @@
+//! Topic families, in Phoenix terms: `join` (authorize and build the join reply) and `handle_in`
+//! (a client event → a reply). Server-side pushes (`handle_info`) arrive through the hub.
+//!
+//! This module decides *what* to answer; `phoenix/` decides how it looks on the wire.
+
+use serde_json::{json, Value};
+
+use crate::auth::Identity;
+use crate::inhouse::{Inhouse, QueueError};
+
+/// The four topic families of DESIGN.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicFamily {
+    Notifications { user_id: String },
+    Tournament { tournament_id: String },
+    Inhouse { org_id: String },
+    OrgEvents { org_id: String },
+}
+
+impl TopicFamily {
+    /// `None` for a topic that matches no family (`unmatched topic`).
+    pub fn parse(topic: &str) -> Option<TopicFamily> {
+        let (prefix, id) = topic.split_once(':')?;
+        if id.is_empty() {
+            return None;
+        }
+        let id = id.to_string();
+        Some(match prefix {
+            "notifications" => TopicFamily::Notifications { user_id: id },
+            "tournament" => TopicFamily::Tournament { tournament_id: id },
+            "inhouse" => TopicFamily::Inhouse { org_id: id },
+            "org_events" => TopicFamily::OrgEvents { org_id: id },
+            _ => return None,
+        })
+    }
+
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TopicFamily::Notifications { .. } => "notifications",
+            TopicFamily::Tournament { .. } => "tournament",
+            TopicFamily::Inhouse { .. } => "inhouse",
+            TopicFamily::OrgEvents { .. } => "org_events",
+        }
+    }
+
+    /// Join rules: notifications are per user; inhouse and org_events per organisation;
+    /// tournaments are open to any authenticated identity; internal services may join anything.
+    pub fn may_join(&self, identity: &Identity) -> bool {
+        match (self, identity) {
+            (_, Identity::Internal) => true,
+            (TopicFamily::Tournament { .. }, _) => true,
+            (TopicFamily::Notifications { user_id }, Identity::User { user_id: own, .. }) => user_id == own,
+            (TopicFamily::Notifications { .. }, Identity::Player { .. }) => false,
+            (TopicFamily::Inhouse { org_id } | TopicFamily::OrgEvents { org_id }, identity) => {
+                identity.org_id() == Some(org_id.as_str())
+            }
+        }
+    }
+}
+
+/// The `ok` response of a successful join.
+pub async fn join_response(family: &TopicFamily, inhouse: &Inhouse) -> Value {
+    match family {
+        TopicFamily::Inhouse { org_id } => json!({ "queue": inhouse.snapshot(org_id).await }),
+        _ => json!({}),
+    }
+}
+
+/// An error reply `{"reason": …}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal(pub &'static str);
+
+/// Handles a client event on a joined channel and returns the reply's response.
+pub async fn handle_in(
+    family: &TopicFamily,
+    identity: &Identity,
+    event: &str,
+    payload: Option<&Value>,
+    inhouse: &Inhouse,
+) -> Result<Value, Refusal> {
+    let TopicFamily::Inhouse { org_id } = family else {
+        return Err(Refusal("unknown_event"));
+    };
+    let action = match event {
+        "join_queue" => QueueAction::Join,
+        "leave_queue" => QueueAction::Leave,
+        "checkin" => QueueAction::Checkin,
+        _ => return Err(Refusal("unknown_event")),
+    };
+    let result = run_queue_action(action, org_id, identity, payload, inhouse).await;
+    metrics::counter!(
+        crate::metrics::INHOUSE_ACTIONS,
+        "action" => action.label(),
+        "outcome" => match &result { Ok(_) => "ok", Err(error) => error.reason() }
+    )
+    .increment(1);
+    match result {
+        Ok(summary) => Ok(serde_json::to_value(summary).expect("summary serializes")),
+        Err(error) => Err(Refusal(error.reason())),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum QueueAction {
+    Join,
+    Leave,
+    Checkin,
+}
+
+impl QueueAction {
+    fn label(self) -> &'static str {
+        match self {
+            QueueAction::Join => "join_queue",
+            QueueAction::Leave => "leave_queue",
+            QueueAction::Checkin => "checkin",
+        }
+    }
+}
+
+fn string_param(payload: Option<&Value>, name: &str) -> Option<String> {
+    match payload?.get(name)? {
+        Value::String(s) if !s.trim().is_empty() && s.len() <= 128 => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+async fn run_queue_action(
+    action: QueueAction,
+    org_id: &str,
+    identity: &Identity,
+    payload: Option<&Value>,
+    inhouse: &Inhouse,
+) -> Result<crate::inhouse::QueueSummary, QueueError> {
+    let player_id = string_param(payload, "player_id").ok_or(QueueError::InvalidParams)?;
+    if let Identity::Player { player_id: own, .. } = identity {
+        if *own != player_id {
+            return Err(QueueError::Unauthorized);
+        }
+    }
+    match action {
+        QueueAction::Join => {
+            let role = string_param(payload, "role").ok_or(QueueError::InvalidParams)?;
+            inhouse.join(org_id, player_id, role).await
+        }
+        QueueAction::Leave => inhouse.leave(org_id, player_id).await,
+        QueueAction::Checkin => inhouse.checkin(org_id, player_id).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(user_id: &str, org_id: &str) -> Identity {
+        Identity::User { user_id: user_id.into(), org_id: org_id.into() }
+    }
+
+    fn player(org_id: &str) -> Identity {
+        Identity::Player { player_id: "p1".into(), org_id: org_id.into() }
+    }
+
+    #[test]
+    fn parse_topics() {
+        assert_eq!(TopicFamily::parse("inhouse:o1"), Some(TopicFamily::Inhouse { org_id: "o1".into() }));
+        assert_eq!(TopicFamily::parse("tournament:1:2"), Some(TopicFamily::Tournament { tournament_id: "1:2".into() }));
+        assert_eq!(TopicFamily::parse("inhouse:"), None);
+        assert_eq!(TopicFamily::parse("rooms:1"), None);
+        assert_eq!(TopicFamily::parse("phoenix"), None);
+    }
+
+    #[test]
+    fn join_matrix() {
+        let cases = [
+            ("notifications:u1", user("u1", "o1"), true),
+            ("notifications:u2", user("u1", "o1"), false),
+            ("notifications:p1", player("o1"), false),
+            ("notifications:u2", Identity::Internal, true),
+            ("tournament:9", user("u1", "o1"), true),
+            ("tournament:9", player("o2"), true),
+            ("inhouse:o1", user("u1", "o1"), true),
+            ("inhouse:o2", user("u1", "o1"), false),
+            ("inhouse:o1", player("o1"), true),
+            ("inhouse:o2", player("o1"), false),
+            ("inhouse:o2", Identity::Internal, true),
+            ("org_events:o1", user("u1", "o1"), true),
+            ("org_events:o2", user("u1", "o1"), false),
+            ("org_events:o1", player("o1"), true),
+            ("org_events:o2", player("o1"), false),
+            ("org_events:o3", Identity::Internal, true),
+        ];
+        for (topic, identity, allowed) in cases {
+            let family = TopicFamily::parse(topic).unwrap();
+            assert_eq!(family.may_join(&identity), allowed, "{topic} {identity:?}");
+        }
+    }
+}

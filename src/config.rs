@@ -1,0 +1,407 @@
+//! Configuration: every setting of the hub, read from environment variables (the same names as
+//! the Elixir service), optionally backed by a TOML file under `config/`.
+//!
+//! Parsing is a pure function of a lookup (`Config::from_lookup`) so it is unit-testable with a
+//! map; nothing here binds ports or opens connections. Bad values produce a [`ConfigError`] that
+//! names the variable; `main` turns it into exit code 64.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Development-only secret used when `INTERNAL_JWT_SECRET` is unset outside production.
+pub const DEV_INTERNAL_SECRET: &str = "dev-only-insecure-internal-secret-change-me-0000";
+/// Shortest secret accepted in production (HS256 wants at least 256 bits of key).
+pub const MIN_PRODUCTION_SECRET_LEN: usize = 32;
+/// Default location of the optional TOML file; `PROSTAFF_EVENTS_CONFIG` overrides it.
+pub const DEFAULT_CONFIG_FILE: &str = "config/prostaff-events.toml";
+
+/// One documented setting: its variable name, default and meaning. The table drives `--help`,
+/// `.env.example` and the README, so they cannot drift apart.
+pub struct Setting {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+pub const SETTINGS: &[Setting] = &[
+    Setting { name: "PORT", default: "4000", meaning: "HTTP/WebSocket port" },
+    Setting { name: "BIND_ADDR", default: "0.0.0.0", meaning: "listen address" },
+    Setting { name: "REDIS_URL", default: "redis://127.0.0.1:6379/0", meaning: "Redis URL; `redis://` is prepended when the scheme is missing" },
+    Setting { name: "REDIS_PASSWORD", default: "", meaning: "password used when REDIS_URL carries none" },
+    Setting { name: "INTERNAL_JWT_SECRET", default: "(dev secret, with a warning)", meaning: "HS256 secret for internal tokens and the original hub's user tokens; required (>= 32 bytes) when APP_ENV=production" },
+    Setting { name: "JWT_SECRET_KEY", default: "", meaning: "Rails user-token secret; tokens signed with it are accepted too" },
+    Setting { name: "RAILS_API_URL", default: "http://localhost:3333", meaning: "Rails base URL for the reconciler and readiness" },
+    Setting { name: "SCRAPER_API_KEY", default: "", meaning: "X-Api-Key for POST /events/notify; empty refuses every request" },
+    Setting { name: "PHX_HOST", default: "localhost", meaning: "public host name (HTTPS redirects)" },
+    Setting { name: "ALLOWED_ORIGINS", default: "(any)", meaning: "comma list of Origins allowed to open a socket and make CORS requests" },
+    Setting { name: "FORCE_SSL", default: "false", meaning: "redirect X-Forwarded-Proto: http to https and send HSTS" },
+    Setting { name: "RATE_LIMIT_MAX", default: "10", meaning: "join_queue attempts allowed per org in one window" },
+    Setting { name: "RATE_LIMIT_WINDOW_MS", default: "60000", meaning: "join_queue sliding window length" },
+    Setting { name: "RECONCILER_RETRY_DELAYS_MS", default: "1000,2000,4000", meaning: "delays between startup reconcile attempts" },
+    Setting { name: "RECONCILE_INTERVAL_MS", default: "30000", meaning: "periodic re-reconcile interval (0 disables)" },
+    Setting { name: "APP_ENV", default: "dev", meaning: "`production` refuses weak or missing secrets" },
+    Setting { name: "LOG_FORMAT", default: "text", meaning: "`text` or `json`" },
+    Setting { name: "RUST_LOG", default: "info", meaning: "log filter (tracing EnvFilter syntax)" },
+    Setting { name: "SECRET_KEY_BASE", default: "", meaning: "accepted for drop-in compatibility; unused" },
+    Setting { name: "REQUIRE_TOKEN_EXP", default: "false", meaning: "refuse tokens without `exp`" },
+    Setting { name: "SHUTDOWN_GRACE_MS", default: "10000", meaning: "drain budget on SIGTERM/SIGINT" },
+    Setting { name: "MAX_FRAME_BYTES", default: "65536", meaning: "largest inbound WebSocket message; larger closes with 1009" },
+    Setting { name: "MAX_CHANNELS_PER_SOCKET", default: "100", meaning: "joined topics per socket; more get `too many channels joined`" },
+    Setting { name: "OUTBOUND_BUFFER_FRAMES", default: "1024", meaning: "broadcast frames queued per socket before the oldest are dropped" },
+    Setting { name: "WRITE_TIMEOUT_MS", default: "10000", meaning: "a socket unable to write for this long is closed with 1013" },
+    Setting { name: "IDLE_TIMEOUT_MS", default: "60000", meaning: "a socket with no inbound frame for this long is closed with 1001" },
+    Setting { name: "MAX_CONNECTIONS", default: "0 (unlimited)", meaning: "concurrent sockets; more are refused with 503" },
+    Setting { name: "MAX_PUSHES_PER_SECOND", default: "50", meaning: "client frames per second per socket (burst of the same size); more get `rate_limited`" },
+    Setting { name: "MAX_BODY_BYTES", default: "65536", meaning: "largest HTTP request body; larger gets 413" },
+    Setting { name: "PROSTAFF_EVENTS_CONFIG", default: DEFAULT_CONFIG_FILE, meaning: "optional TOML file with any of these variables (environment wins)" },
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppEnv {
+    Dev,
+    Test,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Limits that protect the hub from slow or abusive clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_channels_per_socket: usize,
+    pub outbound_buffer_frames: usize,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// `None` means unlimited.
+    pub max_connections: Option<usize>,
+    /// `None` means unlimited.
+    pub max_pushes_per_second: Option<u32>,
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_channels_per_socket: 100,
+            outbound_buffer_frames: 1024,
+            write_timeout: Duration::from_millis(10_000),
+            idle_timeout: Duration::from_millis(60_000),
+            max_connections: None,
+            max_pushes_per_second: Some(50),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub port: u16,
+    pub bind_addr: IpAddr,
+    pub redis_url: String,
+    pub internal_jwt_secret: String,
+    /// True when the development default secret is in use (logged loudly at startup).
+    pub using_dev_secret: bool,
+    pub jwt_secret_key: Option<String>,
+    pub rails_api_url: String,
+    pub scraper_api_key: String,
+    pub phx_host: String,
+    /// `None` accepts any Origin.
+    pub allowed_origins: Option<Vec<String>>,
+    pub force_ssl: bool,
+    pub rate_limit_max: u32,
+    pub rate_limit_window: Duration,
+    pub reconciler_retry_delays: Vec<Duration>,
+    /// `None` disables the periodic reconcile.
+    pub reconcile_interval: Option<Duration>,
+    pub app_env: AppEnv,
+    pub log_format: LogFormat,
+    pub require_token_exp: bool,
+    pub shutdown_grace: Duration,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {variable}: {message}")]
+    Invalid { variable: &'static str, message: String },
+    #[error("cannot read config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+fn invalid(variable: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { variable, message: message.into() }
+}
+
+impl Config {
+    /// Reads the process environment, backed by the optional TOML file.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let file_path = std::env::var("PROSTAFF_EVENTS_CONFIG").ok();
+        let file_values = match file_path {
+            Some(path) => read_toml_settings(Path::new(&path))?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                read_toml_settings(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => HashMap::new(),
+        };
+        Config::from_lookup(|name| {
+            std::env::var(name)
+                .ok()
+                .or_else(|| file_values.get(name).cloned())
+        })
+    }
+
+    /// Development defaults, as `cargo run` with nothing set would produce.
+    pub fn development() -> Config {
+        Config::from_lookup(|_| None).expect("defaults are valid")
+    }
+
+    /// Builds a config from any lookup of variable name to value.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |name: &str| lookup(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+
+        let app_env = match get("APP_ENV").as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("dev") | Some("development") => AppEnv::Dev,
+            Some("test") => AppEnv::Test,
+            Some("prod") | Some("production") => AppEnv::Production,
+            Some(other) => {
+                return Err(invalid("APP_ENV", format!("expected dev, test or production, got {other:?}")))
+            }
+        };
+
+        let (internal_jwt_secret, using_dev_secret) = match get("INTERNAL_JWT_SECRET") {
+            Some(secret) => {
+                if app_env == AppEnv::Production && secret.len() < MIN_PRODUCTION_SECRET_LEN {
+                    return Err(invalid(
+                        "INTERNAL_JWT_SECRET",
+                        format!("must be at least {MIN_PRODUCTION_SECRET_LEN} bytes when APP_ENV=production"),
+                    ));
+                }
+                (secret, false)
+            }
+            None if app_env == AppEnv::Production => {
+                return Err(invalid("INTERNAL_JWT_SECRET", "is required when APP_ENV=production"))
+            }
+            None => (DEV_INTERNAL_SECRET.to_string(), true),
+        };
+
+        let redis_url = normalize_redis_url(
+            get("REDIS_URL").as_deref().unwrap_or("redis://127.0.0.1:6379/0"),
+            get("REDIS_PASSWORD").as_deref(),
+        );
+
+        let allowed_origins = get("ALLOWED_ORIGINS").map(|list| {
+            list.split(',')
+                .map(|origin| origin.trim().trim_end_matches('/').to_string())
+                .filter(|origin| !origin.is_empty())
+                .collect::<Vec<_>>()
+        });
+
+        let reconciler_retry_delays = match get("RECONCILER_RETRY_DELAYS_MS") {
+            None => vec![1000, 2000, 4000],
+            Some(list) => list
+                .split(',')
+                .map(|item| item.trim().parse::<u64>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| invalid("RECONCILER_RETRY_DELAYS_MS", "expected a comma list of milliseconds"))?,
+        }
+        .into_iter()
+        .map(Duration::from_millis)
+        .collect();
+
+        let reconcile_interval_ms: u64 = parse_or(&get, "RECONCILE_INTERVAL_MS", 30_000)?;
+        let max_connections: usize = parse_or(&get, "MAX_CONNECTIONS", 0)?;
+        let max_pushes: u32 = parse_or(&get, "MAX_PUSHES_PER_SECOND", 50)?;
+
+        let limits = Limits {
+            max_frame_bytes: positive(parse_or(&get, "MAX_FRAME_BYTES", 64 * 1024)?, "MAX_FRAME_BYTES")?,
+            max_channels_per_socket: positive(parse_or(&get, "MAX_CHANNELS_PER_SOCKET", 100)?, "MAX_CHANNELS_PER_SOCKET")?,
+            outbound_buffer_frames: positive(parse_or(&get, "OUTBOUND_BUFFER_FRAMES", 1024)?, "OUTBOUND_BUFFER_FRAMES")?,
+            write_timeout: Duration::from_millis(positive(parse_or(&get, "WRITE_TIMEOUT_MS", 10_000)?, "WRITE_TIMEOUT_MS")?),
+            idle_timeout: Duration::from_millis(positive(parse_or(&get, "IDLE_TIMEOUT_MS", 60_000)?, "IDLE_TIMEOUT_MS")?),
+            max_connections: (max_connections > 0).then_some(max_connections),
+            max_pushes_per_second: (max_pushes > 0).then_some(max_pushes),
+            max_body_bytes: positive(parse_or(&get, "MAX_BODY_BYTES", 64 * 1024)?, "MAX_BODY_BYTES")?,
+        };
+
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("LOG_FORMAT", format!("expected text or json, got {other:?}"))),
+        };
+
+        Ok(Config {
+            port: parse_or(&get, "PORT", 4000)?,
+            bind_addr: parse_or(&get, "BIND_ADDR", IpAddr::from([0, 0, 0, 0]))?,
+            redis_url,
+            internal_jwt_secret,
+            using_dev_secret,
+            jwt_secret_key: get("JWT_SECRET_KEY"),
+            rails_api_url: get("RAILS_API_URL")
+                .unwrap_or_else(|| "http://localhost:3333".to_string())
+                .trim_end_matches('/')
+                .to_string(),
+            scraper_api_key: get("SCRAPER_API_KEY").unwrap_or_default(),
+            phx_host: get("PHX_HOST").unwrap_or_else(|| "localhost".to_string()),
+            allowed_origins,
+            force_ssl: parse_bool(&get, "FORCE_SSL")?,
+            rate_limit_max: positive(parse_or(&get, "RATE_LIMIT_MAX", 10)?, "RATE_LIMIT_MAX")?,
+            rate_limit_window: Duration::from_millis(positive(parse_or(&get, "RATE_LIMIT_WINDOW_MS", 60_000)?, "RATE_LIMIT_WINDOW_MS")?),
+            reconciler_retry_delays,
+            reconcile_interval: (reconcile_interval_ms > 0).then(|| Duration::from_millis(reconcile_interval_ms)),
+            app_env,
+            log_format,
+            require_token_exp: parse_bool(&get, "REQUIRE_TOKEN_EXP")?,
+            shutdown_grace: Duration::from_millis(parse_or(&get, "SHUTDOWN_GRACE_MS", 10_000)?),
+            limits,
+        })
+    }
+}
+
+fn parse_or<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    match get(name) {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<T>()
+            .map_err(|_| invalid(name, format!("cannot parse {raw:?}"))),
+    }
+}
+
+fn positive<T: PartialOrd + Default>(value: T, name: &'static str) -> Result<T, ConfigError> {
+    if value > T::default() {
+        Ok(value)
+    } else {
+        Err(invalid(name, "must be greater than zero"))
+    }
+}
+
+fn parse_bool(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
+    match get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("false") | Some("0") | Some("no") | Some("off") => Ok(false),
+        Some("true") | Some("1") | Some("yes") | Some("on") => Ok(true),
+        Some(other) => Err(invalid(name, format!("expected true or false, got {other:?}"))),
+    }
+}
+
+/// Prepends `redis://` when the scheme is missing (the original did this) and inserts
+/// `password` when the URL carries none.
+pub fn normalize_redis_url(url: &str, password: Option<&str>) -> String {
+    let url = if url.contains("://") { url.to_string() } else { format!("redis://{url}") };
+    let Some(password) = password else { return url };
+    let (scheme, rest) = url.split_once("://").expect("scheme present");
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    if rest[..authority_end].contains('@') {
+        return url;
+    }
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("{scheme}://:{encoded}@{rest}")
+}
+
+/// Reads a flat TOML table; keys are variable names (case-insensitive), values any scalar.
+fn read_toml_settings(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    let file_error = |message: String| ConfigError::File { path: path.to_path_buf(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+    let mut values = HashMap::new();
+    for (key, value) in table {
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|item| match item {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => return Err(file_error(format!("unsupported value type for {key}"))),
+        };
+        values.insert(key.to_ascii_uppercase(), text);
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_are_development_ready() {
+        let config = config(&[]).unwrap();
+        assert_eq!(config.port, 4000);
+        assert!(config.using_dev_secret);
+        assert_eq!(config.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(config.reconciler_retry_delays.len(), 3);
+        assert_eq!(config.limits.max_channels_per_socket, 100);
+        assert!(config.allowed_origins.is_none());
+    }
+
+    #[test]
+    fn production_requires_a_strong_secret() {
+        let missing = config(&[("APP_ENV", "production")]).unwrap_err();
+        assert!(missing.to_string().contains("INTERNAL_JWT_SECRET"), "{missing}");
+        let short = config(&[("APP_ENV", "production"), ("INTERNAL_JWT_SECRET", "short")]).unwrap_err();
+        assert!(short.to_string().contains("at least 32"), "{short}");
+        let ok = config(&[("APP_ENV", "production"), ("INTERNAL_JWT_SECRET", &"x".repeat(32))]).unwrap();
+        assert!(!ok.using_dev_secret);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let err = config(&[("PORT", "eighty")]).unwrap_err();
+        assert!(err.to_string().contains("PORT"), "{err}");
+        let err = config(&[("RECONCILER_RETRY_DELAYS_MS", "1,x")]).unwrap_err();
+        assert!(err.to_string().contains("RECONCILER_RETRY_DELAYS_MS"), "{err}");
+        let err = config(&[("FORCE_SSL", "maybe")]).unwrap_err();
+        assert!(err.to_string().contains("FORCE_SSL"), "{err}");
+    }
+
+    #[test]
+    fn redis_url_gets_scheme_and_password() {
+        assert_eq!(normalize_redis_url("redis:6379", None), "redis://redis:6379");
+        assert_eq!(normalize_redis_url("redis://h:1/0", Some("p@ss")), "redis://:p%40ss@h:1/0");
+        assert_eq!(normalize_redis_url("redis://:a@h:1", Some("b")), "redis://:a@h:1");
+    }
+
+    #[test]
+    fn zero_disables_optional_limits() {
+        let config = config(&[("RECONCILE_INTERVAL_MS", "0"), ("MAX_PUSHES_PER_SECOND", "0")]).unwrap();
+        assert!(config.reconcile_interval.is_none());
+        assert!(config.limits.max_pushes_per_second.is_none());
+    }
+
+    #[test]
+    fn every_setting_is_documented_once() {
+        let mut names: Vec<_> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len());
+    }
+}

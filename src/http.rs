@@ -1,0 +1,372 @@
+//! The axum router: health, readiness, metrics, the two publish routes, the Phoenix socket
+//! upgrade and the long-poll refusal; plus CORS, request ids, FORCE_SSL and HTTP metrics.
+//!
+//! Handlers stay thin: authentication lives in `auth`, envelopes in `ingest`, the socket
+//! protocol in `phoenix`. Errors leave as `{"error": …}` JSON with a 4xx status; internal details
+//! are logged, never sent.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Instrument;
+
+use crate::auth::{self, Identity, TokenVerifier};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::ingest::publish::{self, Rejection};
+use crate::ingest::redis::RedisLink;
+use crate::ingest::Pipeline;
+use crate::metrics as m;
+use crate::phoenix::codec::Vsn;
+use crate::phoenix::session::{self, SessionDeps};
+use crate::rails::RailsClient;
+
+/// Everything the HTTP handlers share.
+pub struct App {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub pipeline: Arc<Pipeline>,
+    pub redis: Arc<RedisLink>,
+    pub rails: RailsClient,
+    pub verifier: TokenVerifier,
+    pub session_deps: Arc<SessionDeps>,
+    /// Set at the start of shutdown: readiness fails and new sockets are refused.
+    pub draining: AtomicBool,
+    pub connections: Arc<AtomicUsize>,
+    /// Tracks socket sessions (axum's graceful shutdown does not see upgraded connections).
+    pub sessions: TaskTracker,
+    /// Cancelled when the grace period is over: remaining sessions stop at once.
+    pub hard_stop: CancellationToken,
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
+
+pub fn router(app: Arc<App>) -> Router {
+    let cors = cors_layer(&app.config);
+    let body_limit = app.config.limits.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .route("/events/notify", post(notify))
+        .route("/api/events", post(api_events))
+        .route("/socket/websocket", get(socket))
+        .route("/socket/longpoll", any(longpoll))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(app.clone(), force_ssl))
+        .layer(middleware::from_fn(count_requests))
+        .layer(cors)
+        .layer(PropagateRequestIdLayer::new(header::HeaderName::from_static(X_REQUEST_ID)))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let request_id = request
+                .extensions()
+                .get::<RequestId>()
+                .and_then(|id| id.header_value().to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::new(header::HeaderName::from_static(X_REQUEST_ID), MakeRequestUuid))
+        .with_state(app)
+}
+
+fn cors_layer(config: &Config) -> CorsLayer {
+    let origins = match &config.allowed_origins {
+        None => AllowOrigin::any(),
+        Some(list) => AllowOrigin::list(list.iter().filter_map(|origin| HeaderValue::from_str(origin).ok())),
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::HeaderName::from_static("x-api-key")])
+        .expose_headers([header::HeaderName::from_static(X_REQUEST_ID)])
+        .max_age(Duration::from_secs(3600))
+}
+
+/// A JSON error response `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+    fn unauthorized() -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        let status = match rejection {
+            Rejection::MalformedJson | Rejection::NotAnObject => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, rejection.to_string())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            status if status.is_client_error() => ApiError::new(status, "unreadable request body"),
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "unreadable request body"),
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not found")
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok", "service": "prostaff-events", "vsn": env!("CARGO_PKG_VERSION") }))
+}
+
+const CHECK_TIMEOUT: Duration = Duration::from_millis(2500);
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let (redis, rails) = tokio::join!(app.redis.ping(CHECK_TIMEOUT), app.rails.health(CHECK_TIMEOUT));
+    let draining = app.draining.load(Ordering::Acquire);
+    let label = |result: &Result<(), String>| match result {
+        Ok(()) => "ok".to_string(),
+        Err(reason) => reason.clone(),
+    };
+    let checks = json!({ "redis": label(&redis), "rails": label(&rails) });
+    if redis.is_ok() && rails.is_ok() && !draining {
+        (StatusCode::OK, Json(json!({ "status": "ok", "checks": checks }))).into_response()
+    } else {
+        let mut body = json!({ "status": "unavailable", "checks": checks });
+        if draining {
+            body["draining"] = Value::Bool(true);
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))],
+        m::prometheus().render(),
+    )
+        .into_response()
+}
+
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("")) {
+        None => Ok(()),
+        Some(value) if value.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type must be application/json")),
+    }
+}
+
+/// `POST /events/notify` — the scraper, authenticated by `X-Api-Key`.
+async fn notify(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    if !auth::api_key_matches(&app.config.scraper_api_key, key) {
+        return Err(ApiError::unauthorized());
+    }
+    let body = body?;
+    check_json_content_type(&headers)?;
+    let accepted = publish::complete_envelope(&body)?;
+    let id = accepted.id.clone();
+    let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await;
+    Ok(Json(json!({ "ok": true, "id": id, "delivery": delivery.as_str() })))
+}
+
+/// `POST /api/events` — internal services, authenticated by an internal JWT.
+async fn api_events(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let token = bearer_token(&headers).ok_or_else(ApiError::unauthorized)?;
+    match app.verifier.verify(token) {
+        Ok(authenticated) if authenticated.identity == Identity::Internal => {}
+        _ => return Err(ApiError::unauthorized()),
+    }
+    let body = body?;
+    check_json_content_type(&headers)?;
+    let accepted = publish::complete_envelope(&body)?;
+    let id = accepted.id.clone();
+    let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "ok": true, "id": id, "delivery": delivery.as_str() }))))
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+/// Phoenix long-poll is not offered; the body is deliberately not JSON (protocol rule 7).
+async fn longpoll() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        "long-poll transport is not supported; use the WebSocket transport",
+    )
+        .into_response()
+}
+
+/// Holds one slot of `MAX_CONNECTIONS` for the life of a socket.
+struct ConnectionPermit(Arc<AtomicUsize>);
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn refuse(reason: &'static str, status: StatusCode) -> Response {
+    metrics::counter!(m::SOCKET_CONNECTS, "outcome" => reason).increment(1);
+    tracing::debug!(reason, "socket refused");
+    // Phoenix refuses with an empty body; the client only looks at "not 101".
+    status.into_response()
+}
+
+/// `GET /socket/websocket` — authenticate, then upgrade to a Phoenix socket.
+async fn socket(
+    State(app): State<Arc<App>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    if app.draining.load(Ordering::Acquire) {
+        return refuse("draining", StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let Some(vsn) = Vsn::from_param(params.get("vsn").map(String::as_str)) else {
+        return refuse("bad_vsn", StatusCode::FORBIDDEN);
+    };
+    if let (Some(allowed), Some(origin)) = (&app.config.allowed_origins, headers.get(header::ORIGIN)) {
+        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
+        if !allowed.iter().any(|a| a == origin) {
+            return refuse("bad_origin", StatusCode::FORBIDDEN);
+        }
+    }
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    if !offered.is_empty() && !offered.contains(&"phoenix") {
+        return refuse("bad_subprotocol", StatusCode::FORBIDDEN);
+    }
+    let token = params
+        .get("token")
+        .cloned()
+        .or_else(|| bearer_token(&headers).map(str::to_string))
+        .or_else(|| offered.iter().find_map(|entry| auth::token_from_subprotocol(entry)));
+    let authenticated = match token.as_deref().map(|t| app.verifier.verify(t)) {
+        Some(Ok(authenticated)) => authenticated,
+        Some(Err(error)) => return refuse(error.reason(), StatusCode::FORBIDDEN),
+        None => return refuse("missing_token", StatusCode::FORBIDDEN),
+    };
+    let previous = app.connections.fetch_add(1, Ordering::AcqRel);
+    let permit = ConnectionPermit(app.connections.clone());
+    if app.config.limits.max_connections.is_some_and(|max| previous >= max) {
+        drop(permit);
+        return refuse("too_many_connections", StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    let limits = &app.config.limits;
+    let deps = app.session_deps.clone();
+    let hard_stop = app.hard_stop.clone();
+    let sessions = app.sessions.clone();
+    let span = tracing::info_span!("socket", identity = authenticated.identity.kind(), org = authenticated.identity.org_id().unwrap_or("-"));
+    upgrade
+        .protocols(["phoenix"])
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(limits.max_frame_bytes * 2 + 1024)
+        .max_frame_size(limits.max_frame_bytes * 2 + 1024)
+        .on_upgrade(move |socket| {
+            sessions.track_future(
+                async move {
+                    let _permit = permit;
+                    session::run(socket, deps, vsn, authenticated, hard_stop).await;
+                }
+                .instrument(span),
+            )
+        })
+}
+
+async fn force_ssl(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if !app.config.force_ssl {
+        return next.run(request).await;
+    }
+    let forwarded_http = request
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|proto| proto.eq_ignore_ascii_case("http"));
+    if forwarded_http {
+        let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let location = format!("https://{}{}", app.config.phx_host, path);
+        let status = if matches!(*request.method(), Method::GET | Method::HEAD) {
+            StatusCode::MOVED_PERMANENTLY
+        } else {
+            StatusCode::PERMANENT_REDIRECT
+        };
+        return match HeaderValue::from_str(&location) {
+            Ok(location) => (status, [(header::LOCATION, location)]).into_response(),
+            Err(_) => ApiError::new(StatusCode::BAD_REQUEST, "bad request path").into_response(),
+        };
+    }
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+    );
+    response
+}
+
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let response = next.run(request).await;
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => response.status().as_u16().to_string()).increment(1);
+    response
+}

@@ -1,0 +1,289 @@
+//! The topic map: which sockets are subscribed to which topics, and fan-out of broadcasts.
+//!
+//! Every socket owns one [`Outbox`]: a bounded queue of shared [`BroadcastFrame`]s plus a close
+//! signal. Publishing encodes the frame once and pushes the same `Arc` into each subscriber's
+//! outbox; a full outbox drops its **oldest** broadcast and counts the drop per topic so the
+//! socket can tell its client (`events_dropped`). Replies never pass through here, so they are
+//! never dropped. Empty topics are removed as their last subscriber leaves.
+//!
+//! Invariant: the hub never writes to a socket and never blocks on one; a stalled client only
+//! fills its own outbox.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::phoenix::codec::BroadcastFrame;
+
+pub type SocketId = u64;
+
+/// Why the server is closing a socket; each maps to a WebSocket close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The hub is shutting down or draining (1012, service restart).
+    Restart,
+    /// The hub is going away (1001).
+    GoingAway,
+}
+
+/// One socket's queue of broadcasts waiting to be written.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    notify: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    frames: VecDeque<Arc<BroadcastFrame>>,
+    /// Broadcasts dropped since the client was last told, per topic.
+    dropped: Vec<(Arc<str>, u64)>,
+    closing: Option<CloseReason>,
+}
+
+/// What [`Outbox::push`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Queued,
+    /// Queued, and the oldest queued broadcast was dropped to make room.
+    QueuedDroppedOldest,
+    /// The socket is closing; nothing was queued.
+    Closed,
+}
+
+/// What a socket should write next.
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub frames: Vec<Arc<BroadcastFrame>>,
+    /// `(topic, count)` of broadcasts dropped since the last drain.
+    pub dropped: Vec<(Arc<str>, u64)>,
+    pub closing: Option<CloseReason>,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> Self {
+        Outbox { state: Mutex::new(OutboxState::default()), notify: Notify::new(), capacity: capacity.max(1) }
+    }
+
+    pub fn push(&self, frame: &Arc<BroadcastFrame>) -> PushOutcome {
+        let outcome = {
+            let mut state = self.state.lock().expect("outbox lock");
+            if state.closing.is_some() {
+                return PushOutcome::Closed;
+            }
+            let mut outcome = PushOutcome::Queued;
+            if state.frames.len() >= self.capacity {
+                if let Some(oldest) = state.frames.pop_front() {
+                    match state.dropped.iter_mut().find(|(topic, _)| *topic == oldest.topic) {
+                        Some((_, count)) => *count += 1,
+                        None => state.dropped.push((oldest.topic.clone(), 1)),
+                    }
+                    outcome = PushOutcome::QueuedDroppedOldest;
+                }
+            }
+            state.frames.push_back(frame.clone());
+            outcome
+        };
+        self.notify.notify_one();
+        outcome
+    }
+
+    /// Takes up to `max` frames, the pending drop counts and the close signal.
+    pub fn drain(&self, max: usize, into: &mut Drained) {
+        let mut state = self.state.lock().expect("outbox lock");
+        let take = state.frames.len().min(max);
+        into.frames.extend(state.frames.drain(..take));
+        into.dropped.append(&mut state.dropped);
+        into.closing = state.closing;
+        if !state.frames.is_empty() {
+            // More to write: make sure the next wait returns at once.
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        self.state.lock().expect("outbox lock").closing.get_or_insert(reason);
+        self.notify.notify_one();
+    }
+
+    pub fn queued(&self) -> usize {
+        self.state.lock().expect("outbox lock").frames.len()
+    }
+
+    /// Resolves when something was pushed or the socket should close.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// The in-process topic map shared by every socket and every publisher.
+pub struct Hub {
+    topics: DashMap<Arc<str>, HashMap<SocketId, Arc<Outbox>>>,
+    sockets: DashMap<SocketId, Arc<Outbox>>,
+    next_socket_id: AtomicU64,
+    outbox_capacity: usize,
+    metrics: Metrics,
+}
+
+impl Hub {
+    pub fn new(outbox_capacity: usize, metrics: Metrics) -> Self {
+        Hub {
+            topics: DashMap::new(),
+            sockets: DashMap::new(),
+            next_socket_id: AtomicU64::new(1),
+            outbox_capacity,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Registers a new socket and returns its id and outbox.
+    pub fn register_socket(&self) -> (SocketId, Arc<Outbox>) {
+        let id = self.next_socket_id.fetch_add(1, Ordering::Relaxed);
+        let outbox = Arc::new(Outbox::new(self.outbox_capacity));
+        self.sockets.insert(id, outbox.clone());
+        (id, outbox)
+    }
+
+    /// Removes a socket; its subscriptions must have been dropped by the caller already.
+    pub fn unregister_socket(&self, id: SocketId) {
+        self.sockets.remove(&id);
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn subscribe(&self, topic: &str, id: SocketId, outbox: &Arc<Outbox>) {
+        if let Some(mut subscribers) = self.topics.get_mut(topic) {
+            subscribers.insert(id, outbox.clone());
+            return;
+        }
+        self.topics.entry(Arc::from(topic)).or_default().insert(id, outbox.clone());
+    }
+
+    pub fn unsubscribe(&self, topic: &str, id: SocketId) {
+        if let Some(mut subscribers) = self.topics.get_mut(topic) {
+            subscribers.remove(&id);
+        }
+        self.topics.remove_if(topic, |_, subscribers| subscribers.is_empty());
+    }
+
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.topics.get(topic).map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Broadcasts `payload` (valid JSON) as `event` on `topic`. The frame is encoded once, and
+    /// only when someone is subscribed. Returns how many sockets it was queued for.
+    pub fn publish(&self, topic: &str, event: &str, payload: Bytes) -> usize {
+        let published_at = Instant::now();
+        let Some(subscribers) = self.topics.get(topic) else { return 0 };
+        let frame = BroadcastFrame::new(subscribers.key().clone(), event, payload, published_at);
+        let mut queued = 0;
+        let mut dropped = 0;
+        for outbox in subscribers.values() {
+            match outbox.push(&frame) {
+                PushOutcome::Queued => queued += 1,
+                PushOutcome::QueuedDroppedOldest => {
+                    queued += 1;
+                    dropped += 1;
+                }
+                PushOutcome::Closed => {}
+            }
+        }
+        drop(subscribers);
+        if dropped > 0 {
+            self.metrics.broadcasts_dropped_slow_consumer.increment(dropped);
+        }
+        queued
+    }
+
+    /// Asks every socket to close, `batch` sockets at a time with `pause` between batches, so
+    /// that reconnecting clients do not all arrive in the same instant.
+    pub async fn close_all(&self, reason: CloseReason, batch: usize, pause: std::time::Duration) {
+        let outboxes: Vec<Arc<Outbox>> = self.sockets.iter().map(|entry| entry.value().clone()).collect();
+        for (index, chunk) in outboxes.chunks(batch.max(1)).enumerate() {
+            if index > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            for outbox in chunk {
+                outbox.close(reason);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(capacity: usize) -> Hub {
+        Hub::new(capacity, Metrics::detached())
+    }
+
+    #[test]
+    fn publish_shares_one_encoding() {
+        let hub = hub(8);
+        let (a, outbox_a) = hub.register_socket();
+        let (b, outbox_b) = hub.register_socket();
+        hub.subscribe("t", a, &outbox_a);
+        hub.subscribe("t", b, &outbox_b);
+        assert_eq!(hub.publish("t", "e", Bytes::from_static(b"{}")), 2);
+        let (mut da, mut db) = (Drained::default(), Drained::default());
+        outbox_a.drain(10, &mut da);
+        outbox_b.drain(10, &mut db);
+        assert!(Arc::ptr_eq(&da.frames[0], &db.frames[0]));
+        assert_eq!(hub.publish("nobody", "e", Bytes::from_static(b"{}")), 0);
+    }
+
+    #[test]
+    fn empty_topics_are_freed() {
+        let hub = hub(8);
+        let (a, outbox) = hub.register_socket();
+        hub.subscribe("t", a, &outbox);
+        assert_eq!(hub.topic_count(), 1);
+        hub.unsubscribe("t", a);
+        assert_eq!(hub.topic_count(), 0);
+    }
+
+    #[test]
+    fn full_outbox_drops_oldest_and_counts_per_topic() {
+        let hub = hub(2);
+        let (a, outbox) = hub.register_socket();
+        hub.subscribe("t", a, &outbox);
+        for i in 0..5 {
+            hub.publish("t", "e", Bytes::from(format!("{{\"i\":{i}}}")));
+        }
+        let mut drained = Drained::default();
+        outbox.drain(10, &mut drained);
+        assert_eq!(drained.dropped, vec![(Arc::from("t"), 3)]);
+        let texts: Vec<_> = drained.frames.iter().map(|f| f.text(crate::phoenix::codec::Vsn::V2).to_string()).collect();
+        assert_eq!(texts, [r#"[null,null,"t","e",{"i":3}]"#, r#"[null,null,"t","e",{"i":4}]"#]);
+    }
+
+    #[test]
+    fn closing_outbox_refuses_frames() {
+        let hub = hub(2);
+        let (a, outbox) = hub.register_socket();
+        hub.subscribe("t", a, &outbox);
+        outbox.close(CloseReason::Restart);
+        assert_eq!(hub.publish("t", "e", Bytes::from_static(b"{}")), 0);
+        let mut drained = Drained::default();
+        outbox.drain(10, &mut drained);
+        assert_eq!(drained.closing, Some(CloseReason::Restart));
+    }
+}

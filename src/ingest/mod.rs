@@ -1,0 +1,76 @@
+//! Ingestion: how events enter the hub. [`redis`] owns the Redis connections (PSUBSCRIBE and
+//! PUBLISH); [`publish`] turns HTTP bodies into envelopes; [`Pipeline`] decodes, routes and
+//! delivers every envelope, whatever its source.
+//!
+//! Invariant: only this module talks to Redis.
+
+pub mod publish;
+pub mod redis;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::envelope::{self, Envelope};
+use crate::hub::Hub;
+use crate::inhouse::Inhouse;
+use crate::router;
+
+/// Where an event came from (a metric label).
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    Redis,
+    /// Posted over HTTP and delivered locally because Redis was unavailable.
+    HttpLocal,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::Redis => "redis",
+            Source::HttpLocal => "http_local",
+        }
+    }
+}
+
+/// Decode → route → fan out, plus the in-house lifecycle hooks.
+pub struct Pipeline {
+    pub hub: Arc<Hub>,
+    pub inhouse: Arc<Inhouse>,
+}
+
+impl Pipeline {
+    /// Decodes raw envelope bytes and delivers them; drops are logged without the payload.
+    pub async fn ingest(&self, raw: Bytes, source: Source) {
+        match envelope::decode(raw) {
+            Ok(envelope) => self.deliver(&envelope, source).await,
+            Err(reason) => {
+                tracing::warn!(source = source.label(), "dropped event: {reason}");
+                metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => reason.label())
+                    .increment(1);
+            }
+        }
+    }
+
+    pub async fn deliver(&self, envelope: &Envelope, source: Source) {
+        let route = router::route(envelope);
+        if route.unrouted {
+            tracing::warn!("Unrouted event type={} org={}", envelope.event_type, envelope.org_id);
+        }
+        let mut sockets = 0;
+        for topic in &route.topics {
+            let event = router::event_name(topic, &envelope.event_type);
+            sockets += self.hub.publish(topic, event, envelope.raw.clone());
+        }
+        tracing::debug!(event_type = %envelope.event_type, org = %envelope.org_id, id = ?envelope.id, sockets, "event delivered");
+        metrics::counter!(
+            crate::metrics::EVENTS_RECEIVED,
+            "source" => source.label(),
+            "outcome" => if route.unrouted { "unrouted" } else { "routed" }
+        )
+        .increment(1);
+        if envelope.event_type.starts_with("inhouse.") {
+            self.inhouse.on_event(envelope).await;
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The HTTP publish paths (`POST /events/notify`, `POST /api/events`): validate a JSON body,
+//! complete it into an envelope, and publish it to Redis so every hub instance delivers it —
+//! or deliver it locally when Redis is unavailable.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::redis::RedisLink;
+use super::{Pipeline, Source};
+
+/// Why a body was refused; `Display` is the client-facing message (never the payload).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("malformed JSON body")]
+    MalformedJson,
+    #[error("body must be a JSON object")]
+    NotAnObject,
+    #[error("missing required fields: {}", .0.join(", "))]
+    MissingFields(Vec<&'static str>),
+    #[error("invalid fields: {}", .0.join(", "))]
+    InvalidFields(Vec<&'static str>),
+    #[error("unsupported version")]
+    UnsupportedVersion,
+}
+
+/// A completed envelope ready to publish.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub id: String,
+    pub org_id: String,
+    pub raw: Bytes,
+}
+
+/// How an accepted event was delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Published to Redis: every instance (this one included) delivers it.
+    Redis,
+    /// Redis was unavailable: delivered by this instance only.
+    Local,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Redis => "redis",
+            Delivery::Local => "local",
+        }
+    }
+}
+
+fn non_empty_string(object: &Map<String, Value>, name: &str) -> Option<bool> {
+    object.get(name).map(|value| matches!(value, Value::String(s) if !s.trim().is_empty()))
+}
+
+/// Validates a body and fills in `id` (uuid), `published_at` and `user_id` ("system").
+pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
+    let value: Value = serde_json::from_slice(body).map_err(|_| Rejection::MalformedJson)?;
+    let Value::Object(mut object) = value else { return Err(Rejection::NotAnObject) };
+
+    let mut missing = Vec::new();
+    for name in ["type", "org_id"] {
+        if non_empty_string(&object, name) != Some(true) {
+            missing.push(name);
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Rejection::MissingFields(missing));
+    }
+    match object.get("version") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(v)) if v == "1" => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
+        Some(_) => return Err(Rejection::UnsupportedVersion),
+    }
+    if non_empty_string(&object, "user_id") == Some(false) && object.get("user_id") != Some(&Value::Null) {
+        return Err(Rejection::InvalidFields(vec!["user_id"]));
+    }
+    if !matches!(object.get("user_id"), Some(Value::String(_))) {
+        object.insert("user_id".into(), Value::String("system".into()));
+    }
+    let id = match object.get("id") {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            object.insert("id".into(), Value::String(id.clone()));
+            id
+        }
+    };
+    if !matches!(object.get("published_at"), Some(Value::String(_))) {
+        let now = OffsetDateTime::now_utc().format(&Rfc3339).expect("UTC time formats as RFC 3339");
+        object.insert("published_at".into(), Value::String(now));
+    }
+    let org_id = object["org_id"].as_str().expect("validated").to_string();
+    let raw = serde_json::to_vec(&Value::Object(object)).expect("JSON value serializes");
+    Ok(Accepted { id, org_id, raw: raw.into() })
+}
+
+/// Publishes to Redis, falling back to local delivery when Redis is down.
+pub async fn publish(link: &RedisLink, pipeline: &Pipeline, accepted: Accepted) -> Delivery {
+    match link.publish(&accepted.org_id, accepted.raw.clone()).await {
+        Ok(()) => Delivery::Redis,
+        Err(error) => {
+            tracing::warn!(%error, org = %accepted.org_id, "publishing locally only");
+            pipeline.ingest(accepted.raw, Source::HttpLocal).await;
+            Delivery::Local
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completes_missing_fields() {
+        let accepted = complete_envelope(br#"{"type":"scraper.done","org_id":"o1","payload":{"n":1}}"#).unwrap();
+        let value: Value = serde_json::from_slice(&accepted.raw).unwrap();
+        assert_eq!(value["user_id"], "system");
+        assert_eq!(value["id"], accepted.id.as_str());
+        assert!(value["published_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(value["payload"]["n"], 1);
+        assert!(crate::envelope::decode(accepted.raw).is_ok());
+    }
+
+    #[test]
+    fn keeps_given_fields() {
+        let accepted = complete_envelope(br#"{"type":"t","org_id":"o","user_id":"u","id":"x","published_at":"p"}"#).unwrap();
+        let value: Value = serde_json::from_slice(&accepted.raw).unwrap();
+        assert_eq!((value["user_id"].as_str(), value["id"].as_str(), value["published_at"].as_str()), (Some("u"), Some("x"), Some("p")));
+    }
+
+    #[test]
+    fn rejections_name_fields() {
+        assert_eq!(complete_envelope(b"{").unwrap_err(), Rejection::MalformedJson);
+        assert_eq!(complete_envelope(b"[]").unwrap_err(), Rejection::NotAnObject);
+        assert_eq!(
+            complete_envelope(br#"{"payload":{}}"#).unwrap_err().to_string(),
+            "missing required fields: type, org_id"
+        );
+        assert_eq!(complete_envelope(br#"{"type":1,"org_id":"o"}"#).unwrap_err(), Rejection::MissingFields(vec!["type"]));
+        assert_eq!(complete_envelope(br#"{"type":"t","org_id":"o","user_id":5}"#).unwrap_err(), Rejection::InvalidFields(vec!["user_id"]));
+        assert_eq!(complete_envelope(br#"{"type":"t","org_id":"o","version":"2"}"#).unwrap_err(), Rejection::UnsupportedVersion);
+    }
+}

@@ -1,0 +1,132 @@
+//! prostaff-events: the real-time event hub of ProStaff.
+//!
+//! Events published by the Rails API on Redis (`PSUBSCRIBE prostaff:events:*`) or posted over
+//! HTTP are decoded, routed by type onto topics, and fanned out to WebSocket clients speaking
+//! the Phoenix Channels protocol. In-house game queues live in one actor task each.
+//!
+//! # Layout
+//! - [`config`]: settings from env vars / TOML; pure parsing, typed errors.
+//! - [`auth`]: JWT → [`auth::Identity`]; API-key compare; internal token minting.
+//! - [`envelope`], [`router`]: pure decoding/validation and type-prefix routing.
+//! - [`hub`]: the topic map and per-socket outboxes; frames are encoded once and shared.
+//! - [`phoenix`]: the wire protocol and the per-socket session loop.
+//! - [`channels`]: topic families: join authorization, join replies, queue actions.
+//! - [`inhouse`]: queue actors, registry, rate limiter, reconciler.
+//! - [`ingest`]: the Redis link and the HTTP publish paths; the delivery pipeline.
+//! - [`rails`]: HTTP client to the Rails API.
+//! - [`http`]: the axum router and middleware.
+//! - [`metrics`]: Prometheus recorder and metric names.
+//!
+//! [`run`] starts the whole hub on a listener and returns after a graceful drain, so tests
+//! start the real thing on port 0.
+
+pub mod auth;
+pub mod channels;
+pub mod config;
+pub mod envelope;
+pub mod http;
+pub mod hub;
+pub mod inhouse;
+pub mod ingest;
+pub mod metrics;
+pub mod phoenix;
+pub mod rails;
+pub mod router;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::hub::{CloseReason, Hub};
+use crate::inhouse::reconciler::Reconciler;
+use crate::inhouse::Inhouse;
+use crate::ingest::redis::RedisLink;
+use crate::ingest::Pipeline;
+use crate::phoenix::session::SessionDeps;
+
+/// Serves the hub on `listener` until `shutdown` resolves, then drains: readiness fails at once,
+/// sockets are closed with 1012 in batches, and the function returns within
+/// `config.shutdown_grace`.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+    let metrics = metrics::Metrics::global();
+    let hub = Arc::new(Hub::new(config.limits.outbound_buffer_frames, metrics.clone()));
+    let inhouse = Arc::new(Inhouse::new(hub.clone(), config.rate_limit_max, config.rate_limit_window));
+    let pipeline = Arc::new(Pipeline { hub: hub.clone(), inhouse: inhouse.clone() });
+    let redis = RedisLink::new(&config.redis_url);
+    let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
+
+    let background = CancellationToken::new();
+    let background_tasks = TaskTracker::new();
+    background_tasks.spawn(redis.clone().run(pipeline.clone(), background.child_token()));
+    background_tasks.spawn(
+        Reconciler {
+            inhouse: inhouse.clone(),
+            rails: rails.clone(),
+            retry_delays: config.reconciler_retry_delays.clone(),
+            interval: config.reconcile_interval,
+            redis_reconnected: redis.reconnected.clone(),
+        }
+        .run(background.child_token()),
+    );
+    background_tasks.spawn(metrics::upkeep(background.child_token()));
+
+    let grace = config.shutdown_grace;
+    let app = Arc::new(http::App {
+        session_deps: Arc::new(SessionDeps { hub: hub.clone(), inhouse, limits: config.limits.clone(), metrics }),
+        verifier: auth::TokenVerifier::new(&config.internal_jwt_secret, config.jwt_secret_key.as_deref(), config.require_token_exp),
+        config,
+        hub: hub.clone(),
+        pipeline,
+        redis,
+        rails,
+        draining: AtomicBool::new(false),
+        connections: Arc::new(AtomicUsize::new(0)),
+        sessions: TaskTracker::new(),
+        hard_stop: CancellationToken::new(),
+    });
+
+    let stop_accepting = CancellationToken::new();
+    let server = axum::serve(listener, http::router(app.clone()))
+        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move { server.await });
+
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut server => {
+            background.cancel();
+            return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        }
+    }
+
+    // Drain: readiness goes 503 first, then sockets close in batches, then we stop.
+    let started = Instant::now();
+    app.draining.store(true, Ordering::Release);
+    let sockets = hub.socket_count();
+    tracing::info!(sockets, grace_ms = grace.as_millis() as u64, "draining");
+    const BATCHES: usize = 20;
+    let batch = sockets.div_ceil(BATCHES).max(200);
+    let pause = (grace / 4 / BATCHES as u32).min(Duration::from_millis(100));
+    hub.close_all(CloseReason::Restart, batch, pause).await;
+    app.sessions.close();
+    let remaining = grace.saturating_sub(started.elapsed()).saturating_sub(Duration::from_millis(500));
+    if tokio::time::timeout(remaining, app.sessions.wait()).await.is_err() {
+        tracing::warn!(left = app.sessions.len(), "grace period over; stopping remaining sockets");
+        app.hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_millis(300), app.sessions.wait()).await;
+    }
+    stop_accepting.cancel();
+    background.cancel();
+    background_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_millis(200), background_tasks.wait()).await;
+    match tokio::time::timeout(Duration::from_millis(200), server).await {
+        Ok(Ok(result)) => result,
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,131 @@
+//! Metrics: the Prometheus recorder and the hub's metric names.
+//!
+//! Hot-path metrics are resolved once into handles ([`Metrics`]); rarely-hit, labelled ones are
+//! recorded with the `metrics` macros where they happen. Every drop and every refusal in the hub
+//! has a metric here or a `reason` label on one.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SOCKETS_CONNECTED: &str = "prostaff_sockets_connected";
+pub const SOCKET_CONNECTS: &str = "prostaff_socket_connects_total";
+pub const SOCKET_CLOSES: &str = "prostaff_socket_closes_total";
+pub const CHANNELS_JOINED: &str = "prostaff_channels_joined";
+pub const CHANNEL_JOINS: &str = "prostaff_channel_joins_total";
+pub const FRAMES_SENT: &str = "prostaff_frames_sent_total";
+pub const FRAMES_RECEIVED: &str = "prostaff_frames_received_total";
+pub const BROADCASTS_DROPPED: &str = "prostaff_broadcasts_dropped_total";
+pub const INBOUND_REJECTED: &str = "prostaff_inbound_rejected_total";
+pub const EVENTS_RECEIVED: &str = "prostaff_events_received_total";
+pub const REDIS_CONNECTED: &str = "prostaff_redis_connected";
+pub const REDIS_RECONNECTS: &str = "prostaff_redis_reconnects_total";
+pub const HTTP_REQUESTS: &str = "prostaff_http_requests_total";
+pub const PUBLISH_TO_SEND: &str = "prostaff_publish_to_send_seconds";
+pub const INHOUSE_ACTIONS: &str = "prostaff_inhouse_actions_total";
+pub const INHOUSE_QUEUES_ACTIVE: &str = "prostaff_inhouse_queues_active";
+pub const INHOUSE_EXPIRIES: &str = "prostaff_inhouse_expiries_total";
+pub const RECONCILES: &str = "prostaff_reconcile_total";
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(PUBLISH_TO_SEND.to_string()),
+                    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+                )
+                .expect("non-empty buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. by an embedding test); then ours
+            // simply renders nothing, which is visible rather than wrong.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
+    describe_counter!(SOCKET_CONNECTS, "socket upgrade attempts by outcome (accepted or the refusal reason)");
+    describe_counter!(SOCKET_CLOSES, "sockets closed, by reason");
+    describe_gauge!(CHANNELS_JOINED, "channels currently joined, by topic family");
+    describe_counter!(CHANNEL_JOINS, "join attempts by topic family and outcome");
+    describe_counter!(FRAMES_SENT, "frames written to sockets");
+    describe_counter!(FRAMES_RECEIVED, "frames read from sockets");
+    describe_counter!(BROADCASTS_DROPPED, "broadcast frames dropped before reaching a socket, by reason");
+    describe_counter!(INBOUND_REJECTED, "client frames refused, by reason");
+    describe_counter!(EVENTS_RECEIVED, "events received by source and outcome (routed or the drop reason)");
+    describe_gauge!(REDIS_CONNECTED, "1 while the Redis subscriber is connected");
+    describe_counter!(REDIS_RECONNECTS, "Redis subscriber reconnections");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status");
+    describe_histogram!(PUBLISH_TO_SEND, metrics::Unit::Seconds, "time from publish into the hub to the socket write (sampled: 1 in 16 sockets)");
+    describe_counter!(INHOUSE_ACTIONS, "in-house queue actions by action and outcome");
+    describe_gauge!(INHOUSE_QUEUES_ACTIVE, "in-house queue actors running");
+    describe_counter!(INHOUSE_EXPIRIES, "check-in deadlines fired, by outcome (kept or closed)");
+    describe_counter!(RECONCILES, "reconcile runs by outcome");
+}
+
+/// Handles for metrics recorded on hot paths.
+#[derive(Clone)]
+pub struct Metrics(Arc<Handles>);
+
+pub struct Handles {
+    pub sockets_connected: Gauge,
+    pub frames_sent: Counter,
+    pub frames_received: Counter,
+    pub broadcasts_dropped_slow_consumer: Counter,
+    pub publish_to_send: Histogram,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Handles;
+    fn deref(&self) -> &Handles {
+        &self.0
+    }
+}
+
+impl Metrics {
+    /// Handles bound to the global Prometheus recorder.
+    pub fn global() -> Self {
+        let _ = prometheus();
+        Metrics(Arc::new(Handles {
+            sockets_connected: gauge!(SOCKETS_CONNECTED),
+            frames_sent: counter!(FRAMES_SENT),
+            frames_received: counter!(FRAMES_RECEIVED),
+            broadcasts_dropped_slow_consumer: counter!(BROADCASTS_DROPPED, "reason" => "slow_consumer"),
+            publish_to_send: histogram!(PUBLISH_TO_SEND),
+        }))
+    }
+
+    /// Handles that record nothing (unit tests).
+    pub fn detached() -> Self {
+        Metrics(Arc::new(Handles {
+            sockets_connected: Gauge::noop(),
+            frames_sent: Counter::noop(),
+            frames_received: Counter::noop(),
+            broadcasts_dropped_slow_consumer: Counter::noop(),
+            publish_to_send: Histogram::noop(),
+        }))
+    }
+}
+
+/// Drains histogram buckets periodically so memory stays flat between scrapes.
+pub async fn upkeep(shutdown: tokio_util::sync::CancellationToken) {
+    let handle = prometheus();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}

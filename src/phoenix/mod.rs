@@ -1,0 +1,7 @@
+//! The Phoenix Channels wire protocol: [`codec`] (V1/V2 text and V2 binary frames) and
+//! [`session`] (the per-socket loop: joins, leaves, heartbeats, pushes, limits, closing).
+//!
+//! Invariant: only this module knows the wire format.
+
+pub mod codec;
+pub mod session;

@@ -1,0 +1,409 @@
+//! One task per WebSocket: the Phoenix socket state machine.
+//!
+//! The loop is a `select!` over the client's frames, the socket's [`Outbox`] (broadcasts and
+//! the close signal), the idle timer and the token-expiry timer. Replies are written inline and
+//! are never dropped; broadcasts come from the outbox, where a slow client loses the oldest ones
+//! and is told with `events_dropped`. Every write is bounded by `WRITE_TIMEOUT_MS`.
+//!
+//! Generic over any `Stream + Sink` of axum WebSocket messages, so it can be driven without a
+//! network in tests.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, Inbound, InboundPayload, ReplyStatus, Vsn};
+use crate::auth::Authenticated;
+use crate::channels::{self, TopicFamily};
+use crate::config::Limits;
+use crate::hub::{CloseReason, Drained, Hub, Outbox, SocketId};
+use crate::inhouse::Inhouse;
+use crate::metrics::{self as m, Metrics};
+
+/// WebSocket close codes used by the hub. Never 1000: phoenix.js 1.8.0–1.8.15 does not
+/// reconnect after it.
+pub mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const SERVICE_RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// What a session needs from the rest of the hub.
+pub struct SessionDeps {
+    pub hub: Arc<Hub>,
+    pub inhouse: Arc<Inhouse>,
+    pub limits: Limits,
+    pub metrics: Metrics,
+}
+
+struct Joined {
+    join_ref: Option<String>,
+    family: TopicFamily,
+}
+
+/// Why the session ended (metric label) and the close frame to send, if any.
+struct Ending {
+    reason: &'static str,
+    close: Option<(u16, &'static str)>,
+}
+
+impl Ending {
+    fn closed(reason: &'static str, code: u16, text: &'static str) -> Self {
+        Ending { reason, close: Some((code, text)) }
+    }
+    fn silent(reason: &'static str) -> Self {
+        Ending { reason, close: None }
+    }
+}
+
+struct Session {
+    deps: Arc<SessionDeps>,
+    id: SocketId,
+    outbox: Arc<Outbox>,
+    vsn: Vsn,
+    auth: Authenticated,
+    channels: HashMap<String, Joined>,
+    push_tokens: f64,
+    push_refill_at: Instant,
+    pending: Vec<Message>,
+}
+
+/// Token-expiry deadline as a timer instant.
+fn expiry_instant(expires_at: u64) -> Instant {
+    let at = UNIX_EPOCH + Duration::from_secs(expires_at);
+    let remaining = at.duration_since(SystemTime::now()).unwrap_or_default();
+    Instant::now() + remaining
+}
+
+/// Serves one socket until it closes. `shutdown` is the hard stop at the end of the grace period.
+pub async fn run<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated, shutdown: CancellationToken)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
+    E: std::fmt::Display,
+{
+    let (id, outbox) = deps.hub.register_socket();
+    deps.metrics.sockets_connected.increment(1.0);
+    metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "accepted").increment(1);
+    let limits = deps.limits.clone();
+    let mut session = Session {
+        deps,
+        id,
+        outbox,
+        vsn,
+        push_tokens: limits.max_pushes_per_second.unwrap_or(0) as f64,
+        push_refill_at: Instant::now(),
+        auth,
+        channels: HashMap::new(),
+        pending: Vec::new(),
+    };
+
+    let idle = tokio::time::sleep(limits.idle_timeout);
+    tokio::pin!(idle);
+    let expires_at = session.auth.expires_at;
+    let expiry = tokio::time::sleep_until(expires_at.map(expiry_instant).unwrap_or_else(Instant::now));
+    tokio::pin!(expiry);
+    let mut drained = Drained::default();
+
+    let ending = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ending::closed("shutdown", close_code::GOING_AWAY, "server shutting down"),
+            _ = session.outbox.notified() => {
+                if let Err(ending) = session.flush_outbox(&mut socket, &mut drained).await {
+                    break ending;
+                }
+            }
+            incoming = socket.next() => {
+                idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+                let result = match incoming {
+                    None => Err(Ending::silent("client_closed")),
+                    Some(Err(error)) => Err(session.read_error(&error.to_string())),
+                    Some(Ok(message)) => session.on_message(message).await,
+                };
+                if let Err(ending) = result {
+                    break ending;
+                }
+                if let Err(ending) = session.write_pending(&mut socket).await {
+                    break ending;
+                }
+            }
+            _ = &mut idle => break Ending::closed("idle_timeout", close_code::GOING_AWAY, "idle timeout"),
+            _ = &mut expiry, if expires_at.is_some() => break Ending::closed("token_expired", close_code::POLICY, "token expired"),
+        }
+    };
+
+    if let Some((code, text)) = ending.close {
+        close(&mut socket, code, text).await;
+    }
+    session.finish(ending.reason);
+}
+
+/// Sends a close frame and waits briefly for the client's answer, both bounded in time.
+async fn close<S, E>(socket: &mut S, code: u16, reason: &'static str)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
+{
+    let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+    if tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+impl Session {
+    fn finish(self, reason: &'static str) {
+        for (topic, joined) in &self.channels {
+            self.deps.hub.unsubscribe(topic, self.id);
+            metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label()).decrement(1.0);
+        }
+        self.deps.hub.unregister_socket(self.id);
+        self.deps.metrics.sockets_connected.decrement(1.0);
+        metrics::counter!(m::SOCKET_CLOSES, "reason" => reason).increment(1);
+        tracing::debug!(socket = self.id, reason, "socket closed");
+    }
+
+    fn read_error(&self, error: &str) -> Ending {
+        // tungstenite reports an over-limit message as a capacity error.
+        if error.contains("Space limit exceeded") || error.contains("too long") || error.contains("Message too big") {
+            metrics::counter!(m::INBOUND_REJECTED, "reason" => "frame_too_big").increment(1);
+            Ending::closed("frame_too_big", close_code::TOO_BIG, "frame too big")
+        } else {
+            Ending::silent("read_error")
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), Ending> {
+        let inbound = match message {
+            Message::Text(text) => {
+                self.check_size(text.len())?;
+                codec::decode_text(self.vsn, text.as_str())
+            }
+            Message::Binary(data) => {
+                self.check_size(data.len())?;
+                codec::decode_binary(self.vsn, &data)
+            }
+            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Close(_) => return Err(Ending::silent("client_closed")),
+        };
+        self.deps.metrics.frames_received.increment(1);
+        match inbound {
+            Ok(inbound) => {
+                self.on_inbound(inbound).await;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::debug!(socket = self.id, %error, "undecodable frame");
+                metrics::counter!(m::INBOUND_REJECTED, "reason" => "undecodable").increment(1);
+                Err(Ending::closed("undecodable_frame", close_code::INVALID_PAYLOAD, "undecodable frame"))
+            }
+        }
+    }
+
+    fn check_size(&self, len: usize) -> Result<(), Ending> {
+        if len > self.deps.limits.max_frame_bytes {
+            metrics::counter!(m::INBOUND_REJECTED, "reason" => "frame_too_big").increment(1);
+            return Err(Ending::closed("frame_too_big", close_code::TOO_BIG, "frame too big"));
+        }
+        Ok(())
+    }
+
+    /// Token bucket: `max_pushes_per_second` per second, with a burst of the same size.
+    fn take_push_token(&mut self) -> bool {
+        let Some(rate) = self.deps.limits.max_pushes_per_second else { return true };
+        let now = Instant::now();
+        let rate = rate as f64;
+        let elapsed = now.duration_since(self.push_refill_at).as_secs_f64();
+        self.push_refill_at = now;
+        self.push_tokens = (self.push_tokens + elapsed * rate).min(rate);
+        if self.push_tokens >= 1.0 {
+            self.push_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn reply(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, status: ReplyStatus, response: &Value) {
+        let body = serde_json::to_vec(response).expect("JSON value serializes");
+        self.pending.push(Message::Text(codec::encode_reply(self.vsn, join_ref, msg_ref, topic, status, &body)));
+    }
+
+    fn error_reply(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reason: &str) {
+        self.reply(join_ref, msg_ref, topic, ReplyStatus::Error, &json!({ "reason": reason }));
+    }
+
+    fn push_close(&mut self, join_ref: Option<&str>, topic: &str) {
+        self.pending.push(Message::Text(codec::encode_message(self.vsn, join_ref, join_ref, topic, "phx_close", b"{}")));
+    }
+
+    async fn on_inbound(&mut self, msg: Inbound) {
+        let Inbound { join_ref, msg_ref, topic, event, payload } = msg;
+        let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
+        if topic == "phoenix" && event == "heartbeat" {
+            self.reply(join_ref, msg_ref, &topic, ReplyStatus::Ok, &json!({}));
+            return;
+        }
+        if !self.take_push_token() {
+            metrics::counter!(m::INBOUND_REJECTED, "reason" => "rate_limited").increment(1);
+            self.error_reply(join_ref, msg_ref, &topic, "rate_limited");
+            return;
+        }
+        match event.as_str() {
+            "phx_join" => self.on_join(join_ref.or(msg_ref), msg_ref, &topic).await,
+            "phx_leave" => self.on_leave(join_ref, msg_ref, &topic),
+            _ => self.on_push(join_ref, msg_ref, &topic, &event, payload).await,
+        }
+    }
+
+    async fn on_join(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str) {
+        let Some(family) = TopicFamily::parse(topic) else {
+            metrics::counter!(m::CHANNEL_JOINS, "family" => "none", "outcome" => "unmatched_topic").increment(1);
+            self.error_reply(None, msg_ref, topic, "unmatched topic");
+            return;
+        };
+        let label = family.label();
+        let duplicate = self.channels.contains_key(topic);
+        if !duplicate && self.channels.len() >= self.deps.limits.max_channels_per_socket {
+            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "too_many_channels").increment(1);
+            self.error_reply(join_ref, msg_ref, topic, "too many channels joined");
+            return;
+        }
+        if !family.may_join(&self.auth.identity) {
+            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "unauthorized").increment(1);
+            self.error_reply(join_ref, msg_ref, topic, "unauthorized");
+            return;
+        }
+        // Subscribe before building the reply so nothing published meanwhile is missed.
+        if !duplicate {
+            self.deps.hub.subscribe(topic, self.id, &self.outbox);
+            metrics::gauge!(m::CHANNELS_JOINED, "family" => label).increment(1.0);
+        }
+        let response = channels::join_response(&family, &self.deps.inhouse).await;
+        let previous = self.channels.insert(topic.to_string(), Joined { join_ref: join_ref.map(str::to_string), family });
+        metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "ok").increment(1);
+        self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &response);
+        if let Some(previous) = previous {
+            // Duplicate join: the old channel is closed after the new join's reply.
+            self.push_close(previous.join_ref.as_deref(), topic);
+        }
+    }
+
+    fn on_leave(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str) {
+        match self.channels.get(topic) {
+            Some(joined) if join_ref.is_none() || join_ref == joined.join_ref.as_deref() => {
+                let joined = self.channels.remove(topic).expect("present");
+                self.deps.hub.unsubscribe(topic, self.id);
+                metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label()).decrement(1.0);
+                let channel_ref = joined.join_ref.as_deref();
+                self.reply(channel_ref, msg_ref, topic, ReplyStatus::Ok, &json!({}));
+                self.push_close(channel_ref, topic);
+            }
+            Some(_) => {
+                metrics::counter!(m::INBOUND_REJECTED, "reason" => "stale_join_ref").increment(1);
+            }
+            None => self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &json!({})),
+        }
+    }
+
+    async fn on_push(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, event: &str, payload: InboundPayload) {
+        let Some(joined) = self.channels.get(topic) else {
+            self.error_reply(None, msg_ref, topic, "unmatched topic");
+            return;
+        };
+        if join_ref.is_some() && join_ref != joined.join_ref.as_deref() {
+            metrics::counter!(m::INBOUND_REJECTED, "reason" => "stale_join_ref").increment(1);
+            return;
+        }
+        let channel_ref = joined.join_ref.clone();
+        let family = joined.family.clone();
+        let payload = match payload {
+            InboundPayload::Json(raw) => serde_json::from_str::<Value>(raw.get()).ok(),
+            // No hub event takes binary data.
+            InboundPayload::Binary(_) => None,
+        };
+        let result = channels::handle_in(&family, &self.auth.identity, event, payload.as_ref(), &self.deps.inhouse).await;
+        match result {
+            Ok(response) => self.reply(channel_ref.as_deref(), msg_ref, topic, ReplyStatus::Ok, &response),
+            Err(refusal) => self.error_reply(channel_ref.as_deref(), msg_ref, topic, refusal.0),
+        }
+    }
+
+    /// Writes the queued replies.
+    async fn write_pending<S, E>(&mut self, socket: &mut S) -> Result<(), Ending>
+    where
+        S: Sink<Message, Error = E> + Unpin,
+    {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let messages = std::mem::take(&mut self.pending);
+        self.write_all(socket, messages).await
+    }
+
+    /// Writes whatever the outbox holds (drop notices first), or closes when asked to.
+    async fn flush_outbox<S, E>(&mut self, socket: &mut S, drained: &mut Drained) -> Result<(), Ending>
+    where
+        S: Sink<Message, Error = E> + Unpin,
+    {
+        self.outbox.drain(256, drained);
+        let mut messages = std::mem::take(&mut self.pending);
+        for (topic, count) in drained.dropped.drain(..) {
+            let payload = format!("{{\"count\":{count}}}");
+            messages.push(Message::Text(codec::encode_message(self.vsn, None, None, &topic, "events_dropped", payload.as_bytes())));
+        }
+        if let Some(first) = drained.frames.first() {
+            if self.id % 16 == 0 {
+                self.deps.metrics.publish_to_send.record(first.published_at.elapsed().as_secs_f64());
+            }
+        }
+        messages.extend(drained.frames.drain(..).map(|frame| Message::Text(frame.text(self.vsn))));
+        if !messages.is_empty() {
+            self.write_all(socket, messages).await?;
+        }
+        match drained.closing.take() {
+            Some(CloseReason::Restart) => Err(Ending::closed("server_restart", close_code::SERVICE_RESTART, "server restarting")),
+            Some(CloseReason::GoingAway) => Err(Ending::closed("server_going_away", close_code::GOING_AWAY, "server going away")),
+            None => Ok(()),
+        }
+    }
+
+    async fn write_all<S, E>(&mut self, socket: &mut S, messages: Vec<Message>) -> Result<(), Ending>
+    where
+        S: Sink<Message, Error = E> + Unpin,
+    {
+        let count = messages.len() as u64;
+        let write = async {
+            for message in messages {
+                socket.feed(message).await?;
+            }
+            socket.flush().await
+        };
+        match tokio::time::timeout(self.deps.limits.write_timeout, write).await {
+            Ok(Ok(())) => {
+                self.deps.metrics.frames_sent.increment(count);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Ending::silent("write_error")),
+            Err(_) => {
+                metrics::counter!(m::BROADCASTS_DROPPED, "reason" => "write_timeout").increment(self.outbox.queued() as u64);
+                Err(Ending::closed("write_timeout", close_code::TRY_AGAIN_LATER, "slow consumer"))
+            }
+        }
+    }
+}

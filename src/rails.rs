@@ -1,0 +1,122 @@
+//! HTTP client to the Rails API: the active in-house queues (for the reconciler) and Rails'
+//! own `/health` (for readiness). Each call is bounded by a timeout.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::auth;
+use crate::inhouse::{id_field, parse_deadline, EntrySummary, QueueSpec, QueueStatus};
+
+pub const ACTIVE_QUEUES_PATH: &str = "/internal/api/inhouse_queues/active";
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RailsError {
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error("unexpected status {0}")]
+    Status(u16),
+    #[error("unexpected body: {0}")]
+    Body(&'static str),
+}
+
+#[derive(Clone)]
+pub struct RailsClient {
+    http: reqwest::Client,
+    base_url: String,
+    internal_secret: String,
+}
+
+impl RailsClient {
+    pub fn new(base_url: &str, internal_secret: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .expect("reqwest client builds without TLS configuration");
+        RailsClient { http, base_url: base_url.trim_end_matches('/').to_string(), internal_secret: internal_secret.to_string() }
+    }
+
+    /// `GET /internal/api/inhouse_queues/active` with a fresh internal token.
+    pub async fn active_queues(&self) -> Result<Vec<QueueSpec>, RailsError> {
+        let response = self
+            .http
+            .get(format!("{}{ACTIVE_QUEUES_PATH}", self.base_url))
+            .bearer_auth(auth::mint_reconciler_token(&self.internal_secret))
+            .timeout(FETCH_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| RailsError::Request(without_url(e)))?;
+        if !response.status().is_success() {
+            return Err(RailsError::Status(response.status().as_u16()));
+        }
+        let body: Value = response.json().await.map_err(|_| RailsError::Body("not JSON"))?;
+        parse_active_queues(&body)
+    }
+
+    /// Rails `GET /health`, bounded by `timeout`.
+    pub async fn health(&self, timeout: Duration) -> Result<(), String> {
+        let response = self
+            .http
+            .get(format!("{}/health", self.base_url))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| if e.is_timeout() { "timeout".to_string() } else { without_url(e) })?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("status {}", response.status().as_u16()))
+        }
+    }
+}
+
+fn without_url(error: reqwest::Error) -> String {
+    if error.is_timeout() {
+        "timeout".into()
+    } else if error.is_connect() {
+        "connection refused".into()
+    } else {
+        error.without_url().to_string()
+    }
+}
+
+/// Parses `{"queues":[…]}`; a queue with an unknown status or missing ids is skipped.
+pub fn parse_active_queues(body: &Value) -> Result<Vec<QueueSpec>, RailsError> {
+    let queues = body.get("queues").and_then(Value::as_array).ok_or(RailsError::Body("missing queues array"))?;
+    let mut specs = Vec::with_capacity(queues.len());
+    for queue in queues {
+        let (Some(queue_id), Some(org_id)) = (id_field(queue, "id"), id_field(queue, "organization_id")) else {
+            tracing::warn!("reconcile: skipping a queue without id or organization_id");
+            continue;
+        };
+        let Some(status) = queue.get("status").and_then(Value::as_str).and_then(QueueStatus::parse) else {
+            tracing::warn!(queue_id, "reconcile: skipping a queue with an unknown status");
+            continue;
+        };
+        let entries = queue
+            .get("entries")
+            .and_then(Value::as_array)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|entry| {
+                        Some(EntrySummary {
+                            player_id: id_field(entry, "player_id")?,
+                            role: entry.get("role").and_then(Value::as_str).unwrap_or("").to_string(),
+                            checked_in: entry.get("checked_in").and_then(Value::as_bool).unwrap_or(false),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        specs.push(QueueSpec {
+            queue_id,
+            org_id,
+            status,
+            check_in_deadline: queue.get("check_in_deadline").and_then(Value::as_str).and_then(parse_deadline),
+            entries,
+        });
+    }
+    Ok(specs)
+}
