@@ -41,11 +41,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Decodes raw envelope bytes and delivers them; drops are logged without the payload.
-    pub async fn ingest(&self, raw: Bytes, source: Source) {
+    /// `channel` is the Redis channel (or `http`), logged to tell publishers apart.
+    pub async fn ingest(&self, raw: Bytes, source: Source, channel: &str) {
         match envelope::decode(raw) {
             Ok(envelope) => self.deliver(&envelope, source).await,
             Err(reason) => {
-                tracing::warn!(source = source.label(), "dropped event: {reason}");
+                tracing::warn!(source = source.label(), channel, "dropped event: {reason}");
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => reason.label())
                     .increment(1);
             }

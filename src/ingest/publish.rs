@@ -105,7 +105,7 @@ pub async fn publish(link: &RedisLink, pipeline: &Pipeline, accepted: Accepted) 
         Ok(()) => Delivery::Redis,
         Err(error) => {
             tracing::warn!(%error, org = %accepted.org_id, "publishing locally only");
-            pipeline.ingest(accepted.raw, Source::HttpLocal).await;
+            pipeline.ingest(accepted.raw, Source::HttpLocal, "http").await;
             Delivery::Local
         }
     }

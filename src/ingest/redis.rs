@@ -176,7 +176,7 @@ impl RedisLink {
                 message = messages.recv() => match message {
                     Ok(message) => {
                         let raw = message.value.into_bytes().unwrap_or_default();
-                        pipeline.ingest(raw, Source::Redis).await;
+                        pipeline.ingest(raw, Source::Redis, &message.channel).await;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "redis subscriber lagged; events dropped");

@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn binary_round_trip() {
-        let mut client = vec![0u8, 1, 2, 4, 5];
+        let mut client = vec![0u8, 1, 2, 6, 5];
         client.extend_from_slice(b"112room:1event");
         client.extend_from_slice(&[0xde, 0xad]);
         let msg = decode_binary(Vsn::V2, &Bytes::from(client)).unwrap();

@@ -1,0 +1,11 @@
+//! Integration tests: the real hub (`prostaff_events::run`) on port 0, a real `redis-server`
+//! per test on a free port, a fake Rails inside the test, and real WebSocket clients.
+//! One test binary so the crate links once.
+
+mod ingest;
+mod inhouse;
+mod js;
+mod limits;
+mod shutdown;
+mod socket;
+mod support;

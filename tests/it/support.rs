@@ -1,0 +1,554 @@
+//! Test harness: a real `redis-server` on a free port, the hub's `run()` on port 0, a fake Rails
+//! (an axum server answering the documented JSON), a Phoenix V2 client over tokio-tungstenite,
+//! and a log capture for asserting what the hub logged.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use prostaff_events::config::Config;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub const RAILS_SECRET: &str = "rails-user-token-secret-for-tests";
+pub const SCRAPER_KEY: &str = "scraper-key-for-tests";
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        eprint!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber once per test binary.
+pub fn init_logs() {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn,prostaff_events=info"))
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .try_init();
+        buffer
+    });
+}
+
+/// Every captured log line containing `needle`.
+pub fn log_lines(needle: &str) -> Vec<String> {
+    let logs = LOGS.get().expect("init_logs called").lock().unwrap();
+    String::from_utf8_lossy(&logs).lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+}
+
+pub fn all_logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().expect("init_logs called").lock().unwrap()).into_owned()
+}
+
+/// Waits until a log line contains every needle.
+pub async fn wait_for_log(needles: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(line) = log_lines(needles[0]).into_iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return line;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no log line with {needles:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `redis-server` child process on its own port; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut server = RedisServer { port: free_port(), child: None };
+        server.spawn();
+        server
+    }
+
+    /// A port with nothing listening yet (Redis can be started there later).
+    pub fn reserved() -> Self {
+        RedisServer { port: free_port(), child: None }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while self.try_command("PING").as_deref() != Some("+PONG") {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn try_command(&self, command: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    }
+
+    /// `PUBLISH channel message` over RESP; returns the receiver count.
+    pub fn publish(&self, channel: &str, message: &str) -> i64 {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("redis reachable");
+        let frame = format!(
+            "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
+            channel.len(),
+            channel,
+            message.len(),
+            message
+        );
+        stream.write_all(frame.as_bytes()).unwrap();
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        text.trim().trim_start_matches(':').parse().unwrap_or(-1)
+    }
+
+    /// Publishes until at least `subscribers` receive it (the hub's subscriber may still be
+    /// connecting); returns false after the timeout.
+    pub async fn publish_when_subscribed(&self, channel: &str, message: &str, subscribers: i64) -> bool {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if self.numsub_pattern() >= subscribers {
+                return self.publish(channel, message) >= subscribers;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    pub fn numsub_pattern(&self) -> i64 {
+        self.try_command("PUBSUB NUMPAT")
+            .and_then(|r| r.trim_start_matches(':').parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hub
+
+pub struct TestHub {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Config for tests: known secrets, fast reconciler retries.
+pub fn test_config(redis_url: &str, rails_url: &str) -> Config {
+    let mut config = Config::development();
+    config.port = 0;
+    config.redis_url = redis_url.to_string();
+    config.rails_api_url = rails_url.to_string();
+    config.internal_jwt_secret = SECRET.to_string();
+    config.using_dev_secret = false;
+    config.jwt_secret_key = Some(RAILS_SECRET.to_string());
+    config.scraper_api_key = SCRAPER_KEY.to_string();
+    config.reconciler_retry_delays = vec![Duration::from_millis(50); 2];
+    config.reconcile_interval = None;
+    config.shutdown_grace = Duration::from_secs(3);
+    config
+}
+
+impl TestHub {
+    pub async fn start(config: Config) -> TestHub {
+        init_logs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(prostaff_events::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        TestHub { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Hub with Redis at `redis` and no Rails.
+    pub async fn with_redis(redis: &RedisServer) -> TestHub {
+        TestHub::start(test_config(&redis.url(), "http://127.0.0.1:9")).await
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/socket/websocket?{}", self.addr, query)
+    }
+
+    /// Triggers the graceful drain and waits for `run` to return.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    /// Waits until the hub's Redis subscriber is connected (readiness reports redis ok).
+    pub async fn wait_redis_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Ok(response) = client.get(self.http("/health/ready")).send().await {
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                if body["checks"]["redis"] == "ok" {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "hub never connected to redis");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.http("/metrics")).await.unwrap().text().await.unwrap()
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Sum of every sample of `name` whose labels contain all of `labels`, in a Prometheus text dump.
+pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+
+pub fn user_token(user_id: &str, org_id: &str) -> String {
+    prostaff_events::auth::mint(SECRET, &json!({"user_id": user_id, "org_id": org_id}))
+}
+
+pub fn player_token(player_id: &str, org_id: &str) -> String {
+    prostaff_events::auth::mint(SECRET, &json!({"entity_type": "player", "player_id": player_id, "organization_id": org_id}))
+}
+
+pub fn internal_token() -> String {
+    prostaff_events::auth::mint(SECRET, &json!({"type": "internal", "iss": "prostaff-api"}))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phoenix V2 client
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Phx {
+    pub ws: Ws,
+    next_ref: u64,
+    /// Frames read while waiting for something else.
+    pub backlog: Vec<Value>,
+}
+
+impl Phx {
+    pub async fn connect(hub: &TestHub, token: &str) -> Phx {
+        Phx::connect_url(&hub.ws_url(&format!("vsn=2.0.0&token={token}"))).await
+    }
+
+    pub async fn connect_url(url: &str) -> Phx {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("socket upgrade");
+        Phx::from_ws(ws)
+    }
+
+    pub fn from_ws(ws: Ws) -> Phx {
+        Phx { ws, next_ref: 0, backlog: Vec::new() }
+    }
+
+    pub fn next_ref(&mut self) -> String {
+        self.next_ref += 1;
+        self.next_ref.to_string()
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.unwrap();
+    }
+
+    /// The next text frame as JSON (panics on timeout or close).
+    pub async fn recv(&mut self) -> Value {
+        if !self.backlog.is_empty() {
+            return self.backlog.remove(0);
+        }
+        self.recv_socket().await
+    }
+
+    async fn recv_socket(&mut self) -> Value {
+        loop {
+            match tokio::time::timeout(TIMEOUT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => return serde_json::from_str(&text).unwrap(),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads frames until one matches; others are kept for later `recv`s.
+    pub async fn recv_matching(&mut self, predicate: impl Fn(&Value) -> bool) -> Value {
+        if let Some(index) = self.backlog.iter().position(&predicate) {
+            return self.backlog.remove(index);
+        }
+        loop {
+            let frame = self.recv_socket().await;
+            if predicate(&frame) {
+                return frame;
+            }
+            self.backlog.push(frame);
+        }
+    }
+
+    /// Waits for the reply to `msg_ref`.
+    pub async fn reply(&mut self, msg_ref: &str) -> Value {
+        let msg_ref = msg_ref.to_string();
+        self.recv_matching(move |f| f[3] == "phx_reply" && f[1] == msg_ref.as_str()).await
+    }
+
+    /// Waits for a push/broadcast `event` on `topic`.
+    pub async fn event(&mut self, topic: &str, event: &str) -> Value {
+        self.recv_matching(|f| f[2] == topic && f[3] == event).await
+    }
+
+    /// Joins and returns the reply frame.
+    pub async fn join(&mut self, topic: &str, params: Value) -> Value {
+        let r = self.next_ref();
+        self.send(json!([r, r, topic, "phx_join", params])).await;
+        self.reply(&r).await
+    }
+
+    /// Joins and asserts ok; returns the join_ref.
+    pub async fn join_ok(&mut self, topic: &str) -> String {
+        let reply = self.join(topic, json!({})).await;
+        assert_eq!(reply[4]["status"], "ok", "join {topic}: {reply}");
+        reply[0].as_str().unwrap().to_string()
+    }
+
+    pub async fn push(&mut self, join_ref: &str, topic: &str, event: &str, payload: Value) -> Value {
+        let r = self.next_ref();
+        self.send(json!([join_ref, r, topic, event, payload])).await;
+        self.reply(&r).await
+    }
+
+    /// Waits for the server to close the socket and returns the close code.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(remaining, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => return None,
+                Err(_) => panic!("socket not closed within 20 s"),
+            }
+        }
+    }
+
+    /// True when nothing arrives for `quiet`.
+    pub async fn silent_for(&mut self, quiet: Duration) -> bool {
+        self.backlog.is_empty() && tokio::time::timeout(quiet, self.ws.next()).await.is_err()
+    }
+}
+
+/// HTTP status of a WebSocket upgrade attempt (101 on success).
+pub async fn upgrade_status(url: &str, headers: &[(&str, &str)]) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("unexpected upgrade error: {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake Rails
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RailsMode {
+    Up,
+    Failing,
+    Hanging,
+}
+
+pub struct RailsState {
+    pub mode: RailsMode,
+    pub queues: Value,
+    /// One entry per active-queues request: whether its bearer token verified.
+    pub token_checks: Vec<Result<(), String>>,
+}
+
+#[derive(Clone)]
+pub struct FakeRails {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<RailsState>>,
+}
+
+impl FakeRails {
+    pub async fn start(queues: Value) -> FakeRails {
+        let state = Arc::new(Mutex::new(RailsState { mode: RailsMode::Up, queues, token_checks: Vec::new() }));
+        let app = Router::new()
+            .route("/health", get(rails_health))
+            .route("/internal/api/inhouse_queues/active", get(rails_active_queues))
+            .with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeRails { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: RailsMode) {
+        self.state.lock().unwrap().mode = mode;
+    }
+
+    pub fn set_queues(&self, queues: Value) {
+        self.state.lock().unwrap().queues = queues;
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.lock().unwrap().token_checks.len()
+    }
+}
+
+async fn rails_mode_response(state: &Arc<Mutex<RailsState>>) -> Option<Response> {
+    let mode = state.lock().unwrap().mode;
+    match mode {
+        RailsMode::Up => None,
+        RailsMode::Failing => Some((StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()),
+        RailsMode::Hanging => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Some(StatusCode::GATEWAY_TIMEOUT.into_response())
+        }
+    }
+}
+
+async fn rails_health(State(state): State<Arc<Mutex<RailsState>>>) -> Response {
+    if let Some(response) = rails_mode_response(&state).await {
+        return response;
+    }
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// Verifies the reconciler's token as Rails would: HS256 with the internal secret,
+/// `type: internal`, `iss: prostaff-events`, and an `exp`.
+fn verify_internal_token(headers: &HeaderMap) -> Result<(), String> {
+    use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+    let value = headers.get("authorization").ok_or("no authorization header")?.to_str().map_err(|e| e.to_string())?;
+    let token = value.strip_prefix("Bearer ").ok_or("not a bearer token")?;
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp", "iss"]);
+    validation.set_issuer(&["prostaff-events"]);
+    let data = decode::<Value>(token, &DecodingKey::from_secret(SECRET.as_bytes()), &validation).map_err(|e| e.to_string())?;
+    if data.claims["type"] != "internal" {
+        return Err("type is not internal".into());
+    }
+    let (iat, exp) = (data.claims["iat"].as_u64().unwrap_or(0), data.claims["exp"].as_u64().unwrap_or(0));
+    if exp != iat + 60 {
+        return Err(format!("exp should be iat + 60, got iat={iat} exp={exp}"));
+    }
+    Ok(())
+}
+
+async fn rails_active_queues(State(state): State<Arc<Mutex<RailsState>>>, headers: HeaderMap) -> Response {
+    let check = verify_internal_token(&headers);
+    state.lock().unwrap().token_checks.push(check.clone());
+    if let Some(response) = rails_mode_response(&state).await {
+        return response;
+    }
+    if check.is_err() {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let queues = state.lock().unwrap().queues.clone();
+    Json(json!({ "queues": queues })).into_response()
+}
+
+/// Polls `condition` until true (panics after the timeout with `what`).
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
