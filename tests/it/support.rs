@@ -412,6 +412,17 @@ impl Phx {
         }
     }
 
+    /// Every frame that arrives until the socket is quiet for `quiet`.
+    pub async fn collect(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut frames = std::mem::take(&mut self.backlog);
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, self.ws.next()).await {
+            if let Message::Text(text) = message {
+                frames.push(serde_json::from_str(&text).unwrap());
+            }
+        }
+        frames
+    }
+
     /// True when nothing arrives for `quiet`.
     pub async fn silent_for(&mut self, quiet: Duration) -> bool {
         self.backlog.is_empty() && tokio::time::timeout(quiet, self.ws.next()).await.is_err()
