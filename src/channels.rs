@@ -118,6 +118,15 @@ impl QueueAction {
     }
 }
 
+/// A role is a short non-empty string (`top`, `jungle`, …).
+fn role_param(payload: Option<&Value>) -> Option<String> {
+    match payload?.get("role")? {
+        Value::String(s) if !s.trim().is_empty() && s.len() <= 32 => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// An id may be a string or a number (Rails ids are integers); it is compared as a string.
 fn string_param(payload: Option<&Value>, name: &str) -> Option<String> {
     match payload?.get(name)? {
         Value::String(s) if !s.trim().is_empty() && s.len() <= 128 => Some(s.clone()),
@@ -141,7 +150,7 @@ async fn run_queue_action(
     }
     match action {
         QueueAction::Join => {
-            let role = string_param(payload, "role").ok_or(QueueError::InvalidParams)?;
+            let role = role_param(payload).ok_or(QueueError::InvalidParams)?;
             inhouse.join(org_id, player_id, role).await
         }
         QueueAction::Leave => inhouse.leave(org_id, player_id).await,

@@ -170,6 +170,7 @@ impl QueueActor {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         metrics::gauge!(crate::metrics::INHOUSE_QUEUES_ACTIVE).increment(1.0);
         tracing::info!(queue_id = %self.queue_id, org = %self.org_id, status = ?self.status, "queue actor started");
+        self.broadcast("queue_opened", json!({}));
         loop {
             let deadline = self.deadline_at;
             tokio::select! {
