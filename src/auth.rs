@@ -14,8 +14,14 @@ use subtle::ConstantTimeEq;
 /// Who is on the other end of a socket or HTTP call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
-    User { user_id: String, org_id: String },
-    Player { player_id: String, org_id: String },
+    User {
+        user_id: String,
+        org_id: String,
+    },
+    Player {
+        player_id: String,
+        org_id: String,
+    },
     /// A service token (`type: "internal"`, `iss: "prostaff-api"`); may join and act anywhere.
     Internal,
 }
@@ -150,7 +156,10 @@ fn claim_id(claims: &Map<String, Value>, name: &str) -> Option<String> {
 
 fn authenticated_from_claims(claims: &Map<String, Value>) -> Result<Authenticated, AuthError> {
     let expires_at = claims.get("exp").and_then(Value::as_u64);
-    Ok(Authenticated { identity: identity_from_claims(claims)?, expires_at })
+    Ok(Authenticated {
+        identity: identity_from_claims(claims)?,
+        expires_at,
+    })
 }
 
 /// Maps the claim shapes of DESIGN.md onto identities.
@@ -160,15 +169,18 @@ pub fn identity_from_claims(claims: &Map<String, Value>) -> Result<Identity, Aut
         return Ok(Identity::Internal);
     }
     if text("entity_type") == Some("player") {
-        if let (Some(player_id), Some(org_id)) =
-            (claim_id(claims, "player_id"), claim_id(claims, "organization_id"))
-        {
+        if let (Some(player_id), Some(org_id)) = (
+            claim_id(claims, "player_id"),
+            claim_id(claims, "organization_id"),
+        ) {
             return Ok(Identity::Player { player_id, org_id });
         }
         return Err(AuthError::MissingIdentityClaims);
     }
     if let Some(user_id) = claim_id(claims, "user_id") {
-        if let Some(org_id) = claim_id(claims, "org_id").or_else(|| claim_id(claims, "organization_id")) {
+        if let Some(org_id) =
+            claim_id(claims, "org_id").or_else(|| claim_id(claims, "organization_id"))
+        {
             return Ok(Identity::User { user_id, org_id });
         }
     }
@@ -176,19 +188,29 @@ pub fn identity_from_claims(claims: &Map<String, Value>) -> Result<Identity, Aut
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Signs `claims` with HS256.
 pub fn mint(secret: &str, claims: &Value) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .expect("HS256 encoding of a JSON object cannot fail")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 encoding of a JSON object cannot fail")
 }
 
 /// The token the hub sends to Rails (`iss: prostaff-events`, one minute of life).
 pub fn mint_reconciler_token(secret: &str) -> String {
     let iat = unix_now();
-    mint(secret, &serde_json::json!({"type": "internal", "iss": "prostaff-events", "iat": iat, "exp": iat + 60}))
+    mint(
+        secret,
+        &serde_json::json!({"type": "internal", "iss": "prostaff-events", "iat": iat, "exp": iat + 60}),
+    )
 }
 
 /// Constant-time comparison of an offered API key with the configured one. An empty configured
@@ -207,7 +229,10 @@ pub fn api_key_matches(configured: &str, offered: Option<&str>) -> bool {
 pub fn token_from_subprotocol(entry: &str) -> Option<String> {
     use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
     use base64::Engine;
-    let encoded = entry.trim().strip_prefix("base64url.bearer.phx.")?.trim_end_matches('=');
+    let encoded = entry
+        .trim()
+        .strip_prefix("base64url.bearer.phx.")?
+        .trim_end_matches('=');
     let bytes = STANDARD_NO_PAD
         .decode(encoded)
         .or_else(|_| URL_SAFE_NO_PAD.decode(encoded))
@@ -229,36 +254,87 @@ mod tests {
     #[test]
     fn identities_from_each_claim_shape() {
         let v = verifier();
-        let user = v.verify(&mint(SECRET, &json!({"user_id": "u1", "org_id": "o1"}))).unwrap();
-        assert_eq!(user.identity, Identity::User { user_id: "u1".into(), org_id: "o1".into() });
-        let rails = v
-            .verify(&mint("rails-secret", &json!({"user_id": 7, "organization_id": 9, "exp": unix_now() + 60})))
+        let user = v
+            .verify(&mint(SECRET, &json!({"user_id": "u1", "org_id": "o1"})))
             .unwrap();
-        assert_eq!(rails.identity, Identity::User { user_id: "7".into(), org_id: "9".into() });
+        assert_eq!(
+            user.identity,
+            Identity::User {
+                user_id: "u1".into(),
+                org_id: "o1".into()
+            }
+        );
+        let rails = v
+            .verify(&mint(
+                "rails-secret",
+                &json!({"user_id": 7, "organization_id": 9, "exp": unix_now() + 60}),
+            ))
+            .unwrap();
+        assert_eq!(
+            rails.identity,
+            Identity::User {
+                user_id: "7".into(),
+                org_id: "9".into()
+            }
+        );
         assert!(rails.expires_at.is_some());
         let player = v
-            .verify(&mint(SECRET, &json!({"entity_type": "player", "player_id": "p1", "organization_id": "o1"})))
+            .verify(&mint(
+                SECRET,
+                &json!({"entity_type": "player", "player_id": "p1", "organization_id": "o1"}),
+            ))
             .unwrap();
-        assert_eq!(player.identity, Identity::Player { player_id: "p1".into(), org_id: "o1".into() });
-        let internal = v.verify(&mint(SECRET, &json!({"type": "internal", "iss": "prostaff-api"}))).unwrap();
+        assert_eq!(
+            player.identity,
+            Identity::Player {
+                player_id: "p1".into(),
+                org_id: "o1".into()
+            }
+        );
+        let internal = v
+            .verify(&mint(
+                SECRET,
+                &json!({"type": "internal", "iss": "prostaff-api"}),
+            ))
+            .unwrap();
         assert_eq!(internal.identity, Identity::Internal);
     }
 
     #[test]
     fn refusals_have_specific_reasons() {
         let v = verifier();
-        assert_eq!(v.verify(&mint("wrong", &json!({"user_id": "u", "org_id": "o"}))).unwrap_err(), AuthError::BadSignature);
         assert_eq!(
-            v.verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o", "exp": unix_now() - 10}))).unwrap_err(),
+            v.verify(&mint("wrong", &json!({"user_id": "u", "org_id": "o"})))
+                .unwrap_err(),
+            AuthError::BadSignature
+        );
+        assert_eq!(
+            v.verify(&mint(
+                SECRET,
+                &json!({"user_id": "u", "org_id": "o", "exp": unix_now() - 10})
+            ))
+            .unwrap_err(),
             AuthError::Expired
         );
         assert_eq!(
-            v.verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o", "nbf": unix_now() + 100}))).unwrap_err(),
+            v.verify(&mint(
+                SECRET,
+                &json!({"user_id": "u", "org_id": "o", "nbf": unix_now() + 100})
+            ))
+            .unwrap_err(),
             AuthError::NotYetValid
         );
-        assert_eq!(v.verify(&mint(SECRET, &json!({"user_id": "u"}))).unwrap_err(), AuthError::MissingIdentityClaims);
         assert_eq!(
-            v.verify(&mint(SECRET, &json!({"type": "internal", "iss": "someone-else"}))).unwrap_err(),
+            v.verify(&mint(SECRET, &json!({"user_id": "u"})))
+                .unwrap_err(),
+            AuthError::MissingIdentityClaims
+        );
+        assert_eq!(
+            v.verify(&mint(
+                SECRET,
+                &json!({"type": "internal", "iss": "someone-else"})
+            ))
+            .unwrap_err(),
             AuthError::MissingIdentityClaims
         );
         assert_eq!(v.verify("garbage").unwrap_err(), AuthError::Malformed);
@@ -272,20 +348,31 @@ mod tests {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let body = URL_SAFE_NO_PAD.encode(br#"{"user_id":"u","org_id":"o"}"#);
         let err = verifier().verify(&format!("{header}.{body}.")).unwrap_err();
-        assert!(matches!(err, AuthError::AlgorithmNotAllowed | AuthError::Malformed), "{err:?}");
+        assert!(
+            matches!(err, AuthError::AlgorithmNotAllowed | AuthError::Malformed),
+            "{err:?}"
+        );
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
             &json!({"user_id": "u", "org_id": "o"}),
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap();
-        assert_eq!(verifier().verify(&hs512).unwrap_err(), AuthError::AlgorithmNotAllowed);
+        assert_eq!(
+            verifier().verify(&hs512).unwrap_err(),
+            AuthError::AlgorithmNotAllowed
+        );
     }
 
     #[test]
     fn exp_can_be_required() {
         let strict = TokenVerifier::new(SECRET, None, true);
-        assert_eq!(strict.verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o"}))).unwrap_err(), AuthError::MissingExp);
+        assert_eq!(
+            strict
+                .verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o"})))
+                .unwrap_err(),
+            AuthError::MissingExp
+        );
     }
 
     #[test]

@@ -50,7 +50,9 @@ impl TopicFamily {
         match (self, identity) {
             (_, Identity::Internal) => true,
             (TopicFamily::Tournament { .. }, _) => true,
-            (TopicFamily::Notifications { user_id }, Identity::User { user_id: own, .. }) => user_id == own,
+            (TopicFamily::Notifications { user_id }, Identity::User { user_id: own, .. }) => {
+                user_id == own
+            }
             (TopicFamily::Notifications { .. }, Identity::Player { .. }) => false,
             (TopicFamily::Inhouse { org_id } | TopicFamily::OrgEvents { org_id }, identity) => {
                 identity.org_id() == Some(org_id.as_str())
@@ -163,17 +165,33 @@ mod tests {
     use super::*;
 
     fn user(user_id: &str, org_id: &str) -> Identity {
-        Identity::User { user_id: user_id.into(), org_id: org_id.into() }
+        Identity::User {
+            user_id: user_id.into(),
+            org_id: org_id.into(),
+        }
     }
 
     fn player(org_id: &str) -> Identity {
-        Identity::Player { player_id: "p1".into(), org_id: org_id.into() }
+        Identity::Player {
+            player_id: "p1".into(),
+            org_id: org_id.into(),
+        }
     }
 
     #[test]
     fn parse_topics() {
-        assert_eq!(TopicFamily::parse("inhouse:o1"), Some(TopicFamily::Inhouse { org_id: "o1".into() }));
-        assert_eq!(TopicFamily::parse("tournament:1:2"), Some(TopicFamily::Tournament { tournament_id: "1:2".into() }));
+        assert_eq!(
+            TopicFamily::parse("inhouse:o1"),
+            Some(TopicFamily::Inhouse {
+                org_id: "o1".into()
+            })
+        );
+        assert_eq!(
+            TopicFamily::parse("tournament:1:2"),
+            Some(TopicFamily::Tournament {
+                tournament_id: "1:2".into()
+            })
+        );
         assert_eq!(TopicFamily::parse("inhouse:"), None);
         assert_eq!(TopicFamily::parse("rooms:1"), None);
         assert_eq!(TopicFamily::parse("phoenix"), None);

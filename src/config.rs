@@ -131,13 +131,19 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid {variable}: {message}")]
-    Invalid { variable: &'static str, message: String },
+    Invalid {
+        variable: &'static str,
+        message: String,
+    },
     #[error("cannot read config file {path}: {message}")]
     File { path: PathBuf, message: String },
 }
 
 fn invalid(variable: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { variable, message: message.into() }
+    ConfigError::Invalid {
+        variable,
+        message: message.into(),
+    }
 }
 
 impl Config {
@@ -165,14 +171,25 @@ impl Config {
 
     /// Builds a config from any lookup of variable name to value.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let get = |name: &str| lookup(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
 
-        let app_env = match get("APP_ENV").as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let app_env = match get("APP_ENV")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("dev") | Some("development") => AppEnv::Dev,
             Some("test") => AppEnv::Test,
             Some("prod") | Some("production") => AppEnv::Production,
             Some(other) => {
-                return Err(invalid("APP_ENV", format!("expected dev, test or production, got {other:?}")))
+                return Err(invalid(
+                    "APP_ENV",
+                    format!("expected dev, test or production, got {other:?}"),
+                ))
             }
         };
 
@@ -187,13 +204,18 @@ impl Config {
                 (secret, false)
             }
             None if app_env == AppEnv::Production => {
-                return Err(invalid("INTERNAL_JWT_SECRET", "is required when APP_ENV=production"))
+                return Err(invalid(
+                    "INTERNAL_JWT_SECRET",
+                    "is required when APP_ENV=production",
+                ))
             }
             None => (DEV_INTERNAL_SECRET.to_string(), true),
         };
 
         let redis_url = normalize_redis_url(
-            get("REDIS_URL").as_deref().unwrap_or("redis://127.0.0.1:6379/0"),
+            get("REDIS_URL")
+                .as_deref()
+                .unwrap_or("redis://127.0.0.1:6379/0"),
             get("REDIS_PASSWORD").as_deref(),
         );
 
@@ -210,7 +232,12 @@ impl Config {
                 .split(',')
                 .map(|item| item.trim().parse::<u64>())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| invalid("RECONCILER_RETRY_DELAYS_MS", "expected a comma list of milliseconds"))?,
+                .map_err(|_| {
+                    invalid(
+                        "RECONCILER_RETRY_DELAYS_MS",
+                        "expected a comma list of milliseconds",
+                    )
+                })?,
         }
         .into_iter()
         .map(Duration::from_millis)
@@ -221,20 +248,43 @@ impl Config {
         let max_pushes: u32 = parse_or(&get, "MAX_PUSHES_PER_SECOND", 50)?;
 
         let limits = Limits {
-            max_frame_bytes: positive(parse_or(&get, "MAX_FRAME_BYTES", 64 * 1024)?, "MAX_FRAME_BYTES")?,
-            max_channels_per_socket: positive(parse_or(&get, "MAX_CHANNELS_PER_SOCKET", 100)?, "MAX_CHANNELS_PER_SOCKET")?,
-            outbound_buffer_frames: positive(parse_or(&get, "OUTBOUND_BUFFER_FRAMES", 1024)?, "OUTBOUND_BUFFER_FRAMES")?,
-            write_timeout: Duration::from_millis(positive(parse_or(&get, "WRITE_TIMEOUT_MS", 10_000)?, "WRITE_TIMEOUT_MS")?),
-            idle_timeout: Duration::from_millis(positive(parse_or(&get, "IDLE_TIMEOUT_MS", 60_000)?, "IDLE_TIMEOUT_MS")?),
+            max_frame_bytes: positive(
+                parse_or(&get, "MAX_FRAME_BYTES", 64 * 1024)?,
+                "MAX_FRAME_BYTES",
+            )?,
+            max_channels_per_socket: positive(
+                parse_or(&get, "MAX_CHANNELS_PER_SOCKET", 100)?,
+                "MAX_CHANNELS_PER_SOCKET",
+            )?,
+            outbound_buffer_frames: positive(
+                parse_or(&get, "OUTBOUND_BUFFER_FRAMES", 1024)?,
+                "OUTBOUND_BUFFER_FRAMES",
+            )?,
+            write_timeout: Duration::from_millis(positive(
+                parse_or(&get, "WRITE_TIMEOUT_MS", 10_000)?,
+                "WRITE_TIMEOUT_MS",
+            )?),
+            idle_timeout: Duration::from_millis(positive(
+                parse_or(&get, "IDLE_TIMEOUT_MS", 60_000)?,
+                "IDLE_TIMEOUT_MS",
+            )?),
             max_connections: (max_connections > 0).then_some(max_connections),
             max_pushes_per_second: (max_pushes > 0).then_some(max_pushes),
-            max_body_bytes: positive(parse_or(&get, "MAX_BODY_BYTES", 64 * 1024)?, "MAX_BODY_BYTES")?,
+            max_body_bytes: positive(
+                parse_or(&get, "MAX_BODY_BYTES", 64 * 1024)?,
+                "MAX_BODY_BYTES",
+            )?,
         };
 
         let log_format = match get("LOG_FORMAT").as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("LOG_FORMAT", format!("expected text or json, got {other:?}"))),
+            Some(other) => {
+                return Err(invalid(
+                    "LOG_FORMAT",
+                    format!("expected text or json, got {other:?}"),
+                ))
+            }
         };
 
         Ok(Config {
@@ -253,9 +303,13 @@ impl Config {
             allowed_origins,
             force_ssl: parse_bool(&get, "FORCE_SSL")?,
             rate_limit_max: positive(parse_or(&get, "RATE_LIMIT_MAX", 10)?, "RATE_LIMIT_MAX")?,
-            rate_limit_window: Duration::from_millis(positive(parse_or(&get, "RATE_LIMIT_WINDOW_MS", 60_000)?, "RATE_LIMIT_WINDOW_MS")?),
+            rate_limit_window: Duration::from_millis(positive(
+                parse_or(&get, "RATE_LIMIT_WINDOW_MS", 60_000)?,
+                "RATE_LIMIT_WINDOW_MS",
+            )?),
             reconciler_retry_delays,
-            reconcile_interval: (reconcile_interval_ms > 0).then(|| Duration::from_millis(reconcile_interval_ms)),
+            reconcile_interval: (reconcile_interval_ms > 0)
+                .then(|| Duration::from_millis(reconcile_interval_ms)),
             app_env,
             log_format,
             require_token_exp: parse_bool(&get, "REQUIRE_TOKEN_EXP")?,
@@ -286,18 +340,28 @@ fn positive<T: PartialOrd + Default>(value: T, name: &'static str) -> Result<T, 
     }
 }
 
-fn parse_bool(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
+fn parse_bool(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<bool, ConfigError> {
     match get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
         None | Some("false") | Some("0") | Some("no") | Some("off") => Ok(false),
         Some("true") | Some("1") | Some("yes") | Some("on") => Ok(true),
-        Some(other) => Err(invalid(name, format!("expected true or false, got {other:?}"))),
+        Some(other) => Err(invalid(
+            name,
+            format!("expected true or false, got {other:?}"),
+        )),
     }
 }
 
 /// Prepends `redis://` when the scheme is missing (the original did this) and inserts
 /// `password` when the URL carries none.
 pub fn normalize_redis_url(url: &str, password: Option<&str>) -> String {
-    let url = if url.contains("://") { url.to_string() } else { format!("redis://{url}") };
+    let url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("redis://{url}")
+    };
     let Some(password) = password else { return url };
     let (scheme, rest) = url.split_once("://").expect("scheme present");
     let authority_end = rest.find('/').unwrap_or(rest.len());
@@ -307,7 +371,9 @@ pub fn normalize_redis_url(url: &str, password: Option<&str>) -> String {
     let encoded: String = password
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect();
@@ -316,9 +382,14 @@ pub fn normalize_redis_url(url: &str, password: Option<&str>) -> String {
 
 /// Reads a flat TOML table; keys are variable names (case-insensitive), values any scalar.
 fn read_toml_settings(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let file_error = |message: String| ConfigError::File { path: path.to_path_buf(), message };
+    let file_error = |message: String| ConfigError::File {
+        path: path.to_path_buf(),
+        message,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| file_error(e.to_string()))?;
     let mut values = HashMap::new();
     for (key, value) in table {
         let text = match value {
@@ -347,8 +418,10 @@ mod tests {
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|name| map.get(name).cloned())
     }
 
@@ -366,10 +439,18 @@ mod tests {
     #[test]
     fn production_requires_a_strong_secret() {
         let missing = config(&[("APP_ENV", "production")]).unwrap_err();
-        assert!(missing.to_string().contains("INTERNAL_JWT_SECRET"), "{missing}");
-        let short = config(&[("APP_ENV", "production"), ("INTERNAL_JWT_SECRET", "short")]).unwrap_err();
+        assert!(
+            missing.to_string().contains("INTERNAL_JWT_SECRET"),
+            "{missing}"
+        );
+        let short =
+            config(&[("APP_ENV", "production"), ("INTERNAL_JWT_SECRET", "short")]).unwrap_err();
         assert!(short.to_string().contains("at least 32"), "{short}");
-        let ok = config(&[("APP_ENV", "production"), ("INTERNAL_JWT_SECRET", &"x".repeat(32))]).unwrap();
+        let ok = config(&[
+            ("APP_ENV", "production"),
+            ("INTERNAL_JWT_SECRET", &"x".repeat(32)),
+        ])
+        .unwrap();
         assert!(!ok.using_dev_secret);
     }
 
@@ -378,23 +459,73 @@ mod tests {
         let err = config(&[("PORT", "eighty")]).unwrap_err();
         assert!(err.to_string().contains("PORT"), "{err}");
         let err = config(&[("RECONCILER_RETRY_DELAYS_MS", "1,x")]).unwrap_err();
-        assert!(err.to_string().contains("RECONCILER_RETRY_DELAYS_MS"), "{err}");
+        assert!(
+            err.to_string().contains("RECONCILER_RETRY_DELAYS_MS"),
+            "{err}"
+        );
         let err = config(&[("FORCE_SSL", "maybe")]).unwrap_err();
         assert!(err.to_string().contains("FORCE_SSL"), "{err}");
     }
 
     #[test]
     fn redis_url_gets_scheme_and_password() {
-        assert_eq!(normalize_redis_url("redis:6379", None), "redis://redis:6379");
-        assert_eq!(normalize_redis_url("redis://h:1/0", Some("p@ss")), "redis://:p%40ss@h:1/0");
-        assert_eq!(normalize_redis_url("redis://:a@h:1", Some("b")), "redis://:a@h:1");
+        assert_eq!(
+            normalize_redis_url("redis:6379", None),
+            "redis://redis:6379"
+        );
+        assert_eq!(
+            normalize_redis_url("redis://h:1/0", Some("p@ss")),
+            "redis://:p%40ss@h:1/0"
+        );
+        assert_eq!(
+            normalize_redis_url("redis://:a@h:1", Some("b")),
+            "redis://:a@h:1"
+        );
     }
 
     #[test]
     fn zero_disables_optional_limits() {
-        let config = config(&[("RECONCILE_INTERVAL_MS", "0"), ("MAX_PUSHES_PER_SECOND", "0")]).unwrap();
+        let config = config(&[
+            ("RECONCILE_INTERVAL_MS", "0"),
+            ("MAX_PUSHES_PER_SECOND", "0"),
+        ])
+        .unwrap();
         assert!(config.reconcile_interval.is_none());
         assert!(config.limits.max_pushes_per_second.is_none());
+    }
+
+    #[test]
+    fn env_example_and_readme_list_every_setting() {
+        let env_example = include_str!("../.env.example");
+        let readme = include_str!("../README.md");
+        for setting in SETTINGS {
+            assert!(
+                env_example.contains(&format!("\n{}=", setting.name)),
+                ".env.example lacks {}",
+                setting.name
+            );
+            assert!(
+                readme.contains(&format!("`{}`", setting.name)),
+                "README lacks {}",
+                setting.name
+            );
+        }
+    }
+
+    #[test]
+    fn example_toml_parses() {
+        let dir = std::env::temp_dir().join(format!("prostaff-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("example.toml");
+        std::fs::write(
+            &path,
+            include_str!("../config/prostaff-events.example.toml"),
+        )
+        .unwrap();
+        let values = read_toml_settings(&path).unwrap();
+        assert_eq!(values["RECONCILER_RETRY_DELAYS_MS"], "1000,2000,4000");
+        let config = Config::from_lookup(|name| values.get(name).cloned()).unwrap();
+        assert_eq!(config.rate_limit_max, 10);
     }
 
     #[test]

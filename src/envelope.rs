@@ -73,7 +73,14 @@ pub fn decode(raw: Bytes) -> Result<Envelope, DropReason> {
         _ => None,
     };
     let payload = object.remove("payload").unwrap_or(Value::Null);
-    Ok(Envelope { raw, id, event_type, org_id, user_id, payload })
+    Ok(Envelope {
+        raw,
+        id,
+        event_type,
+        org_id,
+        user_id,
+        payload,
+    })
 }
 
 fn check_version(version: Option<&Value>) -> Result<(), DropReason> {
@@ -85,7 +92,10 @@ fn check_version(version: Option<&Value>) -> Result<(), DropReason> {
             // The version is echoed in the warning; cap it so a hostile value stays short.
             let mut shown = other.to_string();
             if shown.len() > 32 {
-                let cut = (0..=32).rev().find(|i| shown.is_char_boundary(*i)).unwrap_or(0);
+                let cut = (0..=32)
+                    .rev()
+                    .find(|i| shown.is_char_boundary(*i))
+                    .unwrap_or(0);
                 shown.truncate(cut);
                 shown.push('…');
             }
@@ -114,14 +124,24 @@ mod tests {
             decode_str(&format!(r#"{{"version":"99",{BASE}}}"#)).unwrap_err(),
             DropReason::UnsupportedVersion("\"99\"".into())
         );
-        assert_eq!(decode_str(&format!(r#"{{"version":2,{BASE}}}"#)).unwrap_err(), DropReason::UnsupportedVersion("2".into()));
+        assert_eq!(
+            decode_str(&format!(r#"{{"version":2,{BASE}}}"#)).unwrap_err(),
+            DropReason::UnsupportedVersion("2".into())
+        );
     }
 
     #[test]
     fn required_fields_are_named() {
-        let err = decode_str(r#"{"type":5,"org_id":"","payload":{"secret":"s3cr3t"}}"#).unwrap_err();
-        assert_eq!(err, DropReason::InvalidFields(vec!["type", "org_id", "user_id"]));
-        assert_eq!(err.to_string(), "missing or invalid field(s): type, org_id, user_id");
+        let err =
+            decode_str(r#"{"type":5,"org_id":"","payload":{"secret":"s3cr3t"}}"#).unwrap_err();
+        assert_eq!(
+            err,
+            DropReason::InvalidFields(vec!["type", "org_id", "user_id"])
+        );
+        assert_eq!(
+            err.to_string(),
+            "missing or invalid field(s): type, org_id, user_id"
+        );
         assert!(!err.to_string().contains("s3cr3t"));
     }
 

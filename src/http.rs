@@ -24,7 +24,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 use tracing::Instrument;
 
@@ -71,6 +73,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/socket/websocket", get(socket))
         .route("/socket/longpoll", any(longpoll))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(app.clone(), force_ssl))
         .layer(middleware::from_fn(count_requests))
@@ -91,12 +94,19 @@ pub fn router(app: Arc<App>) -> Router {
 fn cors_layer(config: &Config) -> CorsLayer {
     let origins = match &config.allowed_origins {
         None => AllowOrigin::any(),
-        Some(list) => AllowOrigin::list(list.iter().filter_map(|origin| HeaderValue::from_str(origin).ok())),
+        Some(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        ),
     };
     CorsLayer::new()
         .allow_origin(origins)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::HeaderName::from_static("x-api-key")])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("x-api-key"),
+        ])
         .expose_headers([header::HeaderName::from_static(X_REQUEST_ID)])
         .max_age(Duration::from_secs(3600))
 }
@@ -110,7 +120,10 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
     fn unauthorized() -> Self {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized")
@@ -136,7 +149,9 @@ impl From<Rejection> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(rejection: BytesRejection) -> Self {
         match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+            }
             status if status.is_client_error() => ApiError::new(status, "unreadable request body"),
             _ => ApiError::new(StatusCode::BAD_REQUEST, "unreadable request body"),
         }
@@ -147,6 +162,10 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not found")
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "service": "prostaff-events", "vsn": env!("CARGO_PKG_VERSION") }))
 }
@@ -154,7 +173,10 @@ async fn health() -> Json<Value> {
 const CHECK_TIMEOUT: Duration = Duration::from_millis(2500);
 
 async fn ready(State(app): State<Arc<App>>) -> Response {
-    let (redis, rails) = tokio::join!(app.redis.ping(CHECK_TIMEOUT), app.rails.health(CHECK_TIMEOUT));
+    let (redis, rails) = tokio::join!(
+        app.redis.ping(CHECK_TIMEOUT),
+        app.rails.health(CHECK_TIMEOUT)
+    );
     let draining = app.draining.load(Ordering::Acquire);
     let label = |result: &Result<(), String>| match result {
         Ok(()) => "ok".to_string(),
@@ -162,7 +184,11 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     };
     let checks = json!({ "redis": label(&redis), "rails": label(&rails) });
     if redis.is_ok() && rails.is_ok() && !draining {
-        (StatusCode::OK, Json(json!({ "status": "ok", "checks": checks }))).into_response()
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ok", "checks": checks })),
+        )
+            .into_response()
     } else {
         let mut body = json!({ "status": "unavailable", "checks": checks });
         if draining {
@@ -174,17 +200,33 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 
 async fn metrics_text() -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
         m::prometheus().render(),
     )
         .into_response()
 }
 
 fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("")) {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or(""))
+    {
         None => Ok(()),
-        Some(value) if value.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")) => Ok(()),
-        Some(_) => Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type must be application/json")),
+        Some(value)
+            if value
+                .split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content-type must be application/json",
+        )),
     }
 }
 
@@ -203,7 +245,9 @@ async fn notify(
     let accepted = publish::complete_envelope(&body)?;
     let id = accepted.id.clone();
     let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await;
-    Ok(Json(json!({ "ok": true, "id": id, "delivery": delivery.as_str() })))
+    Ok(Json(
+        json!({ "ok": true, "id": id, "delivery": delivery.as_str() }),
+    ))
 }
 
 /// `POST /api/events` — internal services, authenticated by an internal JWT.
@@ -222,20 +266,28 @@ async fn api_events(
     let accepted = publish::complete_envelope(&body)?;
     let id = accepted.id.clone();
     let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "ok": true, "id": id, "delivery": delivery.as_str() }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "ok": true, "id": id, "delivery": delivery.as_str() })),
+    ))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Phoenix long-poll is not offered; the body is deliberately not JSON (protocol rule 7).
 async fn longpoll() -> Response {
     (
         StatusCode::NOT_FOUND,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
         "long-poll transport is not supported; use the WebSocket transport",
     )
         .into_response()
@@ -274,7 +326,9 @@ async fn socket(
     let Some(vsn) = Vsn::from_param(params.get("vsn").map(String::as_str)) else {
         return refuse("bad_vsn", StatusCode::FORBIDDEN);
     };
-    if let (Some(allowed), Some(origin)) = (&app.config.allowed_origins, headers.get(header::ORIGIN)) {
+    if let (Some(allowed), Some(origin)) =
+        (&app.config.allowed_origins, headers.get(header::ORIGIN))
+    {
         let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
         if !allowed.iter().any(|a| a == origin) {
             return refuse("bad_origin", StatusCode::FORBIDDEN);
@@ -295,7 +349,11 @@ async fn socket(
         .get("token")
         .cloned()
         .or_else(|| bearer_token(&headers).map(str::to_string))
-        .or_else(|| offered.iter().find_map(|entry| auth::token_from_subprotocol(entry)));
+        .or_else(|| {
+            offered
+                .iter()
+                .find_map(|entry| auth::token_from_subprotocol(entry))
+        });
     let authenticated = match token.as_deref().map(|t| app.verifier.verify(t)) {
         Some(Ok(authenticated)) => authenticated,
         Some(Err(error)) => return refuse(error.reason(), StatusCode::FORBIDDEN),
@@ -303,7 +361,12 @@ async fn socket(
     };
     let previous = app.connections.fetch_add(1, Ordering::AcqRel);
     let permit = ConnectionPermit(app.connections.clone());
-    if app.config.limits.max_connections.is_some_and(|max| previous >= max) {
+    if app
+        .config
+        .limits
+        .max_connections
+        .is_some_and(|max| previous >= max)
+    {
         drop(permit);
         return refuse("too_many_connections", StatusCode::SERVICE_UNAVAILABLE);
     }
@@ -312,7 +375,11 @@ async fn socket(
     let deps = app.session_deps.clone();
     let hard_stop = app.hard_stop.clone();
     let sessions = app.sessions.clone();
-    let span = tracing::info_span!("socket", identity = authenticated.identity.kind(), org = authenticated.identity.org_id().unwrap_or("-"));
+    let span = tracing::info_span!(
+        "socket",
+        identity = authenticated.identity.kind(),
+        org = authenticated.identity.org_id().unwrap_or("-")
+    );
     upgrade
         .protocols(["phoenix"])
         .read_buffer_size(4 * 1024)
@@ -340,7 +407,11 @@ async fn force_ssl(State(app): State<Arc<App>>, request: Request, next: Next) ->
         .and_then(|v| v.to_str().ok())
         .is_some_and(|proto| proto.eq_ignore_ascii_case("http"));
     if forwarded_http {
-        let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let location = format!("https://{}{}", app.config.phx_host, path);
         let status = if matches!(*request.method(), Method::GET | Method::HEAD) {
             StatusCode::MOVED_PERMANENTLY

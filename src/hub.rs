@@ -69,7 +69,11 @@ pub struct Drained {
 
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
-        Outbox { state: Mutex::new(OutboxState::default()), notify: Notify::new(), capacity: capacity.max(1) }
+        Outbox {
+            state: Mutex::new(OutboxState::default()),
+            notify: Notify::new(),
+            capacity: capacity.max(1),
+        }
     }
 
     pub fn push(&self, frame: &Arc<BroadcastFrame>) -> PushOutcome {
@@ -81,7 +85,11 @@ impl Outbox {
             let mut outcome = PushOutcome::Queued;
             if state.frames.len() >= self.capacity {
                 if let Some(oldest) = state.frames.pop_front() {
-                    match state.dropped.iter_mut().find(|(topic, _)| *topic == oldest.topic) {
+                    match state
+                        .dropped
+                        .iter_mut()
+                        .find(|(topic, _)| *topic == oldest.topic)
+                    {
                         Some((_, count)) => *count += 1,
                         None => state.dropped.push((oldest.topic.clone(), 1)),
                     }
@@ -109,7 +117,11 @@ impl Outbox {
     }
 
     pub fn close(&self, reason: CloseReason) {
-        self.state.lock().expect("outbox lock").closing.get_or_insert(reason);
+        self.state
+            .lock()
+            .expect("outbox lock")
+            .closing
+            .get_or_insert(reason);
         self.notify.notify_one();
     }
 
@@ -169,14 +181,18 @@ impl Hub {
             subscribers.insert(id, outbox.clone());
             return;
         }
-        self.topics.entry(Arc::from(topic)).or_default().insert(id, outbox.clone());
+        self.topics
+            .entry(Arc::from(topic))
+            .or_default()
+            .insert(id, outbox.clone());
     }
 
     pub fn unsubscribe(&self, topic: &str, id: SocketId) {
         if let Some(mut subscribers) = self.topics.get_mut(topic) {
             subscribers.remove(&id);
         }
-        self.topics.remove_if(topic, |_, subscribers| subscribers.is_empty());
+        self.topics
+            .remove_if(topic, |_, subscribers| subscribers.is_empty());
     }
 
     pub fn subscriber_count(&self, topic: &str) -> usize {
@@ -191,7 +207,9 @@ impl Hub {
     /// only when someone is subscribed. Returns how many sockets it was queued for.
     pub fn publish(&self, topic: &str, event: &str, payload: Bytes) -> usize {
         let published_at = Instant::now();
-        let Some(subscribers) = self.topics.get(topic) else { return 0 };
+        let Some(subscribers) = self.topics.get(topic) else {
+            return 0;
+        };
         let frame = BroadcastFrame::new(subscribers.key().clone(), event, payload, published_at);
         let mut queued = 0;
         let mut dropped = 0;
@@ -207,7 +225,9 @@ impl Hub {
         }
         drop(subscribers);
         if dropped > 0 {
-            self.metrics.broadcasts_dropped_slow_consumer.increment(dropped);
+            self.metrics
+                .broadcasts_dropped_slow_consumer
+                .increment(dropped);
         }
         queued
     }
@@ -215,7 +235,11 @@ impl Hub {
     /// Asks every socket to close, `batch` sockets at a time with `pause` between batches, so
     /// that reconnecting clients do not all arrive in the same instant.
     pub async fn close_all(&self, reason: CloseReason, batch: usize, pause: std::time::Duration) {
-        let outboxes: Vec<Arc<Outbox>> = self.sockets.iter().map(|entry| entry.value().clone()).collect();
+        let outboxes: Vec<Arc<Outbox>> = self
+            .sockets
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect();
         for (index, chunk) in outboxes.chunks(batch.max(1)).enumerate() {
             if index > 0 {
                 tokio::time::sleep(pause).await;
@@ -271,8 +295,18 @@ mod tests {
         let mut drained = Drained::default();
         outbox.drain(10, &mut drained);
         assert_eq!(drained.dropped, vec![(Arc::from("t"), 3)]);
-        let texts: Vec<_> = drained.frames.iter().map(|f| f.text(crate::phoenix::codec::Vsn::V2).to_string()).collect();
-        assert_eq!(texts, [r#"[null,null,"t","e",{"i":3}]"#, r#"[null,null,"t","e",{"i":4}]"#]);
+        let texts: Vec<_> = drained
+            .frames
+            .iter()
+            .map(|f| f.text(crate::phoenix::codec::Vsn::V2).to_string())
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                r#"[null,null,"t","e",{"i":3}]"#,
+                r#"[null,null,"t","e",{"i":4}]"#
+            ]
+        );
     }
 
     #[test]

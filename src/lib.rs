@@ -26,8 +26,8 @@ pub mod config;
 pub mod envelope;
 pub mod http;
 pub mod hub;
-pub mod inhouse;
 pub mod ingest;
+pub mod inhouse;
 pub mod metrics;
 pub mod phoenix;
 pub mod rails;
@@ -45,26 +45,44 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::hub::{CloseReason, Hub};
-use crate::inhouse::reconciler::Reconciler;
-use crate::inhouse::Inhouse;
 use crate::ingest::redis::RedisLink;
 use crate::ingest::Pipeline;
+use crate::inhouse::reconciler::Reconciler;
+use crate::inhouse::Inhouse;
 use crate::phoenix::session::SessionDeps;
 
 /// Serves the hub on `listener` until `shutdown` resolves, then drains: readiness fails at once,
 /// sockets are closed with 1012 in batches, and the function returns within
 /// `config.shutdown_grace`.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     let metrics = metrics::Metrics::global();
-    let hub = Arc::new(Hub::new(config.limits.outbound_buffer_frames, metrics.clone()));
-    let inhouse = Arc::new(Inhouse::new(hub.clone(), config.rate_limit_max, config.rate_limit_window));
-    let pipeline = Arc::new(Pipeline { hub: hub.clone(), inhouse: inhouse.clone() });
+    let hub = Arc::new(Hub::new(
+        config.limits.outbound_buffer_frames,
+        metrics.clone(),
+    ));
+    let inhouse = Arc::new(Inhouse::new(
+        hub.clone(),
+        config.rate_limit_max,
+        config.rate_limit_window,
+    ));
+    let pipeline = Arc::new(Pipeline {
+        hub: hub.clone(),
+        inhouse: inhouse.clone(),
+    });
     let redis = RedisLink::new(&config.redis_url);
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
 
     let background = CancellationToken::new();
     let background_tasks = TaskTracker::new();
-    background_tasks.spawn(redis.clone().run(pipeline.clone(), background.child_token()));
+    background_tasks.spawn(
+        redis
+            .clone()
+            .run(pipeline.clone(), background.child_token()),
+    );
     background_tasks.spawn(
         Reconciler {
             inhouse: inhouse.clone(),
@@ -79,8 +97,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 
     let grace = config.shutdown_grace;
     let app = Arc::new(http::App {
-        session_deps: Arc::new(SessionDeps { hub: hub.clone(), inhouse, limits: config.limits.clone(), metrics }),
-        verifier: auth::TokenVerifier::new(&config.internal_jwt_secret, config.jwt_secret_key.as_deref(), config.require_token_exp),
+        session_deps: Arc::new(SessionDeps {
+            hub: hub.clone(),
+            inhouse,
+            limits: config.limits.clone(),
+            metrics,
+        }),
+        verifier: auth::TokenVerifier::new(
+            &config.internal_jwt_secret,
+            config.jwt_secret_key.as_deref(),
+            config.require_token_exp,
+        ),
         config,
         hub: hub.clone(),
         pipeline,
@@ -115,9 +142,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let pause = (grace / 4 / BATCHES as u32).min(Duration::from_millis(100));
     hub.close_all(CloseReason::Restart, batch, pause).await;
     app.sessions.close();
-    let remaining = grace.saturating_sub(started.elapsed()).saturating_sub(Duration::from_millis(500));
-    if tokio::time::timeout(remaining, app.sessions.wait()).await.is_err() {
-        tracing::warn!(left = app.sessions.len(), "grace period over; stopping remaining sockets");
+    let remaining = grace
+        .saturating_sub(started.elapsed())
+        .saturating_sub(Duration::from_millis(500));
+    if tokio::time::timeout(remaining, app.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = app.sessions.len(),
+            "grace period over; stopping remaining sockets"
+        );
         app.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_millis(300), app.sessions.wait()).await;
     }

@@ -10,7 +10,11 @@ use prostaff_events::config::{Config, LogFormat, SETTINGS};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "prostaff-events", version, about = "Real-time event hub: Redis events → Phoenix Channels WebSocket clients")]
+#[command(
+    name = "prostaff-events",
+    version,
+    about = "Real-time event hub: Redis events → Phoenix Channels WebSocket clients"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -46,7 +50,10 @@ enum Command {
 fn settings_help() -> String {
     let mut text = String::from("Environment variables (a .env file is loaded when present):\n");
     for setting in SETTINGS {
-        text.push_str(&format!("  {:<28} {}\n  {:<28} default: {}\n", setting.name, setting.meaning, "", setting.default));
+        text.push_str(&format!(
+            "  {:<28} {}\n  {:<28} default: {}\n",
+            setting.name, setting.meaning, "", setting.default
+        ));
     }
     text
 }
@@ -55,7 +62,10 @@ fn parse_ttl(text: &str) -> Result<Option<u64>, String> {
     if text == "never" {
         return Ok(None);
     }
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
     let number: u64 = number.parse().map_err(|_| format!("bad --ttl {text:?}"))?;
     let seconds = match unit {
         "" | "s" => 1,
@@ -69,7 +79,10 @@ fn parse_ttl(text: &str) -> Result<Option<u64>, String> {
 
 fn main() -> ExitCode {
     let _ = dotenvy::dotenv();
-    let matches = Cli::command().after_long_help(settings_help()).after_help(settings_help()).get_matches();
+    let matches = Cli::command()
+        .after_long_help(settings_help())
+        .after_help(settings_help())
+        .get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(error) => error.exit(),
@@ -83,7 +96,13 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config),
-        Command::Token { user_id, org_id, player_id, internal, ttl } => {
+        Command::Token {
+            user_id,
+            org_id,
+            player_id,
+            internal,
+            ttl,
+        } => {
             let ttl = match parse_ttl(&ttl) {
                 Ok(ttl) => ttl,
                 Err(message) => {
@@ -93,7 +112,9 @@ fn main() -> ExitCode {
             };
             let mut claims = match (internal, user_id, player_id, org_id) {
                 (true, ..) => serde_json::json!({"type": "internal", "iss": "prostaff-api"}),
-                (false, Some(user_id), None, Some(org_id)) => serde_json::json!({"user_id": user_id, "org_id": org_id}),
+                (false, Some(user_id), None, Some(org_id)) => {
+                    serde_json::json!({"user_id": user_id, "org_id": org_id})
+                }
                 (false, None, Some(player_id), Some(org_id)) => {
                     serde_json::json!({"entity_type": "player", "player_id": player_id, "organization_id": org_id})
                 }
@@ -107,20 +128,31 @@ fn main() -> ExitCode {
             if let Some(ttl) = ttl {
                 claims["exp"] = (now + ttl).into();
             }
-            println!("{}", prostaff_events::auth::mint(&config.internal_jwt_secret, &claims));
+            println!(
+                "{}",
+                prostaff_events::auth::mint(&config.internal_jwt_secret, &claims)
+            );
             ExitCode::SUCCESS
         }
-        Command::Healthcheck { url } => healthcheck(url.unwrap_or_else(|| format!("http://127.0.0.1:{}/health", config.port))),
+        Command::Healthcheck { url } => {
+            healthcheck(url.unwrap_or_else(|| format!("http://127.0.0.1:{}/health", config.port)))
+        }
     }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts")
 }
 
 fn healthcheck(url: String) -> ExitCode {
     let ok = runtime().block_on(async {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().ok()?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .ok()?;
         let response = client.get(&url).send().await.ok()?;
         response.status().is_success().then_some(())
     });
@@ -133,10 +165,15 @@ fn healthcheck(url: String) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -175,7 +212,9 @@ fn serve(config: Config) -> ExitCode {
 /// Hides the password of a Redis URL for logging.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}://***@{}", &url[..scheme_end], &url[at + 1..]),
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
         _ => url.to_string(),
     }
 }
@@ -184,7 +223,9 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler installs");
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

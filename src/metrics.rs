@@ -38,7 +38,9 @@ pub fn prometheus() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full(PUBLISH_TO_SEND.to_string()),
-                    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    ],
                 )
                 .expect("non-empty buckets")
                 .build_recorder();
@@ -55,22 +57,44 @@ pub fn prometheus() -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
-    describe_counter!(SOCKET_CONNECTS, "socket upgrade attempts by outcome (accepted or the refusal reason)");
+    describe_counter!(
+        SOCKET_CONNECTS,
+        "socket upgrade attempts by outcome (accepted or the refusal reason)"
+    );
     describe_counter!(SOCKET_CLOSES, "sockets closed, by reason");
-    describe_gauge!(CHANNELS_JOINED, "channels currently joined, by topic family");
+    describe_gauge!(
+        CHANNELS_JOINED,
+        "channels currently joined, by topic family"
+    );
     describe_counter!(CHANNEL_JOINS, "join attempts by topic family and outcome");
     describe_counter!(FRAMES_SENT, "frames written to sockets");
     describe_counter!(FRAMES_RECEIVED, "frames read from sockets");
-    describe_counter!(BROADCASTS_DROPPED, "broadcast frames dropped before reaching a socket, by reason");
+    describe_counter!(
+        BROADCASTS_DROPPED,
+        "broadcast frames dropped before reaching a socket, by reason"
+    );
     describe_counter!(INBOUND_REJECTED, "client frames refused, by reason");
-    describe_counter!(EVENTS_RECEIVED, "events received by source and outcome (routed or the drop reason)");
+    describe_counter!(
+        EVENTS_RECEIVED,
+        "events received by source and outcome (routed or the drop reason)"
+    );
     describe_gauge!(REDIS_CONNECTED, "1 while the Redis subscriber is connected");
     describe_counter!(REDIS_RECONNECTS, "Redis subscriber reconnections");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status");
-    describe_histogram!(PUBLISH_TO_SEND, metrics::Unit::Seconds, "time from publish into the hub to the socket write (sampled: 1 in 16 sockets)");
-    describe_counter!(INHOUSE_ACTIONS, "in-house queue actions by action and outcome");
+    describe_histogram!(
+        PUBLISH_TO_SEND,
+        metrics::Unit::Seconds,
+        "time from publish into the hub to the socket write (sampled: 1 in 16 sockets)"
+    );
+    describe_counter!(
+        INHOUSE_ACTIONS,
+        "in-house queue actions by action and outcome"
+    );
     describe_gauge!(INHOUSE_QUEUES_ACTIVE, "in-house queue actors running");
-    describe_counter!(INHOUSE_EXPIRIES, "check-in deadlines fired, by outcome (kept or closed)");
+    describe_counter!(
+        INHOUSE_EXPIRIES,
+        "check-in deadlines fired, by outcome (kept or closed)"
+    );
     describe_counter!(RECONCILES, "reconcile runs by outcome");
 }
 

@@ -34,7 +34,11 @@ impl RailsClient {
             .connect_timeout(Duration::from_secs(2))
             .build()
             .expect("reqwest client builds without TLS configuration");
-        RailsClient { http, base_url: base_url.trim_end_matches('/').to_string(), internal_secret: internal_secret.to_string() }
+        RailsClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            internal_secret: internal_secret.to_string(),
+        }
     }
 
     /// `GET /internal/api/inhouse_queues/active` with a fresh internal token.
@@ -50,7 +54,10 @@ impl RailsClient {
         if !response.status().is_success() {
             return Err(RailsError::Status(response.status().as_u16()));
         }
-        let body: Value = response.json().await.map_err(|_| RailsError::Body("not JSON"))?;
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|_| RailsError::Body("not JSON"))?;
         parse_active_queues(&body)
     }
 
@@ -62,7 +69,13 @@ impl RailsClient {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| if e.is_timeout() { "timeout".to_string() } else { without_url(e) })?;
+            .map_err(|e| {
+                if e.is_timeout() {
+                    "timeout".to_string()
+                } else {
+                    without_url(e)
+                }
+            })?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -83,15 +96,27 @@ fn without_url(error: reqwest::Error) -> String {
 
 /// Parses `{"queues":[…]}`; a queue with an unknown status or missing ids is skipped.
 pub fn parse_active_queues(body: &Value) -> Result<Vec<QueueSpec>, RailsError> {
-    let queues = body.get("queues").and_then(Value::as_array).ok_or(RailsError::Body("missing queues array"))?;
+    let queues = body
+        .get("queues")
+        .and_then(Value::as_array)
+        .ok_or(RailsError::Body("missing queues array"))?;
     let mut specs = Vec::with_capacity(queues.len());
     for queue in queues {
-        let (Some(queue_id), Some(org_id)) = (id_field(queue, "id"), id_field(queue, "organization_id")) else {
+        let (Some(queue_id), Some(org_id)) =
+            (id_field(queue, "id"), id_field(queue, "organization_id"))
+        else {
             tracing::warn!("reconcile: skipping a queue without id or organization_id");
             continue;
         };
-        let Some(status) = queue.get("status").and_then(Value::as_str).and_then(QueueStatus::parse) else {
-            tracing::warn!(queue_id, "reconcile: skipping a queue with an unknown status");
+        let Some(status) = queue
+            .get("status")
+            .and_then(Value::as_str)
+            .and_then(QueueStatus::parse)
+        else {
+            tracing::warn!(
+                queue_id,
+                "reconcile: skipping a queue with an unknown status"
+            );
             continue;
         };
         let entries = queue
@@ -103,8 +128,15 @@ pub fn parse_active_queues(body: &Value) -> Result<Vec<QueueSpec>, RailsError> {
                     .filter_map(|entry| {
                         Some(EntrySummary {
                             player_id: id_field(entry, "player_id")?,
-                            role: entry.get("role").and_then(Value::as_str).unwrap_or("").to_string(),
-                            checked_in: entry.get("checked_in").and_then(Value::as_bool).unwrap_or(false),
+                            role: entry
+                                .get("role")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                            checked_in: entry
+                                .get("checked_in")
+                                .and_then(Value::as_bool)
+                                .unwrap_or(false),
                         })
                     })
                     .collect()
@@ -114,7 +146,10 @@ pub fn parse_active_queues(body: &Value) -> Result<Vec<QueueSpec>, RailsError> {
             queue_id,
             org_id,
             status,
-            check_in_deadline: queue.get("check_in_deadline").and_then(Value::as_str).and_then(parse_deadline),
+            check_in_deadline: queue
+                .get("check_in_deadline")
+                .and_then(Value::as_str)
+                .and_then(parse_deadline),
             entries,
         });
     }

@@ -52,19 +52,33 @@ mod tests {
     use crate::envelope::decode;
 
     fn route_of(event_type: &str, payload: &str) -> Route {
-        let text = format!(r#"{{"type":"{event_type}","org_id":"o1","user_id":"u1","payload":{payload}}}"#);
+        let text = format!(
+            r#"{{"type":"{event_type}","org_id":"o1","user_id":"u1","payload":{payload}}}"#
+        );
         route(&decode(bytes::Bytes::from(text)).unwrap())
     }
 
     #[test]
     fn matrix() {
-        assert_eq!(route_of("notification.created", "{}").topics, ["org_events:o1", "notifications:u1"]);
-        assert_eq!(route_of("tournament_match.confirmed", r#"{"tournament_id":"t9"}"#).topics, ["org_events:o1", "tournament:t9"]);
-        assert_eq!(route_of("tournament_match.walkover", r#"{"tournament_id":12}"#).topics, ["org_events:o1", "tournament:12"]);
+        assert_eq!(
+            route_of("notification.created", "{}").topics,
+            ["org_events:o1", "notifications:u1"]
+        );
+        assert_eq!(
+            route_of("tournament_match.confirmed", r#"{"tournament_id":"t9"}"#).topics,
+            ["org_events:o1", "tournament:t9"]
+        );
+        assert_eq!(
+            route_of("tournament_match.walkover", r#"{"tournament_id":12}"#).topics,
+            ["org_events:o1", "tournament:12"]
+        );
         let no_tournament = route_of("tournament_match.confirmed", "{}");
         assert_eq!(no_tournament.topics, ["org_events:o1"]);
         assert!(!no_tournament.unrouted);
-        assert_eq!(route_of("inhouse.session_started", "{}").topics, ["org_events:o1", "inhouse:o1"]);
+        assert_eq!(
+            route_of("inhouse.session_started", "{}").topics,
+            ["org_events:o1", "inhouse:o1"]
+        );
         let other = route_of("team_goal.completed", "{}");
         assert_eq!(other.topics, ["org_events:o1"]);
         assert!(other.unrouted);

@@ -56,7 +56,11 @@ impl Pipeline {
     pub async fn deliver(&self, envelope: &Envelope, source: Source) {
         let route = router::route(envelope);
         if route.unrouted {
-            tracing::warn!("Unrouted event type={} org={}", envelope.event_type, envelope.org_id);
+            tracing::warn!(
+                "Unrouted event type={} org={}",
+                envelope.event_type,
+                envelope.org_id
+            );
         }
         let mut sockets = 0;
         for topic in &route.topics {

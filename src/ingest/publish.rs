@@ -52,13 +52,17 @@ impl Delivery {
 }
 
 fn non_empty_string(object: &Map<String, Value>, name: &str) -> Option<bool> {
-    object.get(name).map(|value| matches!(value, Value::String(s) if !s.trim().is_empty()))
+    object
+        .get(name)
+        .map(|value| matches!(value, Value::String(s) if !s.trim().is_empty()))
 }
 
 /// Validates a body and fills in `id` (uuid), `published_at` and `user_id` ("system").
 pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
     let value: Value = serde_json::from_slice(body).map_err(|_| Rejection::MalformedJson)?;
-    let Value::Object(mut object) = value else { return Err(Rejection::NotAnObject) };
+    let Value::Object(mut object) = value else {
+        return Err(Rejection::NotAnObject);
+    };
 
     let mut missing = Vec::new();
     for name in ["type", "org_id"] {
@@ -75,7 +79,9 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
         Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
         Some(_) => return Err(Rejection::UnsupportedVersion),
     }
-    if non_empty_string(&object, "user_id") == Some(false) && object.get("user_id") != Some(&Value::Null) {
+    if non_empty_string(&object, "user_id") == Some(false)
+        && object.get("user_id") != Some(&Value::Null)
+    {
         return Err(Rejection::InvalidFields(vec!["user_id"]));
     }
     if !matches!(object.get("user_id"), Some(Value::String(_))) {
@@ -91,12 +97,18 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
         }
     };
     if !matches!(object.get("published_at"), Some(Value::String(_))) {
-        let now = OffsetDateTime::now_utc().format(&Rfc3339).expect("UTC time formats as RFC 3339");
+        let now = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .expect("UTC time formats as RFC 3339");
         object.insert("published_at".into(), Value::String(now));
     }
     let org_id = object["org_id"].as_str().expect("validated").to_string();
     let raw = serde_json::to_vec(&Value::Object(object)).expect("JSON value serializes");
-    Ok(Accepted { id, org_id, raw: raw.into() })
+    Ok(Accepted {
+        id,
+        org_id,
+        raw: raw.into(),
+    })
 }
 
 /// Publishes to Redis, falling back to local delivery when Redis is down.
@@ -105,7 +117,9 @@ pub async fn publish(link: &RedisLink, pipeline: &Pipeline, accepted: Accepted) 
         Ok(()) => Delivery::Redis,
         Err(error) => {
             tracing::warn!(%error, org = %accepted.org_id, "publishing locally only");
-            pipeline.ingest(accepted.raw, Source::HttpLocal, "http").await;
+            pipeline
+                .ingest(accepted.raw, Source::HttpLocal, "http")
+                .await;
             Delivery::Local
         }
     }
@@ -117,7 +131,9 @@ mod tests {
 
     #[test]
     fn completes_missing_fields() {
-        let accepted = complete_envelope(br#"{"type":"scraper.done","org_id":"o1","payload":{"n":1}}"#).unwrap();
+        let accepted =
+            complete_envelope(br#"{"type":"scraper.done","org_id":"o1","payload":{"n":1}}"#)
+                .unwrap();
         let value: Value = serde_json::from_slice(&accepted.raw).unwrap();
         assert_eq!(value["user_id"], "system");
         assert_eq!(value["id"], accepted.id.as_str());
@@ -128,21 +144,48 @@ mod tests {
 
     #[test]
     fn keeps_given_fields() {
-        let accepted = complete_envelope(br#"{"type":"t","org_id":"o","user_id":"u","id":"x","published_at":"p"}"#).unwrap();
+        let accepted = complete_envelope(
+            br#"{"type":"t","org_id":"o","user_id":"u","id":"x","published_at":"p"}"#,
+        )
+        .unwrap();
         let value: Value = serde_json::from_slice(&accepted.raw).unwrap();
-        assert_eq!((value["user_id"].as_str(), value["id"].as_str(), value["published_at"].as_str()), (Some("u"), Some("x"), Some("p")));
+        assert_eq!(
+            (
+                value["user_id"].as_str(),
+                value["id"].as_str(),
+                value["published_at"].as_str()
+            ),
+            (Some("u"), Some("x"), Some("p"))
+        );
     }
 
     #[test]
     fn rejections_name_fields() {
-        assert_eq!(complete_envelope(b"{").unwrap_err(), Rejection::MalformedJson);
-        assert_eq!(complete_envelope(b"[]").unwrap_err(), Rejection::NotAnObject);
         assert_eq!(
-            complete_envelope(br#"{"payload":{}}"#).unwrap_err().to_string(),
+            complete_envelope(b"{").unwrap_err(),
+            Rejection::MalformedJson
+        );
+        assert_eq!(
+            complete_envelope(b"[]").unwrap_err(),
+            Rejection::NotAnObject
+        );
+        assert_eq!(
+            complete_envelope(br#"{"payload":{}}"#)
+                .unwrap_err()
+                .to_string(),
             "missing required fields: type, org_id"
         );
-        assert_eq!(complete_envelope(br#"{"type":1,"org_id":"o"}"#).unwrap_err(), Rejection::MissingFields(vec!["type"]));
-        assert_eq!(complete_envelope(br#"{"type":"t","org_id":"o","user_id":5}"#).unwrap_err(), Rejection::InvalidFields(vec!["user_id"]));
-        assert_eq!(complete_envelope(br#"{"type":"t","org_id":"o","version":"2"}"#).unwrap_err(), Rejection::UnsupportedVersion);
+        assert_eq!(
+            complete_envelope(br#"{"type":1,"org_id":"o"}"#).unwrap_err(),
+            Rejection::MissingFields(vec!["type"])
+        );
+        assert_eq!(
+            complete_envelope(br#"{"type":"t","org_id":"o","user_id":5}"#).unwrap_err(),
+            Rejection::InvalidFields(vec!["user_id"])
+        );
+        assert_eq!(
+            complete_envelope(br#"{"type":"t","org_id":"o","version":"2"}"#).unwrap_err(),
+            Rejection::UnsupportedVersion
+        );
     }
 }

@@ -63,7 +63,10 @@ impl RedisLink {
 
     /// PINGs Redis through the command connection.
     pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
-        let client = self.publisher().filter(|_| self.is_connected()).ok_or("disconnected")?;
+        let client = self
+            .publisher()
+            .filter(|_| self.is_connected())
+            .ok_or("disconnected")?;
         match tokio::time::timeout(timeout, client.ping::<String>(None)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(format!("ping failed: {}", error.kind().to_str())),
@@ -73,9 +76,17 @@ impl RedisLink {
 
     /// PUBLISHes an envelope on `prostaff:events:{org_id}`.
     pub async fn publish(&self, org_id: &str, envelope: Bytes) -> Result<(), PublishError> {
-        let client = self.publisher().filter(|_| self.is_connected()).ok_or(PublishError::Disconnected)?;
+        let client = self
+            .publisher()
+            .filter(|_| self.is_connected())
+            .ok_or(PublishError::Disconnected)?;
         let channel = format!("{CHANNEL_PREFIX}{org_id}");
-        match tokio::time::timeout(COMMAND_TIMEOUT, client.publish::<i64, _, _>(channel, envelope)).await {
+        match tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            client.publish::<i64, _, _>(channel, envelope),
+        )
+        .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(PublishError::Failed(error.kind().to_str().to_string())),
             Err(_) => Err(PublishError::Failed("timeout".into())),
@@ -116,12 +127,25 @@ impl RedisLink {
         let mut ever_connected = false;
         self.set_connected(None);
         while !shutdown.is_cancelled() {
-            match self.session(&config, &pipeline, &shutdown, &mut ever_connected, &mut backoff).await {
+            match self
+                .session(
+                    &config,
+                    &pipeline,
+                    &shutdown,
+                    &mut ever_connected,
+                    &mut backoff,
+                )
+                .await
+            {
                 Ok(()) => return,
                 Err(reason) => {
                     self.set_connected(None);
                     let jittered = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-                    tracing::warn!(reason, retry_in_ms = jittered.as_millis() as u64, "redis unavailable");
+                    tracing::warn!(
+                        reason,
+                        retry_in_ms = jittered.as_millis() as u64,
+                        "redis unavailable"
+                    );
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(jittered) => {}
@@ -150,15 +174,16 @@ impl RedisLink {
             subscriber.psubscribe(CHANNEL_PATTERN).await?;
             Ok::<_, fred::error::Error>((sub_task, cmd_task))
         };
-        let (mut sub_task, mut cmd_task) = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
-            Ok(Ok(tasks)) => tasks,
-            Ok(Err(error)) => {
-                let _ = subscriber.quit().await;
-                let _ = commands.quit().await;
-                return Err(format!("connect failed: {}", error.kind().to_str()));
-            }
-            Err(_) => return Err("connect timed out".into()),
-        };
+        let (mut sub_task, mut cmd_task) =
+            match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
+                Ok(Ok(tasks)) => tasks,
+                Ok(Err(error)) => {
+                    let _ = subscriber.quit().await;
+                    let _ = commands.quit().await;
+                    return Err(format!("connect failed: {}", error.kind().to_str()));
+                }
+                Err(_) => return Err("connect timed out".into()),
+            };
         self.set_connected(Some(commands.clone()));
         *backoff = BACKOFF_MIN;
         if *ever_connected {

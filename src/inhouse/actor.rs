@@ -72,14 +72,32 @@ pub struct QueueSpec {
 }
 
 pub(crate) enum Command {
-    Join { player_id: String, role: String, reply: oneshot::Sender<Result<QueueSummary, QueueError>> },
-    Leave { player_id: String, reply: oneshot::Sender<Result<QueueSummary, QueueError>> },
-    Checkin { player_id: String, reply: oneshot::Sender<Result<QueueSummary, QueueError>> },
-    Snapshot { reply: oneshot::Sender<QueueSummary> },
+    Join {
+        player_id: String,
+        role: String,
+        reply: oneshot::Sender<Result<QueueSummary, QueueError>>,
+    },
+    Leave {
+        player_id: String,
+        reply: oneshot::Sender<Result<QueueSummary, QueueError>>,
+    },
+    Checkin {
+        player_id: String,
+        reply: oneshot::Sender<Result<QueueSummary, QueueError>>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<QueueSummary>,
+    },
     /// Take Rails' status and deadline; add missing entries, never drop socket-made ones.
-    Sync { spec: QueueSpec },
-    StartCheckIn { deadline: OffsetDateTime },
-    Close { reason: &'static str },
+    Sync {
+        spec: QueueSpec,
+    },
+    StartCheckIn {
+        deadline: OffsetDateTime,
+    },
+    Close {
+        reason: &'static str,
+    },
 }
 
 /// A cloneable handle to a running queue actor.
@@ -99,15 +117,25 @@ impl QueueHandle {
     }
 
     pub async fn join(&self, player_id: String, role: String) -> Result<QueueSummary, QueueError> {
-        self.request(|reply| Command::Join { player_id, role, reply }).await.unwrap_or(Err(QueueError::NoActiveQueue))
+        self.request(|reply| Command::Join {
+            player_id,
+            role,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(QueueError::NoActiveQueue))
     }
 
     pub async fn leave(&self, player_id: String) -> Result<QueueSummary, QueueError> {
-        self.request(|reply| Command::Leave { player_id, reply }).await.unwrap_or(Err(QueueError::NoActiveQueue))
+        self.request(|reply| Command::Leave { player_id, reply })
+            .await
+            .unwrap_or(Err(QueueError::NoActiveQueue))
     }
 
     pub async fn checkin(&self, player_id: String) -> Result<QueueSummary, QueueError> {
-        self.request(|reply| Command::Checkin { player_id, reply }).await.unwrap_or(Err(QueueError::NoActiveQueue))
+        self.request(|reply| Command::Checkin { player_id, reply })
+            .await
+            .unwrap_or(Err(QueueError::NoActiveQueue))
     }
 
     pub async fn snapshot(&self) -> Option<QueueSummary> {
@@ -139,7 +167,11 @@ struct QueueActor {
 /// Starts an actor for `spec` and returns its handle. The caller registers it.
 pub fn spawn(spec: QueueSpec, hub: Arc<Hub>, registry: Registry) -> QueueHandle {
     let (tx, rx) = mpsc::channel(64);
-    let handle = QueueHandle { queue_id: spec.queue_id.clone().into(), started_at: Instant::now(), tx };
+    let handle = QueueHandle {
+        queue_id: spec.queue_id.clone().into(),
+        started_at: Instant::now(),
+        tx,
+    };
     let mut actor = QueueActor {
         topic: format!("inhouse:{}", spec.org_id),
         queue_id: spec.queue_id,
@@ -188,7 +220,8 @@ impl QueueActor {
             }
         }
         self.status = QueueStatus::Closed;
-        self.registry.remove_if_current(&self.org_id, &self.queue_id);
+        self.registry
+            .remove_if_current(&self.org_id, &self.queue_id);
         metrics::gauge!(crate::metrics::INHOUSE_QUEUES_ACTIVE).decrement(1.0);
         tracing::info!(queue_id = %self.queue_id, org = %self.org_id, "queue actor stopped");
     }
@@ -196,11 +229,21 @@ impl QueueActor {
     /// Returns true when the actor must stop.
     fn handle(&mut self, command: Command) -> bool {
         match command {
-            Command::Join { player_id, role, reply } => {
+            Command::Join {
+                player_id,
+                role,
+                reply,
+            } => {
                 let result = if self.status != QueueStatus::Open {
                     Err(QueueError::QueueNotOpen)
                 } else {
-                    self.entries.insert(player_id.clone(), Entry { role, checked_in: false });
+                    self.entries.insert(
+                        player_id.clone(),
+                        Entry {
+                            role,
+                            checked_in: false,
+                        },
+                    );
                     self.broadcast("player_joined", json!({ "player_id": player_id }));
                     Ok(self.summary())
                 };
@@ -252,13 +295,21 @@ impl QueueActor {
         false
     }
 
-    fn apply_spec(&mut self, status: QueueStatus, deadline: Option<OffsetDateTime>, entries: Vec<EntrySummary>) {
+    fn apply_spec(
+        &mut self,
+        status: QueueStatus,
+        deadline: Option<OffsetDateTime>,
+        entries: Vec<EntrySummary>,
+    ) {
         self.status = status;
         if deadline != self.deadline {
             self.set_deadline(deadline);
         }
         for entry in entries {
-            let local = self.entries.entry(entry.player_id).or_insert(Entry { role: entry.role.clone(), checked_in: false });
+            let local = self.entries.entry(entry.player_id).or_insert(Entry {
+                role: entry.role.clone(),
+                checked_in: false,
+            });
             local.checked_in |= entry.checked_in;
         }
     }

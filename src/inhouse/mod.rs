@@ -13,8 +13,8 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-pub use actor::{EntrySummary, QueueHandle, QueueSpec, QueueStatus, QueueSummary};
 use actor::Command;
+pub use actor::{EntrySummary, QueueHandle, QueueSpec, QueueStatus, QueueSummary};
 use rate_limit::SlidingWindow;
 
 use crate::envelope::Envelope;
@@ -59,13 +59,17 @@ pub struct Registry(Arc<DashMap<String, QueueHandle>>);
 
 impl Registry {
     pub fn get(&self, org_id: &str) -> Option<QueueHandle> {
-        self.0.get(org_id).map(|h| h.clone()).filter(QueueHandle::is_running)
+        self.0
+            .get(org_id)
+            .map(|h| h.clone())
+            .filter(QueueHandle::is_running)
     }
 
     /// Removes the entry only if it still belongs to `queue_id` (a newer queue may have
     /// replaced it).
     pub fn remove_if_current(&self, org_id: &str, queue_id: &str) {
-        self.0.remove_if(org_id, |_, handle| &*handle.queue_id == queue_id);
+        self.0
+            .remove_if(org_id, |_, handle| &*handle.queue_id == queue_id);
     }
 
     pub fn len(&self) -> usize {
@@ -77,7 +81,10 @@ impl Registry {
     }
 
     pub fn all(&self) -> Vec<(String, QueueHandle)> {
-        self.0.iter().map(|e| (e.key().clone(), e.value().clone())).collect()
+        self.0
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
     }
 }
 
@@ -90,7 +97,11 @@ pub struct Inhouse {
 
 impl Inhouse {
     pub fn new(hub: Arc<Hub>, rate_limit_max: u32, rate_limit_window: std::time::Duration) -> Self {
-        Inhouse { registry: Registry::default(), limiter: SlidingWindow::new(rate_limit_max, rate_limit_window), hub }
+        Inhouse {
+            registry: Registry::default(),
+            limiter: SlidingWindow::new(rate_limit_max, rate_limit_window),
+            hub,
+        }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -101,19 +112,40 @@ impl Inhouse {
         self.registry.get(org_id)?.snapshot().await
     }
 
-    pub async fn join(&self, org_id: &str, player_id: String, role: String) -> Result<QueueSummary, QueueError> {
+    pub async fn join(
+        &self,
+        org_id: &str,
+        player_id: String,
+        role: String,
+    ) -> Result<QueueSummary, QueueError> {
         if !self.limiter.allow(org_id, std::time::Instant::now()) {
             return Err(QueueError::RateLimited);
         }
-        self.registry.get(org_id).ok_or(QueueError::NoActiveQueue)?.join(player_id, role).await
+        self.registry
+            .get(org_id)
+            .ok_or(QueueError::NoActiveQueue)?
+            .join(player_id, role)
+            .await
     }
 
     pub async fn leave(&self, org_id: &str, player_id: String) -> Result<QueueSummary, QueueError> {
-        self.registry.get(org_id).ok_or(QueueError::NoActiveQueue)?.leave(player_id).await
+        self.registry
+            .get(org_id)
+            .ok_or(QueueError::NoActiveQueue)?
+            .leave(player_id)
+            .await
     }
 
-    pub async fn checkin(&self, org_id: &str, player_id: String) -> Result<QueueSummary, QueueError> {
-        self.registry.get(org_id).ok_or(QueueError::NoActiveQueue)?.checkin(player_id).await
+    pub async fn checkin(
+        &self,
+        org_id: &str,
+        player_id: String,
+    ) -> Result<QueueSummary, QueueError> {
+        self.registry
+            .get(org_id)
+            .ok_or(QueueError::NoActiveQueue)?
+            .checkin(player_id)
+            .await
     }
 
     /// Starts an actor for `spec`, replacing any other queue of the same org; an actor for the
@@ -137,7 +169,9 @@ impl Inhouse {
     /// Closes the actor of `queue_id` in `org_id`, if it runs.
     pub async fn close(&self, org_id: &str, queue_id: &str, reason: &'static str) -> bool {
         match self.registry.get(org_id) {
-            Some(handle) if *handle.queue_id == *queue_id => handle.send(Command::Close { reason }).await,
+            Some(handle) if *handle.queue_id == *queue_id => {
+                handle.send(Command::Close { reason }).await
+            }
             _ => false,
         }
     }
@@ -145,7 +179,9 @@ impl Inhouse {
     /// Applies the `inhouse.*` lifecycle events that keep actors exact.
     pub async fn on_event(&self, envelope: &Envelope) {
         let payload = &envelope.payload;
-        let Some(queue_id) = id_field(payload, "queue_id") else { return };
+        let Some(queue_id) = id_field(payload, "queue_id") else {
+            return;
+        };
         let org_id = envelope.org_id.as_str();
         match envelope.event_type.as_str() {
             "inhouse.session_started" => {
@@ -155,7 +191,10 @@ impl Inhouse {
                 self.close(org_id, &queue_id, "queue_closed").await;
             }
             "inhouse.queue_opened" => {
-                let status = payload.get("status").and_then(Value::as_str).and_then(QueueStatus::parse);
+                let status = payload
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .and_then(QueueStatus::parse);
                 self.upsert(QueueSpec {
                     queue_id,
                     org_id: org_id.to_string(),
@@ -167,7 +206,11 @@ impl Inhouse {
             }
             "inhouse.check_in_started" => {
                 let Some(deadline) = deadline_field(payload) else {
-                    tracing::warn!(org = org_id, queue_id, "inhouse.check_in_started without a valid check_in_deadline");
+                    tracing::warn!(
+                        org = org_id,
+                        queue_id,
+                        "inhouse.check_in_started without a valid check_in_deadline"
+                    );
                     return;
                 };
                 match self.registry.get(org_id) {
@@ -205,18 +248,30 @@ pub fn parse_deadline(text: &str) -> Option<OffsetDateTime> {
 }
 
 fn deadline_field(payload: &Value) -> Option<OffsetDateTime> {
-    payload.get("check_in_deadline").and_then(Value::as_str).and_then(parse_deadline)
+    payload
+        .get("check_in_deadline")
+        .and_then(Value::as_str)
+        .and_then(parse_deadline)
 }
 
 fn entries_field(payload: &Value) -> Vec<EntrySummary> {
-    let Some(Value::Array(entries)) = payload.get("entries") else { return Vec::new() };
+    let Some(Value::Array(entries)) = payload.get("entries") else {
+        return Vec::new();
+    };
     entries
         .iter()
         .filter_map(|entry| {
             Some(EntrySummary {
                 player_id: id_field(entry, "player_id")?,
-                role: entry.get("role").and_then(Value::as_str).unwrap_or("").to_string(),
-                checked_in: entry.get("checked_in").and_then(Value::as_bool).unwrap_or(false),
+                role: entry
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                checked_in: entry
+                    .get("checked_in")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             })
         })
         .collect()
@@ -241,7 +296,11 @@ mod tests {
         let hub = Arc::new(Hub::new(1024, Metrics::detached()));
         let (id, outbox) = hub.register_socket();
         hub.subscribe("inhouse:o1", id, &outbox);
-        Fixture { inhouse: Inhouse::new(hub.clone(), rate_limit, Duration::from_secs(60)), hub, outbox }
+        Fixture {
+            inhouse: Inhouse::new(hub.clone(), rate_limit, Duration::from_secs(60)),
+            hub,
+            outbox,
+        }
     }
 
     impl Fixture {
@@ -251,7 +310,11 @@ mod tests {
             drained
                 .frames
                 .iter()
-                .map(|f| serde_json::from_str::<Value>(&f.text(crate::phoenix::codec::Vsn::V2)).unwrap()[4].clone())
+                .map(|f| {
+                    serde_json::from_str::<Value>(&f.text(crate::phoenix::codec::Vsn::V2)).unwrap()
+                        [4]
+                    .clone()
+                })
                 .collect()
         }
     }
@@ -261,10 +324,15 @@ mod tests {
             queue_id: "q1".into(),
             org_id: "o1".into(),
             status,
-            check_in_deadline: deadline_in.map(|s| OffsetDateTime::now_utc() + time::Duration::seconds(s)),
+            check_in_deadline: deadline_in
+                .map(|s| OffsetDateTime::now_utc() + time::Duration::seconds(s)),
             entries: entries
                 .iter()
-                .map(|(id, checked_in)| EntrySummary { player_id: id.to_string(), role: "mid".into(), checked_in: *checked_in })
+                .map(|(id, checked_in)| EntrySummary {
+                    player_id: id.to_string(),
+                    role: "mid".into(),
+                    checked_in: *checked_in,
+                })
                 .collect(),
         }
     }
@@ -278,9 +346,18 @@ mod tests {
     #[tokio::test]
     async fn actions_without_a_queue() {
         let f = fixture(10);
-        assert_eq!(f.inhouse.join("o1", "p1".into(), "mid".into()).await, Err(QueueError::NoActiveQueue));
-        assert_eq!(f.inhouse.leave("o1", "p1".into()).await, Err(QueueError::NoActiveQueue));
-        assert_eq!(f.inhouse.checkin("o1", "p1".into()).await, Err(QueueError::NoActiveQueue));
+        assert_eq!(
+            f.inhouse.join("o1", "p1".into(), "mid".into()).await,
+            Err(QueueError::NoActiveQueue)
+        );
+        assert_eq!(
+            f.inhouse.leave("o1", "p1".into()).await,
+            Err(QueueError::NoActiveQueue)
+        );
+        assert_eq!(
+            f.inhouse.checkin("o1", "p1".into()).await,
+            Err(QueueError::NoActiveQueue)
+        );
         assert_eq!(f.inhouse.snapshot("o1").await, None);
     }
 
@@ -288,15 +365,51 @@ mod tests {
     async fn join_leave_checkin_rules() {
         let f = fixture(10);
         f.inhouse.upsert(spec(QueueStatus::Open, None, &[])).await;
-        let summary = f.inhouse.join("o1", "p1".into(), "jungle".into()).await.unwrap();
+        let summary = f
+            .inhouse
+            .join("o1", "p1".into(), "jungle".into())
+            .await
+            .unwrap();
         assert_eq!(summary.player_count, 1);
-        assert_eq!(summary.entries[0], EntrySummary { player_id: "p1".into(), role: "jungle".into(), checked_in: false });
-        assert_eq!(f.inhouse.checkin("o1", "p1".into()).await, Err(QueueError::NotInCheckInPhase));
-        assert_eq!(f.inhouse.leave("o1", "p1".into()).await.unwrap().player_count, 0);
-        assert_eq!(f.inhouse.leave("o1", "absent".into()).await.unwrap().player_count, 0, "leaving when absent is ok");
+        assert_eq!(
+            summary.entries[0],
+            EntrySummary {
+                player_id: "p1".into(),
+                role: "jungle".into(),
+                checked_in: false
+            }
+        );
+        assert_eq!(
+            f.inhouse.checkin("o1", "p1".into()).await,
+            Err(QueueError::NotInCheckInPhase)
+        );
+        assert_eq!(
+            f.inhouse
+                .leave("o1", "p1".into())
+                .await
+                .unwrap()
+                .player_count,
+            0
+        );
+        assert_eq!(
+            f.inhouse
+                .leave("o1", "absent".into())
+                .await
+                .unwrap()
+                .player_count,
+            0,
+            "leaving when absent is ok"
+        );
         let updates = f.updates();
-        let events: Vec<_> = updates.iter().map(|u| u["event"].as_str().unwrap()).collect();
-        assert_eq!(events, ["queue_opened", "player_joined", "player_left"], "no broadcast for a no-op leave");
+        let events: Vec<_> = updates
+            .iter()
+            .map(|u| u["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            events,
+            ["queue_opened", "player_joined", "player_left"],
+            "no broadcast for a no-op leave"
+        );
         let updates = &updates[1..];
         assert_eq!(updates[0]["player_count"], 1);
         assert_eq!(updates[0]["queue_id"], "q1");
@@ -304,9 +417,17 @@ mod tests {
         assert_eq!(updates[0]["status"], "open");
         assert_eq!(updates[0]["player_id"], "p1");
 
-        f.inhouse.upsert(spec(QueueStatus::CheckIn, Some(600), &[("p1", false)])).await;
-        assert_eq!(f.inhouse.join("o1", "p2".into(), "top".into()).await, Err(QueueError::QueueNotOpen));
-        assert_eq!(f.inhouse.checkin("o1", "ghost".into()).await, Err(QueueError::PlayerNotInQueue));
+        f.inhouse
+            .upsert(spec(QueueStatus::CheckIn, Some(600), &[("p1", false)]))
+            .await;
+        assert_eq!(
+            f.inhouse.join("o1", "p2".into(), "top".into()).await,
+            Err(QueueError::QueueNotOpen)
+        );
+        assert_eq!(
+            f.inhouse.checkin("o1", "ghost".into()).await,
+            Err(QueueError::PlayerNotInQueue)
+        );
         let summary = f.inhouse.checkin("o1", "p1".into()).await.unwrap();
         assert!(summary.entries[0].checked_in);
         assert_eq!(summary.status, QueueStatus::CheckIn);
@@ -317,26 +438,52 @@ mod tests {
         let f = fixture(3);
         f.inhouse.upsert(spec(QueueStatus::Open, None, &[])).await;
         for i in 0..3 {
-            assert!(f.inhouse.join("o1", format!("p{i}"), "mid".into()).await.is_ok());
+            assert!(f
+                .inhouse
+                .join("o1", format!("p{i}"), "mid".into())
+                .await
+                .is_ok());
         }
-        assert_eq!(f.inhouse.join("o1", "p4".into(), "mid".into()).await, Err(QueueError::RateLimited));
+        assert_eq!(
+            f.inhouse.join("o1", "p4".into(), "mid".into()).await,
+            Err(QueueError::RateLimited)
+        );
         // Another org has its own window.
-        assert_eq!(f.inhouse.join("o2", "p1".into(), "mid".into()).await, Err(QueueError::NoActiveQueue));
+        assert_eq!(
+            f.inhouse.join("o2", "p1".into(), "mid".into()).await,
+            Err(QueueError::NoActiveQueue)
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn deadline_with_one_of_two_checked_in_closes_the_queue() {
         let f = fixture(10);
-        f.inhouse.upsert(spec(QueueStatus::CheckIn, Some(60), &[("p1", true), ("p2", false)])).await;
+        f.inhouse
+            .upsert(spec(
+                QueueStatus::CheckIn,
+                Some(60),
+                &[("p1", true), ("p2", false)],
+            ))
+            .await;
         settle().await;
         tokio::time::advance(Duration::from_secs(59)).await;
         settle().await;
-        assert!(f.inhouse.snapshot("o1").await.is_some(), "still open before the deadline");
+        assert!(
+            f.inhouse.snapshot("o1").await.is_some(),
+            "still open before the deadline"
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
         settle().await;
         assert_eq!(f.inhouse.snapshot("o1").await, None);
-        assert!(f.inhouse.registry().is_empty(), "the actor left the registry");
-        let expired = f.updates().into_iter().find(|u| u["event"] == "check_in_expired").expect("check_in_expired broadcast");
+        assert!(
+            f.inhouse.registry().is_empty(),
+            "the actor left the registry"
+        );
+        let expired = f
+            .updates()
+            .into_iter()
+            .find(|u| u["event"] == "check_in_expired")
+            .expect("check_in_expired broadcast");
         assert_eq!(expired["queue_closed"], true);
         assert_eq!(expired["status"], "closed");
         assert_eq!(expired["removed_count"], 1);
@@ -347,15 +494,31 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deadline_with_two_of_three_checked_in_keeps_the_queue() {
         let f = fixture(10);
-        f.inhouse.upsert(spec(QueueStatus::CheckIn, Some(30), &[("p1", true), ("p2", true), ("p3", false)])).await;
+        f.inhouse
+            .upsert(spec(
+                QueueStatus::CheckIn,
+                Some(30),
+                &[("p1", true), ("p2", true), ("p3", false)],
+            ))
+            .await;
         settle().await;
         tokio::time::advance(Duration::from_secs(31)).await;
         settle().await;
         let summary = f.inhouse.snapshot("o1").await.expect("queue stays");
         assert_eq!(summary.player_count, 2);
         assert!(summary.entries.iter().all(|e| e.checked_in));
-        let expired = f.updates().into_iter().find(|u| u["event"] == "check_in_expired").unwrap();
-        assert_eq!((expired["queue_closed"].as_bool(), expired["removed_count"].as_u64()), (Some(false), Some(1)));
+        let expired = f
+            .updates()
+            .into_iter()
+            .find(|u| u["event"] == "check_in_expired")
+            .unwrap();
+        assert_eq!(
+            (
+                expired["queue_closed"].as_bool(),
+                expired["removed_count"].as_u64()
+            ),
+            (Some(false), Some(1))
+        );
         // The timer does not fire again.
         tokio::time::advance(Duration::from_secs(120)).await;
         settle().await;
@@ -365,7 +528,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_deadline_already_past_fires_at_once() {
         let f = fixture(10);
-        f.inhouse.upsert(spec(QueueStatus::CheckIn, Some(-5), &[("p1", false)])).await;
+        f.inhouse
+            .upsert(spec(QueueStatus::CheckIn, Some(-5), &[("p1", false)]))
+            .await;
         settle().await;
         tokio::time::advance(Duration::from_millis(1)).await;
         settle().await;
@@ -375,11 +540,26 @@ mod tests {
     #[tokio::test]
     async fn reconcile_merge_keeps_socket_joins_and_takes_rails_status() {
         let f = fixture(10);
-        f.inhouse.upsert(spec(QueueStatus::Open, None, &[("rails-1", false)])).await;
-        f.inhouse.join("o1", "socket-1".into(), "adc".into()).await.unwrap();
-        f.inhouse.upsert(spec(QueueStatus::CheckIn, Some(600), &[("rails-1", true), ("rails-2", false)])).await;
+        f.inhouse
+            .upsert(spec(QueueStatus::Open, None, &[("rails-1", false)]))
+            .await;
+        f.inhouse
+            .join("o1", "socket-1".into(), "adc".into())
+            .await
+            .unwrap();
+        f.inhouse
+            .upsert(spec(
+                QueueStatus::CheckIn,
+                Some(600),
+                &[("rails-1", true), ("rails-2", false)],
+            ))
+            .await;
         let summary = f.inhouse.snapshot("o1").await.unwrap();
-        let ids: Vec<_> = summary.entries.iter().map(|e| e.player_id.as_str()).collect();
+        let ids: Vec<_> = summary
+            .entries
+            .iter()
+            .map(|e| e.player_id.as_str())
+            .collect();
         assert_eq!(ids, ["rails-1", "rails-2", "socket-1"]);
         assert_eq!(summary.status, QueueStatus::CheckIn);
         assert!(summary.check_in_deadline.is_some());
@@ -393,18 +573,50 @@ mod tests {
             let raw = serde_json::json!({"type": event_type, "org_id": "o1", "user_id": "u", "payload": payload}).to_string();
             crate::envelope::decode(raw.into()).unwrap()
         };
-        f.inhouse.on_event(&event("inhouse.queue_opened", serde_json::json!({"queue_id": "q9"}))).await;
-        assert_eq!(f.inhouse.snapshot("o1").await.unwrap().status, QueueStatus::Open);
-        let deadline = (OffsetDateTime::now_utc() + time::Duration::minutes(5)).format(&Rfc3339).unwrap();
-        f.inhouse.on_event(&event("inhouse.check_in_started", serde_json::json!({"queue_id": "q9", "check_in_deadline": deadline}))).await;
-        assert_eq!(f.inhouse.snapshot("o1").await.unwrap().status, QueueStatus::CheckIn);
+        f.inhouse
+            .on_event(&event(
+                "inhouse.queue_opened",
+                serde_json::json!({"queue_id": "q9"}),
+            ))
+            .await;
+        assert_eq!(
+            f.inhouse.snapshot("o1").await.unwrap().status,
+            QueueStatus::Open
+        );
+        let deadline = (OffsetDateTime::now_utc() + time::Duration::minutes(5))
+            .format(&Rfc3339)
+            .unwrap();
+        f.inhouse
+            .on_event(&event(
+                "inhouse.check_in_started",
+                serde_json::json!({"queue_id": "q9", "check_in_deadline": deadline}),
+            ))
+            .await;
+        assert_eq!(
+            f.inhouse.snapshot("o1").await.unwrap().status,
+            QueueStatus::CheckIn
+        );
         // A session for another queue id leaves this one alone.
-        f.inhouse.on_event(&event("inhouse.session_started", serde_json::json!({"queue_id": "other"}))).await;
+        f.inhouse
+            .on_event(&event(
+                "inhouse.session_started",
+                serde_json::json!({"queue_id": "other"}),
+            ))
+            .await;
         assert!(f.inhouse.snapshot("o1").await.is_some());
-        f.inhouse.on_event(&event("inhouse.session_started", serde_json::json!({"queue_id": "q9"}))).await;
+        f.inhouse
+            .on_event(&event(
+                "inhouse.session_started",
+                serde_json::json!({"queue_id": "q9"}),
+            ))
+            .await;
         settle().await;
         assert_eq!(f.inhouse.snapshot("o1").await, None);
-        let closed = f.updates().into_iter().find(|u| u["event"] == "queue_closed").unwrap();
+        let closed = f
+            .updates()
+            .into_iter()
+            .find(|u| u["event"] == "queue_closed")
+            .unwrap();
         assert_eq!(closed["reason"], "session_started");
     }
 }

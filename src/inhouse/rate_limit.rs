@@ -23,7 +23,11 @@ const SWEEP_EVERY: u32 = 256;
 
 impl SlidingWindow {
     pub fn new(max: u32, window: Duration) -> Self {
-        SlidingWindow { max: max.max(1) as usize, window, state: Mutex::new(State::default()) }
+        SlidingWindow {
+            max: max.max(1) as usize,
+            window,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Records a call for `key` at `now` and says whether it is allowed.
@@ -33,13 +37,19 @@ impl SlidingWindow {
         if state.calls_since_sweep >= SWEEP_EVERY {
             state.calls_since_sweep = 0;
             let window = self.window;
-            state.logs.retain(|_, log| log.back().is_some_and(|last| now.saturating_duration_since(*last) < window));
+            state.logs.retain(|_, log| {
+                log.back()
+                    .is_some_and(|last| now.saturating_duration_since(*last) < window)
+            });
         }
         let log = match state.logs.get_mut(key) {
             Some(log) => log,
             None => state.logs.entry(key.to_string()).or_default(),
         };
-        while log.front().is_some_and(|first| now.saturating_duration_since(*first) >= self.window) {
+        while log
+            .front()
+            .is_some_and(|first| now.saturating_duration_since(*first) >= self.window)
+        {
             log.pop_front();
         }
         if log.len() >= self.max {

@@ -36,14 +36,20 @@ impl Reconciler {
             }
         };
         let count = queues.len();
-        let listed: std::collections::HashSet<(String, String)> =
-            queues.iter().map(|q| (q.org_id.clone(), q.queue_id.clone())).collect();
+        let listed: std::collections::HashSet<(String, String)> = queues
+            .iter()
+            .map(|q| (q.org_id.clone(), q.queue_id.clone()))
+            .collect();
         for spec in queues {
             self.inhouse.upsert(spec).await;
         }
         for (org_id, handle) in self.inhouse.registry().all() {
-            if handle.started_at < fetch_started && !listed.contains(&(org_id.clone(), handle.queue_id.to_string())) {
-                self.inhouse.close(&org_id, &handle.queue_id, "not_active_in_rails").await;
+            if handle.started_at < fetch_started
+                && !listed.contains(&(org_id.clone(), handle.queue_id.to_string()))
+            {
+                self.inhouse
+                    .close(&org_id, &handle.queue_id, "not_active_in_rails")
+                    .await;
             }
         }
         metrics::counter!(crate::metrics::RECONCILES, "outcome" => "ok").increment(1);
@@ -72,7 +78,9 @@ impl Reconciler {
                 },
             }
         }
-        let period = self.interval.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let period = self
+            .interval
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600));
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -74,7 +74,13 @@ impl From<RefValue> for String {
 }
 
 #[derive(Deserialize)]
-struct V2Frame(Option<RefValue>, Option<RefValue>, String, String, Box<RawValue>);
+struct V2Frame(
+    Option<RefValue>,
+    Option<RefValue>,
+    String,
+    String,
+    Box<RawValue>,
+);
 
 #[derive(Deserialize)]
 struct V1Frame {
@@ -127,7 +133,12 @@ pub fn decode_binary(vsn: Vsn, frame: &Bytes) -> Result<Inbound, DecodeError> {
     if frame.len() < 5 || frame[0] != 0 {
         return Err(DecodeError::BadBinary);
     }
-    let lengths = [frame[1] as usize, frame[2] as usize, frame[3] as usize, frame[4] as usize];
+    let lengths = [
+        frame[1] as usize,
+        frame[2] as usize,
+        frame[3] as usize,
+        frame[4] as usize,
+    ];
     let header_end = 5 + lengths.iter().sum::<usize>();
     if frame.len() < header_end {
         return Err(DecodeError::BadBinary);
@@ -138,7 +149,12 @@ pub fn decode_binary(vsn: Vsn, frame: &Bytes) -> Result<Inbound, DecodeError> {
         offset += len;
         std::str::from_utf8(field).map(str::to_string)
     });
-    let mut next = || fields.next().expect("four fields").map_err(|_| DecodeError::BadBinary);
+    let mut next = || {
+        fields
+            .next()
+            .expect("four fields")
+            .map_err(|_| DecodeError::BadBinary)
+    };
     let (join_ref, msg_ref, topic, event) = (next()?, next()?, next()?, next()?);
     Ok(Inbound {
         join_ref: (!join_ref.is_empty()).then_some(join_ref),
@@ -243,7 +259,12 @@ fn binary_len(field: &str) -> u8 {
 
 /// Binary server push, kind 0: `0|jrLen|topicLen|evLen|jr|topic|event|data`.
 pub fn encode_binary_push(join_ref: &str, topic: &str, event: &str, data: &[u8]) -> Bytes {
-    let mut out = vec![0, binary_len(join_ref), binary_len(topic), binary_len(event)];
+    let mut out = vec![
+        0,
+        binary_len(join_ref),
+        binary_len(topic),
+        binary_len(event),
+    ];
     for field in [join_ref, topic, event] {
         binary_field(&mut out, field);
     }
@@ -252,10 +273,22 @@ pub fn encode_binary_push(join_ref: &str, topic: &str, event: &str, data: &[u8])
 }
 
 /// Binary reply, kind 1: `1|jrLen|refLen|topicLen|statusLen|jr|ref|topic|status|data`.
-pub fn encode_binary_reply(join_ref: Option<&str>, msg_ref: &str, topic: &str, status: ReplyStatus, data: &[u8]) -> Bytes {
+pub fn encode_binary_reply(
+    join_ref: Option<&str>,
+    msg_ref: &str,
+    topic: &str,
+    status: ReplyStatus,
+    data: &[u8],
+) -> Bytes {
     let join_ref = join_ref.unwrap_or("");
     let status = status.as_str();
-    let mut out = vec![1, binary_len(join_ref), binary_len(msg_ref), binary_len(topic), binary_len(status)];
+    let mut out = vec![
+        1,
+        binary_len(join_ref),
+        binary_len(msg_ref),
+        binary_len(topic),
+        binary_len(status),
+    ];
     for field in [join_ref, msg_ref, topic, status] {
         binary_field(&mut out, field);
     }
@@ -287,9 +320,21 @@ pub struct BroadcastFrame {
 
 impl BroadcastFrame {
     /// `payload` must be valid JSON text. The V2 text is encoded here, V1 on first use.
-    pub fn new(topic: Arc<str>, event: &str, payload: Bytes, published_at: std::time::Instant) -> Arc<Self> {
+    pub fn new(
+        topic: Arc<str>,
+        event: &str,
+        payload: Bytes,
+        published_at: std::time::Instant,
+    ) -> Arc<Self> {
         let v2 = encode_message(Vsn::V2, None, None, &topic, event, &payload);
-        Arc::new(BroadcastFrame { topic, event: event.into(), published_at, payload, v2, v1: OnceLock::new() })
+        Arc::new(BroadcastFrame {
+            topic,
+            event: event.into(),
+            published_at,
+            payload,
+            v2,
+            v1: OnceLock::new(),
+        })
     }
 
     pub fn text(&self, vsn: Vsn) -> Utf8Bytes {
@@ -297,7 +342,9 @@ impl BroadcastFrame {
             Vsn::V2 => self.v2.clone(),
             Vsn::V1 => self
                 .v1
-                .get_or_init(|| encode_message(Vsn::V1, None, None, &self.topic, &self.event, &self.payload))
+                .get_or_init(|| {
+                    encode_message(Vsn::V1, None, None, &self.topic, &self.event, &self.payload)
+                })
                 .clone(),
         }
     }
@@ -318,28 +365,73 @@ mod tests {
     #[test]
     fn decode_v2_and_v1() {
         let msg = decode_text(Vsn::V2, r#"["1","2","room:1","phx_join",{"a":1}]"#).unwrap();
-        assert_eq!((msg.join_ref.as_deref(), msg.msg_ref.as_deref()), (Some("1"), Some("2")));
-        assert_eq!((msg.topic.as_str(), msg.event.as_str()), ("room:1", "phx_join"));
+        assert_eq!(
+            (msg.join_ref.as_deref(), msg.msg_ref.as_deref()),
+            (Some("1"), Some("2"))
+        );
+        assert_eq!(
+            (msg.topic.as_str(), msg.event.as_str()),
+            ("room:1", "phx_join")
+        );
         let heartbeat = decode_text(Vsn::V2, r#"[null,"5","phoenix","heartbeat",{}]"#).unwrap();
         assert_eq!(heartbeat.join_ref, None);
         let numeric = decode_text(Vsn::V2, r#"[1,2,"t","e",{}]"#).unwrap();
         assert_eq!(numeric.msg_ref.as_deref(), Some("2"));
-        let v1 = decode_text(Vsn::V1, r#"{"topic":"t","event":"e","payload":{"x":1},"ref":"3"}"#).unwrap();
+        let v1 = decode_text(
+            Vsn::V1,
+            r#"{"topic":"t","event":"e","payload":{"x":1},"ref":"3"}"#,
+        )
+        .unwrap();
         assert_eq!((v1.msg_ref.as_deref(), v1.join_ref), (Some("3"), None));
-        for bad in ["", "{}", "[1,2,3]", r#"["1","2","t","e"]"#, r#"[true,"2","t","e",{}]"#, "[null,null,5,\"e\",{}]"] {
-            assert_eq!(decode_text(Vsn::V2, bad).unwrap_err(), DecodeError::Malformed, "{bad}");
+        for bad in [
+            "",
+            "{}",
+            "[1,2,3]",
+            r#"["1","2","t","e"]"#,
+            r#"[true,"2","t","e",{}]"#,
+            "[null,null,5,\"e\",{}]",
+        ] {
+            assert_eq!(
+                decode_text(Vsn::V2, bad).unwrap_err(),
+                DecodeError::Malformed,
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn encode_text_frames() {
-        let reply = encode_reply(Vsn::V2, Some("1"), Some("2"), "t\"x", ReplyStatus::Ok, b"{}");
-        assert_eq!(reply.as_str(), r#"["1","2","t\"x","phx_reply",{"status":"ok","response":{}}]"#);
+        let reply = encode_reply(
+            Vsn::V2,
+            Some("1"),
+            Some("2"),
+            "t\"x",
+            ReplyStatus::Ok,
+            b"{}",
+        );
+        assert_eq!(
+            reply.as_str(),
+            r#"["1","2","t\"x","phx_reply",{"status":"ok","response":{}}]"#
+        );
         let v1 = encode_message(Vsn::V1, Some("1"), Some("2"), "t", "e", b"{}");
-        assert_eq!(v1.as_str(), r#"{"topic":"t","event":"e","payload":{},"ref":"2"}"#);
-        let frame = BroadcastFrame::new("t".into(), "e", Bytes::from_static(b"{\"k\":1}"), std::time::Instant::now());
-        assert_eq!(frame.text(Vsn::V2).as_str(), r#"[null,null,"t","e",{"k":1}]"#);
-        assert_eq!(frame.text(Vsn::V1).as_str(), r#"{"topic":"t","event":"e","payload":{"k":1},"ref":null}"#);
+        assert_eq!(
+            v1.as_str(),
+            r#"{"topic":"t","event":"e","payload":{},"ref":"2"}"#
+        );
+        let frame = BroadcastFrame::new(
+            "t".into(),
+            "e",
+            Bytes::from_static(b"{\"k\":1}"),
+            std::time::Instant::now(),
+        );
+        assert_eq!(
+            frame.text(Vsn::V2).as_str(),
+            r#"[null,null,"t","e",{"k":1}]"#
+        );
+        assert_eq!(
+            frame.text(Vsn::V1).as_str(),
+            r#"{"topic":"t","event":"e","payload":{"k":1},"ref":null}"#
+        );
     }
 
     #[test]
@@ -348,13 +440,36 @@ mod tests {
         client.extend_from_slice(b"112room:1event");
         client.extend_from_slice(&[0xde, 0xad]);
         let msg = decode_binary(Vsn::V2, &Bytes::from(client)).unwrap();
-        assert_eq!((msg.join_ref.as_deref(), msg.msg_ref.as_deref(), msg.topic.as_str(), msg.event.as_str()), (Some("1"), Some("12"), "room:1", "event"));
+        assert_eq!(
+            (
+                msg.join_ref.as_deref(),
+                msg.msg_ref.as_deref(),
+                msg.topic.as_str(),
+                msg.event.as_str()
+            ),
+            (Some("1"), Some("12"), "room:1", "event")
+        );
         assert!(matches!(msg.payload, InboundPayload::Binary(ref b) if b[..] == [0xde, 0xad]));
-        assert_eq!(decode_binary(Vsn::V2, &Bytes::from_static(&[0, 9, 9, 9, 9, 1])).unwrap_err(), DecodeError::BadBinary);
-        assert_eq!(decode_binary(Vsn::V1, &Bytes::from_static(&[0])).unwrap_err(), DecodeError::BinaryOnV1);
+        assert_eq!(
+            decode_binary(Vsn::V2, &Bytes::from_static(&[0, 9, 9, 9, 9, 1])).unwrap_err(),
+            DecodeError::BadBinary
+        );
+        assert_eq!(
+            decode_binary(Vsn::V1, &Bytes::from_static(&[0])).unwrap_err(),
+            DecodeError::BinaryOnV1
+        );
 
-        assert_eq!(&encode_binary_push("1", "t", "e", b"d")[..], b"\x00\x01\x01\x011ted");
-        assert_eq!(&encode_binary_reply(None, "7", "t", ReplyStatus::Ok, b"d")[..], b"\x01\x00\x01\x01\x027tokd");
-        assert_eq!(&encode_binary_broadcast("t", "e", b"d")[..], b"\x02\x01\x01ted");
+        assert_eq!(
+            &encode_binary_push("1", "t", "e", b"d")[..],
+            b"\x00\x01\x01\x011ted"
+        );
+        assert_eq!(
+            &encode_binary_reply(None, "7", "t", ReplyStatus::Ok, b"d")[..],
+            b"\x01\x00\x01\x01\x027tokd"
+        );
+        assert_eq!(
+            &encode_binary_broadcast("t", "e", b"d")[..],
+            b"\x02\x01\x01ted"
+        );
     }
 }

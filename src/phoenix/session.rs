@@ -58,10 +58,16 @@ struct Ending {
 
 impl Ending {
     fn closed(reason: &'static str, code: u16, text: &'static str) -> Self {
-        Ending { reason, close: Some((code, text)) }
+        Ending {
+            reason,
+            close: Some((code, text)),
+        }
     }
     fn silent(reason: &'static str) -> Self {
-        Ending { reason, close: None }
+        Ending {
+            reason,
+            close: None,
+        }
     }
 }
 
@@ -85,8 +91,13 @@ fn expiry_instant(expires_at: u64) -> Instant {
 }
 
 /// Serves one socket until it closes. `shutdown` is the hard stop at the end of the grace period.
-pub async fn run<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated, shutdown: CancellationToken)
-where
+pub async fn run<S, E>(
+    mut socket: S,
+    deps: Arc<SessionDeps>,
+    vsn: Vsn,
+    auth: Authenticated,
+    shutdown: CancellationToken,
+) where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
     E: std::fmt::Display,
 {
@@ -109,7 +120,8 @@ where
     let idle = tokio::time::sleep(limits.idle_timeout);
     tokio::pin!(idle);
     let expires_at = session.auth.expires_at;
-    let expiry = tokio::time::sleep_until(expires_at.map(expiry_instant).unwrap_or_else(Instant::now));
+    let expiry =
+        tokio::time::sleep_until(expires_at.map(expiry_instant).unwrap_or_else(Instant::now));
     tokio::pin!(expiry);
     let mut drained = Drained::default();
 
@@ -152,8 +164,14 @@ async fn close<S, E>(socket: &mut S, code: u16, reason: &'static str)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
 {
-    let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
-    if tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await.is_err() {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    if tokio::time::timeout(Duration::from_secs(1), socket.send(frame))
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -180,7 +198,10 @@ impl Session {
 
     fn read_error(&self, error: &str) -> Ending {
         // tungstenite reports an over-limit message as a capacity error.
-        if error.contains("Space limit exceeded") || error.contains("too long") || error.contains("Message too big") {
+        if error.contains("Space limit exceeded")
+            || error.contains("too long")
+            || error.contains("Message too big")
+        {
             metrics::counter!(m::INBOUND_REJECTED, "reason" => "frame_too_big").increment(1);
             Ending::closed("frame_too_big", close_code::TOO_BIG, "frame too big")
         } else {
@@ -210,7 +231,11 @@ impl Session {
             Err(error) => {
                 tracing::debug!(socket = self.id, %error, "undecodable frame");
                 metrics::counter!(m::INBOUND_REJECTED, "reason" => "undecodable").increment(1);
-                Err(Ending::closed("undecodable_frame", close_code::INVALID_PAYLOAD, "undecodable frame"))
+                Err(Ending::closed(
+                    "undecodable_frame",
+                    close_code::INVALID_PAYLOAD,
+                    "undecodable frame",
+                ))
             }
         }
     }
@@ -218,14 +243,20 @@ impl Session {
     fn check_size(&self, len: usize) -> Result<(), Ending> {
         if len > self.deps.limits.max_frame_bytes {
             metrics::counter!(m::INBOUND_REJECTED, "reason" => "frame_too_big").increment(1);
-            return Err(Ending::closed("frame_too_big", close_code::TOO_BIG, "frame too big"));
+            return Err(Ending::closed(
+                "frame_too_big",
+                close_code::TOO_BIG,
+                "frame too big",
+            ));
         }
         Ok(())
     }
 
     /// Token bucket: `max_pushes_per_second` per second, with a burst of the same size.
     fn take_push_token(&mut self) -> bool {
-        let Some(rate) = self.deps.limits.max_pushes_per_second else { return true };
+        let Some(rate) = self.deps.limits.max_pushes_per_second else {
+            return true;
+        };
         let now = Instant::now();
         let rate = rate as f64;
         let elapsed = now.duration_since(self.push_refill_at).as_secs_f64();
@@ -239,21 +270,55 @@ impl Session {
         }
     }
 
-    fn reply(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, status: ReplyStatus, response: &Value) {
+    fn reply(
+        &mut self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        topic: &str,
+        status: ReplyStatus,
+        response: &Value,
+    ) {
         let body = serde_json::to_vec(response).expect("JSON value serializes");
-        self.pending.push(Message::Text(codec::encode_reply(self.vsn, join_ref, msg_ref, topic, status, &body)));
+        self.pending.push(Message::Text(codec::encode_reply(
+            self.vsn, join_ref, msg_ref, topic, status, &body,
+        )));
     }
 
-    fn error_reply(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reason: &str) {
-        self.reply(join_ref, msg_ref, topic, ReplyStatus::Error, &json!({ "reason": reason }));
+    fn error_reply(
+        &mut self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        topic: &str,
+        reason: &str,
+    ) {
+        self.reply(
+            join_ref,
+            msg_ref,
+            topic,
+            ReplyStatus::Error,
+            &json!({ "reason": reason }),
+        );
     }
 
     fn push_close(&mut self, join_ref: Option<&str>, topic: &str) {
-        self.pending.push(Message::Text(codec::encode_message(self.vsn, join_ref, join_ref, topic, "phx_close", b"{}")));
+        self.pending.push(Message::Text(codec::encode_message(
+            self.vsn,
+            join_ref,
+            join_ref,
+            topic,
+            "phx_close",
+            b"{}",
+        )));
     }
 
     async fn on_inbound(&mut self, msg: Inbound) {
-        let Inbound { join_ref, msg_ref, topic, event, payload } = msg;
+        let Inbound {
+            join_ref,
+            msg_ref,
+            topic,
+            event,
+            payload,
+        } = msg;
         let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
         if topic == "phoenix" && event == "heartbeat" {
             self.reply(join_ref, msg_ref, &topic, ReplyStatus::Ok, &json!({}));
@@ -267,13 +332,17 @@ impl Session {
         match event.as_str() {
             "phx_join" => self.on_join(join_ref.or(msg_ref), msg_ref, &topic).await,
             "phx_leave" => self.on_leave(join_ref, msg_ref, &topic),
-            _ => self.on_push(join_ref, msg_ref, &topic, &event, payload).await,
+            _ => {
+                self.on_push(join_ref, msg_ref, &topic, &event, payload)
+                    .await
+            }
         }
     }
 
     async fn on_join(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str) {
         let Some(family) = TopicFamily::parse(topic) else {
-            metrics::counter!(m::CHANNEL_JOINS, "family" => "none", "outcome" => "unmatched_topic").increment(1);
+            metrics::counter!(m::CHANNEL_JOINS, "family" => "none", "outcome" => "unmatched_topic")
+                .increment(1);
             self.error_reply(None, msg_ref, topic, "unmatched topic");
             return;
         };
@@ -285,7 +354,8 @@ impl Session {
             return;
         }
         if !family.may_join(&self.auth.identity) {
-            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "unauthorized").increment(1);
+            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "unauthorized")
+                .increment(1);
             self.error_reply(join_ref, msg_ref, topic, "unauthorized");
             return;
         }
@@ -295,7 +365,13 @@ impl Session {
             metrics::gauge!(m::CHANNELS_JOINED, "family" => label).increment(1.0);
         }
         let response = channels::join_response(&family, &self.deps.inhouse).await;
-        let previous = self.channels.insert(topic.to_string(), Joined { join_ref: join_ref.map(str::to_string), family });
+        let previous = self.channels.insert(
+            topic.to_string(),
+            Joined {
+                join_ref: join_ref.map(str::to_string),
+                family,
+            },
+        );
         metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "ok").increment(1);
         self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &response);
         if let Some(previous) = previous {
@@ -309,7 +385,8 @@ impl Session {
             Some(joined) if join_ref.is_none() || join_ref == joined.join_ref.as_deref() => {
                 let joined = self.channels.remove(topic).expect("present");
                 self.deps.hub.unsubscribe(topic, self.id);
-                metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label()).decrement(1.0);
+                metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label())
+                    .decrement(1.0);
                 let channel_ref = joined.join_ref.as_deref();
                 self.reply(channel_ref, msg_ref, topic, ReplyStatus::Ok, &json!({}));
                 self.push_close(channel_ref, topic);
@@ -321,7 +398,14 @@ impl Session {
         }
     }
 
-    async fn on_push(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, event: &str, payload: InboundPayload) {
+    async fn on_push(
+        &mut self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: InboundPayload,
+    ) {
         let Some(joined) = self.channels.get(topic) else {
             self.error_reply(None, msg_ref, topic, "unmatched topic");
             return;
@@ -337,9 +421,22 @@ impl Session {
             // No hub event takes binary data.
             InboundPayload::Binary(_) => None,
         };
-        let result = channels::handle_in(&family, &self.auth.identity, event, payload.as_ref(), &self.deps.inhouse).await;
+        let result = channels::handle_in(
+            &family,
+            &self.auth.identity,
+            event,
+            payload.as_ref(),
+            &self.deps.inhouse,
+        )
+        .await;
         match result {
-            Ok(response) => self.reply(channel_ref.as_deref(), msg_ref, topic, ReplyStatus::Ok, &response),
+            Ok(response) => self.reply(
+                channel_ref.as_deref(),
+                msg_ref,
+                topic,
+                ReplyStatus::Ok,
+                &response,
+            ),
             Err(refusal) => self.error_reply(channel_ref.as_deref(), msg_ref, topic, refusal.0),
         }
     }
@@ -357,7 +454,11 @@ impl Session {
     }
 
     /// Writes whatever the outbox holds (drop notices first), or closes when asked to.
-    async fn flush_outbox<S, E>(&mut self, socket: &mut S, drained: &mut Drained) -> Result<(), Ending>
+    async fn flush_outbox<S, E>(
+        &mut self,
+        socket: &mut S,
+        drained: &mut Drained,
+    ) -> Result<(), Ending>
     where
         S: Sink<Message, Error = E> + Unpin,
     {
@@ -365,25 +466,52 @@ impl Session {
         let mut messages = std::mem::take(&mut self.pending);
         for (topic, count) in drained.dropped.drain(..) {
             let payload = format!("{{\"count\":{count}}}");
-            messages.push(Message::Text(codec::encode_message(self.vsn, None, None, &topic, "events_dropped", payload.as_bytes())));
+            messages.push(Message::Text(codec::encode_message(
+                self.vsn,
+                None,
+                None,
+                &topic,
+                "events_dropped",
+                payload.as_bytes(),
+            )));
         }
         if let Some(first) = drained.frames.first() {
             if self.id % 16 == 0 {
-                self.deps.metrics.publish_to_send.record(first.published_at.elapsed().as_secs_f64());
+                self.deps
+                    .metrics
+                    .publish_to_send
+                    .record(first.published_at.elapsed().as_secs_f64());
             }
         }
-        messages.extend(drained.frames.drain(..).map(|frame| Message::Text(frame.text(self.vsn))));
+        messages.extend(
+            drained
+                .frames
+                .drain(..)
+                .map(|frame| Message::Text(frame.text(self.vsn))),
+        );
         if !messages.is_empty() {
             self.write_all(socket, messages).await?;
         }
         match drained.closing.take() {
-            Some(CloseReason::Restart) => Err(Ending::closed("server_restart", close_code::SERVICE_RESTART, "server restarting")),
-            Some(CloseReason::GoingAway) => Err(Ending::closed("server_going_away", close_code::GOING_AWAY, "server going away")),
+            Some(CloseReason::Restart) => Err(Ending::closed(
+                "server_restart",
+                close_code::SERVICE_RESTART,
+                "server restarting",
+            )),
+            Some(CloseReason::GoingAway) => Err(Ending::closed(
+                "server_going_away",
+                close_code::GOING_AWAY,
+                "server going away",
+            )),
             None => Ok(()),
         }
     }
 
-    async fn write_all<S, E>(&mut self, socket: &mut S, messages: Vec<Message>) -> Result<(), Ending>
+    async fn write_all<S, E>(
+        &mut self,
+        socket: &mut S,
+        messages: Vec<Message>,
+    ) -> Result<(), Ending>
     where
         S: Sink<Message, Error = E> + Unpin,
     {
@@ -401,8 +529,13 @@ impl Session {
             }
             Ok(Err(_)) => Err(Ending::silent("write_error")),
             Err(_) => {
-                metrics::counter!(m::BROADCASTS_DROPPED, "reason" => "write_timeout").increment(self.outbox.queued() as u64);
-                Err(Ending::closed("write_timeout", close_code::TRY_AGAIN_LATER, "slow consumer"))
+                metrics::counter!(m::BROADCASTS_DROPPED, "reason" => "write_timeout")
+                    .increment(self.outbox.queued() as u64);
+                Err(Ending::closed(
+                    "write_timeout",
+                    close_code::TRY_AGAIN_LATER,
+                    "slow consumer",
+                ))
             }
         }
     }

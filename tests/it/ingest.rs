@@ -17,7 +17,13 @@ fn envelope(event_type: &str, org: &str, user: &str, payload: Value) -> String {
 }
 
 async fn notify(hub: &TestHub, body: Value) -> reqwest::Response {
-    reqwest::Client::new().post(hub.http("/events/notify")).header("x-api-key", SCRAPER_KEY).json(&body).send().await.unwrap()
+    reqwest::Client::new()
+        .post(hub.http("/events/notify"))
+        .header("x-api-key", SCRAPER_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -27,36 +33,71 @@ async fn routing_matrix_observed_by_joined_sockets() {
     hub.wait_redis_ready().await;
     let (org, user, tournament) = (unique("org"), unique("user"), unique("t"));
     let mut phx = Phx::connect(&hub, &internal_token()).await;
-    let topics = [format!("org_events:{org}"), format!("notifications:{user}"), format!("tournament:{tournament}"), format!("inhouse:{org}")];
+    let topics = [
+        format!("org_events:{org}"),
+        format!("notifications:{user}"),
+        format!("tournament:{tournament}"),
+        format!("inhouse:{org}"),
+    ];
     for topic in &topics {
         phx.join_ok(topic).await;
     }
     let cases: Vec<(&str, Value, Vec<&str>)> = vec![
-        ("notification.created", json!({"title": "hi"}), vec!["org_events", "notifications"]),
-        ("tournament_match.confirmed", json!({"tournament_id": tournament}), vec!["org_events", "tournament"]),
+        (
+            "notification.created",
+            json!({"title": "hi"}),
+            vec!["org_events", "notifications"],
+        ),
+        (
+            "tournament_match.confirmed",
+            json!({"tournament_id": tournament}),
+            vec!["org_events", "tournament"],
+        ),
         ("tournament_match.walkover", json!({}), vec!["org_events"]),
-        ("inhouse.session_started", json!({"queue_id": "nope"}), vec!["org_events", "inhouse"]),
+        (
+            "inhouse.session_started",
+            json!({"queue_id": "nope"}),
+            vec!["org_events", "inhouse"],
+        ),
         ("team_goal.completed", json!({}), vec!["org_events"]),
         ("scrim_request.accepted", json!({}), vec!["org_events"]),
     ];
     for (event_type, payload, expected) in cases {
         let message = envelope(event_type, &org, &user, payload);
-        assert!(redis.publish_when_subscribed(&format!("prostaff:events:{org}"), &message, 1).await);
+        assert!(
+            redis
+                .publish_when_subscribed(&format!("prostaff:events:{org}"), &message, 1)
+                .await
+        );
         let frames = phx.collect(Duration::from_millis(300)).await;
         let reached: BTreeSet<String> = frames
             .iter()
             .filter(|f| f[3] == event_type)
-            .map(|f| f[2].as_str().unwrap().split(':').next().unwrap().to_string())
+            .map(|f| {
+                f[2].as_str()
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         let expected: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
         assert_eq!(reached, expected, "{event_type}");
         // The payload is the envelope exactly as published.
         for frame in frames.iter().filter(|f| f[3] == event_type) {
             assert_eq!(frame[4], serde_json::from_str::<Value>(&message).unwrap());
-            assert_eq!((frame[0].clone(), frame[1].clone()), (Value::Null, Value::Null));
+            assert_eq!(
+                (frame[0].clone(), frame[1].clone()),
+                (Value::Null, Value::Null)
+            );
         }
     }
-    wait_for_log(&["Unrouted event type=team_goal.completed", &format!("org={org}")]).await;
+    wait_for_log(&[
+        "Unrouted event type=team_goal.completed",
+        &format!("org={org}"),
+    ])
+    .await;
 }
 
 #[tokio::test]
@@ -87,17 +128,37 @@ async fn versions_and_drops_are_logged_without_payload() {
     for (i, version) in [Value::Null, json!("1"), json!(1)].into_iter().enumerate() {
         let message = with(json!({"version": version, "id": format!("ok-{i}")}));
         assert!(redis.publish_when_subscribed(&channel, &message, 1).await);
-        let event = phx.event(&format!("org_events:{org}"), "player.transferred").await;
+        let event = phx
+            .event(&format!("org_events:{org}"), "player.transferred")
+            .await;
         assert_eq!(event[4]["id"], format!("ok-{i}"));
     }
     // Dropped ones, each followed by a valid event that must still be delivered.
     let drops: Vec<(String, &str)> = vec![
-        (with(json!({"version": "99"})), "dropped event: unsupported version=\"99\""),
-        (with(json!({"version": 2})), "dropped event: unsupported version=2"),
-        (with(json!({"user_id": null})), "dropped event: missing or invalid field(s): user_id"),
-        (with(json!({"org_id": null})), "dropped event: missing or invalid field(s): org_id"),
-        (with(json!({"type": null})), "dropped event: missing or invalid field(s): type"),
-        (with(json!({"type": 42})), "dropped event: missing or invalid field(s): type"),
+        (
+            with(json!({"version": "99"})),
+            "dropped event: unsupported version=\"99\"",
+        ),
+        (
+            with(json!({"version": 2})),
+            "dropped event: unsupported version=2",
+        ),
+        (
+            with(json!({"user_id": null})),
+            "dropped event: missing or invalid field(s): user_id",
+        ),
+        (
+            with(json!({"org_id": null})),
+            "dropped event: missing or invalid field(s): org_id",
+        ),
+        (
+            with(json!({"type": null})),
+            "dropped event: missing or invalid field(s): type",
+        ),
+        (
+            with(json!({"type": 42})),
+            "dropped event: missing or invalid field(s): type",
+        ),
         (format!("not json {secret}"), "dropped event: invalid JSON"),
     ];
     for (i, (message, reason)) in drops.iter().enumerate() {
@@ -105,13 +166,30 @@ async fn versions_and_drops_are_logged_without_payload() {
         wait_for_log(&[reason, &channel]).await;
         let next = with(json!({"id": format!("after-{i}")}));
         assert!(redis.publish_when_subscribed(&channel, &next, 1).await);
-        let event = phx.event(&format!("org_events:{org}"), "player.transferred").await;
-        assert_eq!(event[4]["id"], format!("after-{i}"), "the subscriber keeps delivering after: {reason}");
+        let event = phx
+            .event(&format!("org_events:{org}"), "player.transferred")
+            .await;
+        assert_eq!(
+            event[4]["id"],
+            format!("after-{i}"),
+            "the subscriber keeps delivering after: {reason}"
+        );
     }
-    assert!(!all_logs().contains(&secret), "the payload must never be logged");
+    assert!(
+        !all_logs().contains(&secret),
+        "the payload must never be logged"
+    );
     let after = hub.metrics().await;
-    let outcome = |text: &str, label: &str| metric_value(text, "prostaff_events_received_total", &[&format!("outcome=\"{label}\"")]);
-    assert!(outcome(&after, "unsupported_version") >= outcome(&before, "unsupported_version") + 2.0);
+    let outcome = |text: &str, label: &str| {
+        metric_value(
+            text,
+            "prostaff_events_received_total",
+            &[&format!("outcome=\"{label}\"")],
+        )
+    };
+    assert!(
+        outcome(&after, "unsupported_version") >= outcome(&before, "unsupported_version") + 2.0
+    );
     assert!(outcome(&after, "invalid_fields") >= outcome(&before, "invalid_fields") + 4.0);
     assert!(outcome(&after, "invalid_json") >= outcome(&before, "invalid_json") + 1.0);
 }
@@ -134,20 +212,33 @@ async fn redis_restart_mid_test() {
     phx.join_ok(&format!("org_events:{org}")).await;
 
     redis.stop();
-    eventually("readiness 503 while redis is down", || async { ready_status(&hub).await.0 == 503 }).await;
+    eventually("readiness 503 while redis is down", || async {
+        ready_status(&hub).await.0 == 503
+    })
+    .await;
     let last = ready_status(&hub).await;
     assert_eq!(last.1["status"], "unavailable");
     assert_ne!(last.1["checks"]["redis"], "ok");
     assert_eq!(last.1["checks"]["rails"], "ok");
     // The client stays connected meanwhile.
-    phx.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
+    phx.send(json!([null, "hb", "phoenix", "heartbeat", {}]))
+        .await;
     assert_eq!(phx.reply("hb").await[4]["status"], "ok");
 
     redis.spawn();
-    eventually("readiness 200 after redis restart", || async { ready_status(&hub).await.0 == 200 }).await;
+    eventually("readiness 200 after redis restart", || async {
+        ready_status(&hub).await.0 == 200
+    })
+    .await;
     let message = envelope("roster.player_removed", &org, "u1", json!({"n": 1}));
-    assert!(redis.publish_when_subscribed(&format!("prostaff:events:{org}"), &message, 1).await);
-    let event = phx.event(&format!("org_events:{org}"), "roster.player_removed").await;
+    assert!(
+        redis
+            .publish_when_subscribed(&format!("prostaff:events:{org}"), &message, 1)
+            .await
+    );
+    let event = phx
+        .event(&format!("org_events:{org}"), "roster.player_removed")
+        .await;
     assert_eq!(event[4]["payload"]["n"], 1);
     assert!(metric_value(&hub.metrics().await, "prostaff_redis_reconnects_total", &[]) >= 1.0);
 }
@@ -160,24 +251,83 @@ async fn notify_statuses_and_bodies() {
     let client = reqwest::Client::new();
     let url = hub.http("/events/notify");
     let post = |key: Option<&str>, content_type: &str, body: Vec<u8>| {
-        let mut request = client.post(&url).header("content-type", content_type).body(body);
+        let mut request = client
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body);
         if let Some(key) = key {
             request = request.header("x-api-key", key);
         }
         request.send()
     };
     let valid = br#"{"type":"scraper.match_found","org_id":"o1","payload":{"m":1}}"#.to_vec();
-    let cases: Vec<(Option<&str>, &str, Vec<u8>, u16, &str)> = vec![
-        (Some(SCRAPER_KEY), "application/json", valid.clone(), 200, ""),
+    // (api key, content type, body, expected status, expected error)
+    type Case<'a> = (Option<&'a str>, &'a str, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            Some(SCRAPER_KEY),
+            "application/json",
+            valid.clone(),
+            200,
+            "",
+        ),
         (None, "application/json", valid.clone(), 401, "unauthorized"),
-        (Some("wrong"), "application/json", valid.clone(), 401, "unauthorized"),
-        (Some(SCRAPER_KEY), "application/json", br#"{"payload":{}}"#.to_vec(), 422, "missing required fields: type, org_id"),
-        (Some(SCRAPER_KEY), "application/json", br#"{"type":"x"}"#.to_vec(), 422, "missing required fields: org_id"),
-        (Some(SCRAPER_KEY), "application/json", br#"{"type":7,"org_id":"o"}"#.to_vec(), 422, "missing required fields: type"),
-        (Some(SCRAPER_KEY), "application/json", b"{not json".to_vec(), 400, "malformed JSON body"),
-        (Some(SCRAPER_KEY), "application/json", b"[1,2]".to_vec(), 400, "body must be a JSON object"),
-        (Some(SCRAPER_KEY), "text/plain", valid.clone(), 415, "content-type must be application/json"),
-        (Some(SCRAPER_KEY), "application/json", vec![b' '; 200 * 1024], 413, "request body too large"),
+        (
+            Some("wrong"),
+            "application/json",
+            valid.clone(),
+            401,
+            "unauthorized",
+        ),
+        (
+            Some(SCRAPER_KEY),
+            "application/json",
+            br#"{"payload":{}}"#.to_vec(),
+            422,
+            "missing required fields: type, org_id",
+        ),
+        (
+            Some(SCRAPER_KEY),
+            "application/json",
+            br#"{"type":"x"}"#.to_vec(),
+            422,
+            "missing required fields: org_id",
+        ),
+        (
+            Some(SCRAPER_KEY),
+            "application/json",
+            br#"{"type":7,"org_id":"o"}"#.to_vec(),
+            422,
+            "missing required fields: type",
+        ),
+        (
+            Some(SCRAPER_KEY),
+            "application/json",
+            b"{not json".to_vec(),
+            400,
+            "malformed JSON body",
+        ),
+        (
+            Some(SCRAPER_KEY),
+            "application/json",
+            b"[1,2]".to_vec(),
+            400,
+            "body must be a JSON object",
+        ),
+        (
+            Some(SCRAPER_KEY),
+            "text/plain",
+            valid.clone(),
+            415,
+            "content-type must be application/json",
+        ),
+        (
+            Some(SCRAPER_KEY),
+            "application/json",
+            vec![b' '; 200 * 1024],
+            413,
+            "request body too large",
+        ),
     ];
     for (key, content_type, body, status, error) in cases {
         let response = post(key, content_type, body).await.unwrap();
@@ -195,7 +345,13 @@ async fn notify_statuses_and_bodies() {
     let mut config = test_config(&redis2.url(), "http://127.0.0.1:9");
     config.scraper_api_key = String::new();
     let locked = TestHub::start(config).await;
-    let response = client.post(locked.http("/events/notify")).header("x-api-key", "").json(&json!({"type": "t", "org_id": "o"})).send().await.unwrap();
+    let response = client
+        .post(locked.http("/events/notify"))
+        .header("x-api-key", "")
+        .json(&json!({"type": "t", "org_id": "o"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
 }
 
@@ -209,17 +365,29 @@ async fn api_events_requires_an_internal_token() {
     phx.join_ok(&format!("org_events:{org}")).await;
     let client = reqwest::Client::new();
     let body = json!({"type": "team_goal.at_risk", "org_id": org, "payload": {"goal": 1}});
-    for token in [None, Some(user_token("u1", &org)), Some("garbage".to_string())] {
+    for token in [
+        None,
+        Some(user_token("u1", &org)),
+        Some("garbage".to_string()),
+    ] {
         let mut request = client.post(hub.http("/api/events")).json(&body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
         assert_eq!(request.send().await.unwrap().status(), 401);
     }
-    let response = client.post(hub.http("/api/events")).bearer_auth(internal_token()).json(&body).send().await.unwrap();
+    let response = client
+        .post(hub.http("/api/events"))
+        .bearer_auth(internal_token())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
-    let event = phx.event(&format!("org_events:{org}"), "team_goal.at_risk").await;
+    let event = phx
+        .event(&format!("org_events:{org}"), "team_goal.at_risk")
+        .await;
     assert_eq!(event[4]["id"], accepted["id"]);
     assert_eq!(event[4]["user_id"], "system");
     assert!(event[4]["published_at"].as_str().unwrap().ends_with('Z'));
@@ -235,9 +403,15 @@ async fn notify_on_hub_a_reaches_a_client_on_hub_b() {
     let org = unique("org");
     let mut on_b = Phx::connect(&hub_b, &user_token("u1", &org)).await;
     on_b.join_ok(&format!("org_events:{org}")).await;
-    let response = notify(&hub_a, json!({"type": "scraper.match_found", "org_id": org, "payload": {"from": "a"}})).await;
+    let response = notify(
+        &hub_a,
+        json!({"type": "scraper.match_found", "org_id": org, "payload": {"from": "a"}}),
+    )
+    .await;
     assert_eq!(response.status(), 200);
-    let event = on_b.event(&format!("org_events:{org}"), "scraper.match_found").await;
+    let event = on_b
+        .event(&format!("org_events:{org}"), "scraper.match_found")
+        .await;
     assert_eq!(event[4]["payload"]["from"], "a");
 }
 
@@ -252,7 +426,8 @@ async fn notify_is_delivered_locally_when_redis_is_down() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["delivery"], "local");
-    phx.event(&format!("org_events:{org}"), "scraper.match_found").await;
+    phx.event(&format!("org_events:{org}"), "scraper.match_found")
+        .await;
 }
 
 #[tokio::test]
@@ -262,12 +437,21 @@ async fn readiness_with_rails_up_down_and_hanging() {
     let hub = TestHub::start(test_config(&redis.url(), &rails.url())).await;
     hub.wait_redis_ready().await;
     let (status, body) = ready_status(&hub).await;
-    assert_eq!((status, body), (200, json!({"status": "ok", "checks": {"redis": "ok", "rails": "ok"}})));
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"status": "ok", "checks": {"redis": "ok", "rails": "ok"}})
+        )
+    );
 
     rails.set_mode(RailsMode::Failing);
     let (status, body) = ready_status(&hub).await;
     assert_eq!(status, 503);
-    assert_eq!(body["checks"], json!({"redis": "ok", "rails": "status 500"}));
+    assert_eq!(
+        body["checks"],
+        json!({"redis": "ok", "rails": "status 500"})
+    );
 
     rails.set_mode(RailsMode::Hanging);
     let started = Instant::now();
@@ -276,7 +460,10 @@ async fn readiness_with_rails_up_down_and_hanging() {
     assert_eq!(status, 503);
     assert_eq!(body["checks"]["rails"], "timeout");
     // Bounded by the check timeout (2.5 s), not by Rails; generous margin for a loaded machine.
-    assert!(elapsed < Duration::from_secs(6), "readiness took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(6),
+        "readiness took {elapsed:?}"
+    );
 
     let hub_without_rails = TestHub::with_redis(&redis).await;
     hub_without_rails.wait_redis_ready().await;
@@ -307,6 +494,18 @@ async fn metrics_expose_the_documented_series() {
     ] {
         assert!(text.contains(name), "missing {name} in /metrics");
     }
-    assert!(metric_value(&text, "prostaff_http_requests_total", &["route=\"/events/notify\"", "status=\"200\""]) >= 1.0);
-    assert!(metric_value(&text, "prostaff_channels_joined", &["family=\"org_events\""]) >= 1.0);
+    assert!(
+        metric_value(
+            &text,
+            "prostaff_http_requests_total",
+            &["route=\"/events/notify\"", "status=\"200\""]
+        ) >= 1.0
+    );
+    assert!(
+        metric_value(
+            &text,
+            "prostaff_channels_joined",
+            &["family=\"org_events\""]
+        ) >= 1.0
+    );
 }

@@ -12,7 +12,12 @@ fn js_dir() -> PathBuf {
 
 /// `npm ci` when the pinned packages are not installed yet (a fresh checkout).
 fn ensure_node_modules(dir: &Path) {
-    let installed = ["phoenix", "phoenix-1.8.12", "ws"].iter().all(|p| dir.join("node_modules").join(p).join("package.json").exists());
+    let installed = ["phoenix", "phoenix-1.8.12", "ws"].iter().all(|p| {
+        dir.join("node_modules")
+            .join(p)
+            .join("package.json")
+            .exists()
+    });
     if installed {
         return;
     }
@@ -35,7 +40,12 @@ async fn phoenix_js_suite() {
     hub.wait_redis_ready().await;
 
     let output = tokio::process::Command::new("node")
-        .args(["--test", "--test-force-exit", "--test-timeout=60000", "--test-reporter=spec"])
+        .args([
+            "--test",
+            "--test-force-exit",
+            "--test-timeout=60000",
+            "--test-reporter=spec",
+        ])
         .current_dir(&dir)
         .env("HUB_HTTP", format!("http://{}", hub.addr))
         .env("HUB_SECRET", SECRET)
@@ -50,6 +60,9 @@ async fn phoenix_js_suite() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
     eprintln!("{stderr}");
-    assert!(output.status.success(), "phoenix.js suite failed (see output above)");
+    assert!(
+        output.status.success(),
+        "phoenix.js suite failed (see output above)"
+    );
     assert!(stdout.contains("# fail 0"), "the suite reported failures");
 }

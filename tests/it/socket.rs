@@ -20,33 +20,77 @@ async fn health_is_exact_and_has_request_id() {
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("x-request-id").is_some());
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body, json!({"status": "ok", "service": "prostaff-events", "vsn": env!("CARGO_PKG_VERSION")}));
+    assert_eq!(
+        body,
+        json!({"status": "ok", "service": "prostaff-events", "vsn": env!("CARGO_PKG_VERSION")})
+    );
 }
 
 #[tokio::test]
 async fn refused_upgrades_are_403_before_the_handshake() {
     let (_redis, hub) = hub().await;
     let good = user_token("u1", "o1");
-    assert_eq!(upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={good}")), &[]).await, 101);
-    assert_eq!(upgrade_status(&hub.ws_url(&format!("vsn=9.0.0&token={good}")), &[]).await, 403);
+    assert_eq!(
+        upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={good}")), &[]).await,
+        101
+    );
+    assert_eq!(
+        upgrade_status(&hub.ws_url(&format!("vsn=9.0.0&token={good}")), &[]).await,
+        403
+    );
     assert_eq!(upgrade_status(&hub.ws_url("vsn=2.0.0"), &[]).await, 403);
-    let wrong_secret = prostaff_events::auth::mint("not-the-secret", &json!({"user_id": "u1", "org_id": "o1"}));
-    let expired = prostaff_events::auth::mint(SECRET, &json!({"user_id": "u1", "org_id": "o1", "exp": 1000}));
+    let wrong_secret =
+        prostaff_events::auth::mint("not-the-secret", &json!({"user_id": "u1", "org_id": "o1"}));
+    let expired = prostaff_events::auth::mint(
+        SECRET,
+        &json!({"user_id": "u1", "org_id": "o1", "exp": 1000}),
+    );
     let no_claims = prostaff_events::auth::mint(SECRET, &json!({"sub": "u1"}));
     // alg none: header {"alg":"none"} + claims + empty signature.
     let alg_none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJ1c2VyX2lkIjoidTEiLCJvcmdfaWQiOiJvMSJ9.";
-    for token in [wrong_secret.as_str(), expired.as_str(), no_claims.as_str(), alg_none, "garbage"] {
-        assert_eq!(upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={token}")), &[]).await, 403, "{token}");
+    for token in [
+        wrong_secret.as_str(),
+        expired.as_str(),
+        no_claims.as_str(),
+        alg_none,
+        "garbage",
+    ] {
+        assert_eq!(
+            upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={token}")), &[]).await,
+            403,
+            "{token}"
+        );
     }
     // The bearer header is accepted too.
     let bearer = format!("Bearer {good}");
-    assert_eq!(upgrade_status(&hub.ws_url("vsn=2.0.0"), &[("authorization", &bearer)]).await, 101);
+    assert_eq!(
+        upgrade_status(&hub.ws_url("vsn=2.0.0"), &[("authorization", &bearer)]).await,
+        101
+    );
     // Rails access tokens signed with JWT_SECRET_KEY.
-    let rails = prostaff_events::auth::mint(RAILS_SECRET, &json!({"user_id": 5, "organization_id": 7, "exp": prostaff_events::auth::unix_now() + 60}));
-    assert_eq!(upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={rails}")), &[]).await, 101);
+    let rails = prostaff_events::auth::mint(
+        RAILS_SECRET,
+        &json!({"user_id": 5, "organization_id": 7, "exp": prostaff_events::auth::unix_now() + 60}),
+    );
+    assert_eq!(
+        upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={rails}")), &[]).await,
+        101
+    );
     let metrics = hub.metrics().await;
-    assert!(metric_value(&metrics, "prostaff_socket_connects_total", &["outcome=\"bad_vsn\""]) >= 1.0);
-    assert!(metric_value(&metrics, "prostaff_socket_connects_total", &["outcome=\"token_expired\""]) >= 1.0);
+    assert!(
+        metric_value(
+            &metrics,
+            "prostaff_socket_connects_total",
+            &["outcome=\"bad_vsn\""]
+        ) >= 1.0
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "prostaff_socket_connects_total",
+            &["outcome=\"token_expired\""]
+        ) >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -56,15 +100,29 @@ async fn auth_token_subprotocol_is_answered_with_phoenix() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let (_redis, hub) = hub().await;
     let token = user_token("u1", "o1");
-    let protocols = format!("phoenix, base64url.bearer.phx.{}", STANDARD_NO_PAD.encode(&token));
+    let protocols = format!(
+        "phoenix, base64url.bearer.phx.{}",
+        STANDARD_NO_PAD.encode(&token)
+    );
     let mut request = hub.ws_url("vsn=2.0.0").into_client_request().unwrap();
-    request.headers_mut().insert("sec-websocket-protocol", protocols.parse().unwrap());
-    let (ws, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade with authToken");
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", protocols.parse().unwrap());
+    let (ws, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("upgrade with authToken");
     assert_eq!(response.headers()["sec-websocket-protocol"], "phoenix");
     let mut phx = Phx::from_ws(ws);
     phx.join_ok("notifications:u1").await;
     // A subprotocol list without `phoenix` is refused.
-    assert_eq!(upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={token}")), &[("sec-websocket-protocol", "chat")]).await, 403);
+    assert_eq!(
+        upgrade_status(
+            &hub.ws_url(&format!("vsn=2.0.0&token={token}")),
+            &[("sec-websocket-protocol", "chat")]
+        )
+        .await,
+        403
+    );
 }
 
 #[tokio::test]
@@ -74,8 +132,14 @@ async fn origin_check() {
     config.allowed_origins = Some(vec!["https://app.prostaff.gg".into()]);
     let hub = TestHub::start(config).await;
     let url = hub.ws_url(&format!("vsn=2.0.0&token={}", user_token("u1", "o1")));
-    assert_eq!(upgrade_status(&url, &[("origin", "https://app.prostaff.gg")]).await, 101);
-    assert_eq!(upgrade_status(&url, &[("origin", "https://evil.example")]).await, 403);
+    assert_eq!(
+        upgrade_status(&url, &[("origin", "https://app.prostaff.gg")]).await,
+        101
+    );
+    assert_eq!(
+        upgrade_status(&url, &[("origin", "https://evil.example")]).await,
+        403
+    );
     // CORS answers only the allowed origin.
     let client = reqwest::Client::new();
     let preflight = client
@@ -85,26 +149,48 @@ async fn origin_check() {
         .send()
         .await
         .unwrap();
-    assert_eq!(preflight.headers()["access-control-allow-origin"], "https://app.prostaff.gg");
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://app.prostaff.gg"
+    );
 }
 
 #[tokio::test]
 async fn heartbeat_join_leave_and_refs_as_strings() {
     let (_redis, hub) = hub().await;
     let mut phx = Phx::connect(&hub, &user_token("u1", "o1")).await;
-    phx.send(json!([null, "7", "phoenix", "heartbeat", {}])).await;
-    assert_eq!(phx.recv().await, json!([null, "7", "phoenix", "phx_reply", {"status": "ok", "response": {}}]));
+    phx.send(json!([null, "7", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!([null, "7", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
 
-    phx.send(json!(["3", "3", "org_events:o1", "phx_join", {}])).await;
-    assert_eq!(phx.recv().await, json!(["3", "3", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}]));
+    phx.send(json!(["3", "3", "org_events:o1", "phx_join", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!(["3", "3", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}])
+    );
 
-    phx.send(json!(["3", "4", "org_events:o1", "phx_leave", {}])).await;
-    assert_eq!(phx.recv().await, json!(["3", "4", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}]));
-    assert_eq!(phx.recv().await, json!(["3", "3", "org_events:o1", "phx_close", {}]));
+    phx.send(json!(["3", "4", "org_events:o1", "phx_leave", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!(["3", "4", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        phx.recv().await,
+        json!(["3", "3", "org_events:o1", "phx_close", {}])
+    );
 
     // Leave of a topic not joined: ok, and no close.
-    phx.send(json!(["9", "10", "org_events:o1", "phx_leave", {}])).await;
-    assert_eq!(phx.recv().await, json!(["9", "10", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}]));
+    phx.send(json!(["9", "10", "org_events:o1", "phx_leave", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!(["9", "10", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}])
+    );
     assert!(phx.silent_for(Duration::from_millis(200)).await);
 }
 
@@ -112,13 +198,26 @@ async fn heartbeat_join_leave_and_refs_as_strings() {
 async fn unmatched_topics_and_unauthorized_joins() {
     let (_redis, hub) = hub().await;
     let mut phx = Phx::connect(&hub, &user_token("u1", "o1")).await;
-    phx.send(json!(["1", "1", "rooms:lobby", "phx_join", {}])).await;
-    assert_eq!(phx.recv().await, json!([null, "1", "rooms:lobby", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}]));
-    phx.send(json!(["2", "2", "org_events:o1", "some_event", {}])).await;
-    assert_eq!(phx.recv().await, json!([null, "2", "org_events:o1", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}]));
-    phx.send(json!(["3", "3", "org_events:o2", "phx_join", {}])).await;
-    assert_eq!(phx.recv().await, json!(["3", "3", "org_events:o2", "phx_reply", {"status": "error", "response": {"reason": "unauthorized"}}]));
-    phx.send(json!(["4", "4", "notifications:u2", "phx_join", {}])).await;
+    phx.send(json!(["1", "1", "rooms:lobby", "phx_join", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!([null, "1", "rooms:lobby", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}])
+    );
+    phx.send(json!(["2", "2", "org_events:o1", "some_event", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!([null, "2", "org_events:o1", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}])
+    );
+    phx.send(json!(["3", "3", "org_events:o2", "phx_join", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!(["3", "3", "org_events:o2", "phx_reply", {"status": "error", "response": {"reason": "unauthorized"}}])
+    );
+    phx.send(json!(["4", "4", "notifications:u2", "phx_join", {}]))
+        .await;
     assert_eq!(phx.recv().await[4]["response"]["reason"], "unauthorized");
 }
 
@@ -126,9 +225,38 @@ async fn unmatched_topics_and_unauthorized_joins() {
 async fn join_matrix_per_identity() {
     let (_redis, hub) = hub().await;
     let cases = [
-        (user_token("u1", "o1"), vec![("notifications:u1", true), ("notifications:u2", false), ("tournament:9", true), ("inhouse:o1", true), ("inhouse:o2", false), ("org_events:o1", true), ("org_events:o2", false)]),
-        (player_token("p1", "o1"), vec![("notifications:p1", false), ("tournament:9", true), ("inhouse:o1", true), ("inhouse:o2", false), ("org_events:o1", true), ("org_events:o2", false)]),
-        (internal_token(), vec![("notifications:u7", true), ("tournament:9", true), ("inhouse:o5", true), ("org_events:o5", true)]),
+        (
+            user_token("u1", "o1"),
+            vec![
+                ("notifications:u1", true),
+                ("notifications:u2", false),
+                ("tournament:9", true),
+                ("inhouse:o1", true),
+                ("inhouse:o2", false),
+                ("org_events:o1", true),
+                ("org_events:o2", false),
+            ],
+        ),
+        (
+            player_token("p1", "o1"),
+            vec![
+                ("notifications:p1", false),
+                ("tournament:9", true),
+                ("inhouse:o1", true),
+                ("inhouse:o2", false),
+                ("org_events:o1", true),
+                ("org_events:o2", false),
+            ],
+        ),
+        (
+            internal_token(),
+            vec![
+                ("notifications:u7", true),
+                ("tournament:9", true),
+                ("inhouse:o5", true),
+                ("org_events:o5", true),
+            ],
+        ),
     ];
     for (token, topics) in cases {
         let mut phx = Phx::connect(&hub, &token).await;
@@ -144,11 +272,19 @@ async fn join_matrix_per_identity() {
 async fn duplicate_join_closes_the_old_channel_after_the_new_reply() {
     let (_redis, hub) = hub().await;
     let mut phx = Phx::connect(&hub, &user_token("u1", "o1")).await;
-    phx.send(json!(["1", "1", "org_events:o1", "phx_join", {}])).await;
+    phx.send(json!(["1", "1", "org_events:o1", "phx_join", {}]))
+        .await;
     assert_eq!(phx.recv().await[4]["status"], "ok");
-    phx.send(json!(["2", "2", "org_events:o1", "phx_join", {}])).await;
-    assert_eq!(phx.recv().await, json!(["2", "2", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}]));
-    assert_eq!(phx.recv().await, json!(["1", "1", "org_events:o1", "phx_close", {}]));
+    phx.send(json!(["2", "2", "org_events:o1", "phx_join", {}]))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!(["2", "2", "org_events:o1", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        phx.recv().await,
+        json!(["1", "1", "org_events:o1", "phx_close", {}])
+    );
     // One subscription remains: one broadcast arrives once.
     let status = reqwest::Client::new()
         .post(hub.http("/events/notify"))
@@ -169,14 +305,24 @@ async fn stale_join_ref_frames_are_ignored() {
     let (_redis, hub) = hub().await;
     let mut phx = Phx::connect(&hub, &user_token("u1", "o1")).await;
     let join_ref = phx.join_ok("inhouse:o1").await;
-    phx.send(json!(["stale", "5", "inhouse:o1", "leave_queue", {"player_id": "p"}])).await;
-    phx.send(json!(["stale", "6", "inhouse:o1", "phx_leave", {}])).await;
+    phx.send(json!(["stale", "5", "inhouse:o1", "leave_queue", {"player_id": "p"}]))
+        .await;
+    phx.send(json!(["stale", "6", "inhouse:o1", "phx_leave", {}]))
+        .await;
     assert!(phx.silent_for(Duration::from_millis(300)).await);
     // The channel is still joined: a push with the right join_ref is answered.
-    let reply = phx.push(&join_ref, "inhouse:o1", "leave_queue", json!({"player_id": "p"})).await;
+    let reply = phx
+        .push(
+            &join_ref,
+            "inhouse:o1",
+            "leave_queue",
+            json!({"player_id": "p"}),
+        )
+        .await;
     assert_eq!(reply[4]["response"]["reason"], "no_active_queue");
     // A null join_ref is accepted.
-    phx.send(json!([null, "8", "inhouse:o1", "leave_queue", {"player_id": "p"}])).await;
+    phx.send(json!([null, "8", "inhouse:o1", "leave_queue", {"player_id": "p"}]))
+        .await;
     let reply = phx.reply("8").await;
     assert_eq!(reply[0], join_ref.as_str());
 }
@@ -192,7 +338,10 @@ async fn channel_limit_per_socket() {
         phx.join_ok(&format!("tournament:{i}")).await;
     }
     let reply = phx.join("tournament:99", json!({})).await;
-    assert_eq!(reply[4], json!({"status": "error", "response": {"reason": "too many channels joined"}}));
+    assert_eq!(
+        reply[4],
+        json!({"status": "error", "response": {"reason": "too many channels joined"}})
+    );
     // Re-joining an already joined topic is not a new channel.
     phx.join_ok("tournament:0").await;
 }
@@ -201,8 +350,12 @@ async fn channel_limit_per_socket() {
 async fn v1_serializer_speaks_objects() {
     let (_redis, hub) = hub().await;
     let mut phx = Phx::connect_url(&hub.ws_url(&format!("token={}", user_token("u1", "o1")))).await;
-    phx.send(json!({"topic": "org_events:o1", "event": "phx_join", "payload": {}, "ref": "1"})).await;
-    assert_eq!(phx.recv().await, json!({"topic": "org_events:o1", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"}));
+    phx.send(json!({"topic": "org_events:o1", "event": "phx_join", "payload": {}, "ref": "1"}))
+        .await;
+    assert_eq!(
+        phx.recv().await,
+        json!({"topic": "org_events:o1", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"})
+    );
     reqwest::Client::new()
         .post(hub.http("/events/notify"))
         .header("x-api-key", SCRAPER_KEY)
@@ -211,7 +364,10 @@ async fn v1_serializer_speaks_objects() {
         .await
         .unwrap();
     let event = phx.recv().await;
-    assert_eq!((event["event"].as_str(), event["ref"].clone()), (Some("scraper.done"), Value::Null));
+    assert_eq!(
+        (event["event"].as_str(), event["ref"].clone()),
+        (Some("scraper.done"), Value::Null)
+    );
     assert_eq!(event["payload"]["payload"]["n"], 1);
 }
 
@@ -221,24 +377,40 @@ async fn binary_pushes_are_decoded_and_answered() {
     let mut phx = Phx::connect(&hub, &user_token("u1", "o1")).await;
     let join_ref = phx.join_ok("inhouse:o1").await;
     let (topic, event, msg_ref) = ("inhouse:o1", "checkin", "42");
-    let mut frame = vec![0u8, join_ref.len() as u8, msg_ref.len() as u8, topic.len() as u8, event.len() as u8];
+    let mut frame = vec![
+        0u8,
+        join_ref.len() as u8,
+        msg_ref.len() as u8,
+        topic.len() as u8,
+        event.len() as u8,
+    ];
     for field in [join_ref.as_str(), msg_ref, topic, event] {
         frame.extend_from_slice(field.as_bytes());
     }
     frame.extend_from_slice(&[1, 2, 3]);
     phx.send_raw(Message::Binary(frame.into())).await;
     let reply = phx.reply("42").await;
-    assert_eq!(reply, json!([join_ref, "42", "inhouse:o1", "phx_reply", {"status": "error", "response": {"reason": "invalid_params"}}]));
+    assert_eq!(
+        reply,
+        json!([join_ref, "42", "inhouse:o1", "phx_reply", {"status": "error", "response": {"reason": "invalid_params"}}])
+    );
 }
 
 #[tokio::test]
 async fn longpoll_answers_without_json() {
     let (_redis, hub) = hub().await;
     for method in [reqwest::Method::GET, reqwest::Method::POST] {
-        let response = reqwest::Client::new().request(method, hub.http("/socket/longpoll?vsn=2.0.0")).send().await.unwrap();
+        let response = reqwest::Client::new()
+            .request(method, hub.http("/socket/longpoll?vsn=2.0.0"))
+            .send()
+            .await
+            .unwrap();
         assert!(!response.status().is_success());
         let body = response.text().await.unwrap();
-        assert!(serde_json::from_str::<Value>(&body).is_err(), "longpoll body must not be JSON: {body}");
+        assert!(
+            serde_json::from_str::<Value>(&body).is_err(),
+            "longpoll body must not be JSON: {body}"
+        );
     }
 }
 
@@ -249,13 +421,32 @@ async fn force_ssl_redirects_and_sets_hsts() {
     config.force_ssl = true;
     config.phx_host = "events.prostaff.gg".into();
     let hub = TestHub::start(config).await;
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let redirect = client.get(hub.http("/health?x=1")).header("x-forwarded-proto", "http").send().await.unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let redirect = client
+        .get(hub.http("/health?x=1"))
+        .header("x-forwarded-proto", "http")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(redirect.status(), 301);
-    assert_eq!(redirect.headers()["location"], "https://events.prostaff.gg/health?x=1");
-    let secure = client.get(hub.http("/health")).header("x-forwarded-proto", "https").send().await.unwrap();
+    assert_eq!(
+        redirect.headers()["location"],
+        "https://events.prostaff.gg/health?x=1"
+    );
+    let secure = client
+        .get(hub.http("/health"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(secure.status(), 200);
-    assert!(secure.headers()["strict-transport-security"].to_str().unwrap().contains("max-age="));
+    assert!(secure.headers()["strict-transport-security"]
+        .to_str()
+        .unwrap()
+        .contains("max-age="));
 }
 
 #[tokio::test]

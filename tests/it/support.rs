@@ -51,7 +51,9 @@ pub fn init_logs() {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = buffer.clone();
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("warn,prostaff_events=info"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "warn,prostaff_events=info",
+            ))
             .with_ansi(false)
             .with_writer(move || LogWriter(writer.clone()))
             .try_init();
@@ -62,7 +64,11 @@ pub fn init_logs() {
 /// Every captured log line containing `needle`.
 pub fn log_lines(needle: &str) -> Vec<String> {
     let logs = LOGS.get().expect("init_logs called").lock().unwrap();
-    String::from_utf8_lossy(&logs).lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
 }
 
 pub fn all_logs() -> String {
@@ -73,10 +79,16 @@ pub fn all_logs() -> String {
 pub async fn wait_for_log(needles: &[&str]) -> String {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        if let Some(line) = log_lines(needles[0]).into_iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+        if let Some(line) = log_lines(needles[0])
+            .into_iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+        {
             return line;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no log line with {needles:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no log line with {needles:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -85,7 +97,11 @@ pub async fn wait_for_log(needles: &[&str]) -> String {
 // Redis
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `redis-server` child process on its own port; killed on drop.
@@ -96,14 +112,20 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Self {
-        let mut server = RedisServer { port: free_port(), child: None };
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+        };
         server.spawn();
         server
     }
 
     /// A port with nothing listening yet (Redis can be started there later).
     pub fn reserved() -> Self {
-        RedisServer { port: free_port(), child: None }
+        RedisServer {
+            port: free_port(),
+            child: None,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -112,7 +134,16 @@ impl RedisServer {
 
     pub fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -120,7 +151,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = std::time::Instant::now() + TIMEOUT;
         while self.try_command("PING").as_deref() != Some("+PONG") {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start on {}", self.port);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -160,7 +195,12 @@ impl RedisServer {
 
     /// Publishes until at least `subscribers` receive it (the hub's subscriber may still be
     /// connecting); returns false after the timeout.
-    pub async fn publish_when_subscribed(&self, channel: &str, message: &str, subscribers: i64) -> bool {
+    pub async fn publish_when_subscribed(
+        &self,
+        channel: &str,
+        message: &str,
+        subscribers: i64,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         while tokio::time::Instant::now() < deadline {
             if self.numsub_pattern() >= subscribers {
@@ -218,7 +258,11 @@ impl TestHub {
         let task = tokio::spawn(prostaff_events::run(config, listener, async move {
             let _ = stopped.await;
         }));
-        TestHub { addr, stop: Some(stop), task: Some(task) }
+        TestHub {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Hub with Redis at `redis` and no Rails.
@@ -253,13 +297,21 @@ impl TestHub {
                     return;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "hub never connected to redis");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "hub never connected to redis"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.http("/metrics")).await.unwrap().text().await.unwrap()
+        reqwest::get(self.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
@@ -289,7 +341,10 @@ pub fn user_token(user_id: &str, org_id: &str) -> String {
 }
 
 pub fn player_token(player_id: &str, org_id: &str) -> String {
-    prostaff_events::auth::mint(SECRET, &json!({"entity_type": "player", "player_id": player_id, "organization_id": org_id}))
+    prostaff_events::auth::mint(
+        SECRET,
+        &json!({"entity_type": "player", "player_id": player_id, "organization_id": org_id}),
+    )
 }
 
 pub fn internal_token() -> String {
@@ -299,7 +354,8 @@ pub fn internal_token() -> String {
 // ---------------------------------------------------------------------------------------------
 // Phoenix V2 client
 
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub struct Phx {
     pub ws: Ws,
@@ -314,12 +370,18 @@ impl Phx {
     }
 
     pub async fn connect_url(url: &str) -> Phx {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("socket upgrade");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("socket upgrade");
         Phx::from_ws(ws)
     }
 
     pub fn from_ws(ws: Ws) -> Phx {
-        Phx { ws, next_ref: 0, backlog: Vec::new() }
+        Phx {
+            ws,
+            next_ref: 0,
+            backlog: Vec::new(),
+        }
     }
 
     pub fn next_ref(&mut self) -> String {
@@ -328,7 +390,10 @@ impl Phx {
     }
 
     pub async fn send(&mut self, frame: Value) {
-        self.ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_raw(&mut self, message: Message) {
@@ -370,7 +435,8 @@ impl Phx {
     /// Waits for the reply to `msg_ref`.
     pub async fn reply(&mut self, msg_ref: &str) -> Value {
         let msg_ref = msg_ref.to_string();
-        self.recv_matching(move |f| f[3] == "phx_reply" && f[1] == msg_ref.as_str()).await
+        self.recv_matching(move |f| f[3] == "phx_reply" && f[1] == msg_ref.as_str())
+            .await
     }
 
     /// Waits for a push/broadcast `event` on `topic`.
@@ -392,7 +458,13 @@ impl Phx {
         reply[0].as_str().unwrap().to_string()
     }
 
-    pub async fn push(&mut self, join_ref: &str, topic: &str, event: &str, payload: Value) -> Value {
+    pub async fn push(
+        &mut self,
+        join_ref: &str,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> Value {
         let r = self.next_ref();
         self.send(json!([join_ref, r, topic, event, payload])).await;
         self.reply(&r).await
@@ -471,10 +543,17 @@ pub struct FakeRails {
 
 impl FakeRails {
     pub async fn start(queues: Value) -> FakeRails {
-        let state = Arc::new(Mutex::new(RailsState { mode: RailsMode::Up, queues, token_checks: Vec::new() }));
+        let state = Arc::new(Mutex::new(RailsState {
+            mode: RailsMode::Up,
+            queues,
+            token_checks: Vec::new(),
+        }));
         let app = Router::new()
             .route("/health", get(rails_health))
-            .route("/internal/api/inhouse_queues/active", get(rails_active_queues))
+            .route(
+                "/internal/api/inhouse_queues/active",
+                get(rails_active_queues),
+            )
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -522,23 +601,38 @@ async fn rails_health(State(state): State<Arc<Mutex<RailsState>>>) -> Response {
 /// `type: internal`, `iss: prostaff-events`, and an `exp`.
 fn verify_internal_token(headers: &HeaderMap) -> Result<(), String> {
     use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
-    let value = headers.get("authorization").ok_or("no authorization header")?.to_str().map_err(|e| e.to_string())?;
+    let value = headers
+        .get("authorization")
+        .ok_or("no authorization header")?
+        .to_str()
+        .map_err(|e| e.to_string())?;
     let token = value.strip_prefix("Bearer ").ok_or("not a bearer token")?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_required_spec_claims(&["exp", "iss"]);
     validation.set_issuer(&["prostaff-events"]);
-    let data = decode::<Value>(token, &DecodingKey::from_secret(SECRET.as_bytes()), &validation).map_err(|e| e.to_string())?;
+    let data = decode::<Value>(
+        token,
+        &DecodingKey::from_secret(SECRET.as_bytes()),
+        &validation,
+    )
+    .map_err(|e| e.to_string())?;
     if data.claims["type"] != "internal" {
         return Err("type is not internal".into());
     }
-    let (iat, exp) = (data.claims["iat"].as_u64().unwrap_or(0), data.claims["exp"].as_u64().unwrap_or(0));
+    let (iat, exp) = (
+        data.claims["iat"].as_u64().unwrap_or(0),
+        data.claims["exp"].as_u64().unwrap_or(0),
+    );
     if exp != iat + 60 {
         return Err(format!("exp should be iat + 60, got iat={iat} exp={exp}"));
     }
     Ok(())
 }
 
-async fn rails_active_queues(State(state): State<Arc<Mutex<RailsState>>>, headers: HeaderMap) -> Response {
+async fn rails_active_queues(
+    State(state): State<Arc<Mutex<RailsState>>>,
+    headers: HeaderMap,
+) -> Response {
     let check = verify_internal_token(&headers);
     state.lock().unwrap().token_checks.push(check.clone());
     if let Some(response) = rails_mode_response(&state).await {
@@ -559,7 +653,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
