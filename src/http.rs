@@ -382,8 +382,10 @@ async fn socket(
     );
     upgrade
         .protocols(["phoenix"])
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .read_buffer_size(1024)
+        // Frames queued together go out in one write; the buffer only grows on sockets that
+        // actually batch, so idle sockets stay small.
+        .write_buffer_size(4 * 1024)
         .max_message_size(limits.max_frame_bytes * 2 + 1024)
         .max_frame_size(limits.max_frame_bytes * 2 + 1024)
         .on_upgrade(move |socket| {

@@ -120,6 +120,13 @@ pub async fn run(
     });
 
     let stop_accepting = CancellationToken::new();
+    // Small WebSocket frames must not wait for Nagle/delayed-ACK: every socket gets TCP_NODELAY.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, http::router(app.clone()))
         .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });

@@ -74,5 +74,9 @@ async fn phoenix_js_suite() {
     assert_eq!(summary("fail"), 0);
     assert_eq!(summary("cancelled"), 0);
     // Guard against a suite that silently runs nothing.
-    assert!(summary("pass") >= 22, "only {} phoenix.js tests ran", summary("pass"));
+    assert!(
+        summary("pass") >= 22,
+        "only {} phoenix.js tests ran",
+        summary("pass")
+    );
 }

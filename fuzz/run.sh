@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for a bounded time (default 60 s each). Not part of CI.
+# Needs cargo-fuzz (`cargo install cargo-fuzz`). On a stable toolchain RUSTC_BOOTSTRAP=1 lets
+# cargo-fuzz use the sanitizer flags it needs.
+# Crashes land in fuzz/artifacts/<target>/; copy them to fuzz/regressions/<target>/ so the
+# `fuzz_regressions` unit test replays them forever.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_TARGET="${1:-60}"
+export RUSTC_BOOTSTRAP=1
+for target in phoenix_frames envelope token; do
+  mkdir -p "fuzz/corpus/$target" "fuzz/regressions/$target"
+  cp -n fuzz/regressions/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true
+  echo "== $target (${SECONDS_PER_TARGET}s)"
+  cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- -max_total_time="$SECONDS_PER_TARGET" -max_len=4096
+done
