@@ -21,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{
@@ -55,8 +54,6 @@ pub struct App {
     pub connections: Arc<AtomicUsize>,
     /// Tracks socket sessions (axum's graceful shutdown does not see upgraded connections).
     pub sessions: TaskTracker,
-    /// Cancelled when the grace period is over: remaining sessions stop at once.
-    pub hard_stop: CancellationToken,
 }
 
 const X_REQUEST_ID: &str = "x-request-id";
@@ -373,7 +370,6 @@ async fn socket(
 
     let limits = &app.config.limits;
     let deps = app.session_deps.clone();
-    let hard_stop = app.hard_stop.clone();
     let sessions = app.sessions.clone();
     let span = tracing::info_span!(
         "socket",
@@ -392,7 +388,7 @@ async fn socket(
             sessions.track_future(
                 async move {
                     let _permit = permit;
-                    session::run(socket, deps, vsn, authenticated, hard_stop).await;
+                    session::run(socket, deps, vsn, authenticated).await;
                 }
                 .instrument(span),
             )

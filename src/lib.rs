@@ -116,7 +116,6 @@ pub async fn run(
         draining: AtomicBool::new(false),
         connections: Arc::new(AtomicUsize::new(0)),
         sessions: TaskTracker::new(),
-        hard_stop: CancellationToken::new(),
     });
 
     let stop_accepting = CancellationToken::new();
@@ -148,6 +147,9 @@ pub async fn run(
     let batch = sockets.div_ceil(BATCHES).max(200);
     let pause = (grace / 4 / BATCHES as u32).min(Duration::from_millis(100));
     hub.close_all(CloseReason::Restart, batch, pause).await;
+    // Sockets upgraded while the batches ran (before `draining` was visible to them).
+    hub.close_all(CloseReason::Restart, usize::MAX, Duration::ZERO)
+        .await;
     app.sessions.close();
     let remaining = grace
         .saturating_sub(started.elapsed())
@@ -160,7 +162,8 @@ pub async fn run(
             left = app.sessions.len(),
             "grace period over; stopping remaining sockets"
         );
-        app.hard_stop.cancel();
+        hub.close_all(CloseReason::GoingAway, usize::MAX, Duration::ZERO)
+            .await;
         let _ = tokio::time::timeout(Duration::from_millis(300), app.sessions.wait()).await;
     }
     stop_accepting.cancel();

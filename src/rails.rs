@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::auth;
-use crate::inhouse::{id_field, parse_deadline, EntrySummary, QueueSpec, QueueStatus};
+use crate::inhouse::{entries_field, id_field, parse_deadline, QueueSpec, QueueStatus};
 
 pub const ACTIVE_QUEUES_PATH: &str = "/internal/api/inhouse_queues/active";
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,29 +119,7 @@ pub fn parse_active_queues(body: &Value) -> Result<Vec<QueueSpec>, RailsError> {
             );
             continue;
         };
-        let entries = queue
-            .get("entries")
-            .and_then(Value::as_array)
-            .map(|entries| {
-                entries
-                    .iter()
-                    .filter_map(|entry| {
-                        Some(EntrySummary {
-                            player_id: id_field(entry, "player_id")?,
-                            role: entry
-                                .get("role")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_string(),
-                            checked_in: entry
-                                .get("checked_in")
-                                .and_then(Value::as_bool)
-                                .unwrap_or(false),
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let entries = entries_field(queue);
         specs.push(QueueSpec {
             queue_id,
             org_id,

@@ -63,6 +63,16 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
     let Value::Object(mut object) = value else {
         return Err(Rejection::NotAnObject);
     };
+    // serde_json reserves this key for raw values; an envelope carrying it cannot round-trip
+    // (found by the `envelope` fuzz target).
+    if object
+        .keys()
+        .any(|key| key.starts_with("$serde_json::private"))
+    {
+        return Err(Rejection::InvalidFields(vec![
+            "$serde_json::private::RawValue",
+        ]));
+    }
 
     let mut missing = Vec::new();
     for name in ["type", "org_id"] {
@@ -103,12 +113,12 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
         object.insert("published_at".into(), Value::String(now));
     }
     let org_id = object["org_id"].as_str().expect("validated").to_string();
-    let raw = serde_json::to_vec(&Value::Object(object)).expect("JSON value serializes");
-    Ok(Accepted {
-        id,
-        org_id,
-        raw: raw.into(),
-    })
+    let raw: Bytes = serde_json::to_vec(&Value::Object(object))
+        .map_err(|_| Rejection::MalformedJson)?
+        .into();
+    // What HTTP accepts, every subscriber must accept too.
+    crate::envelope::decode(raw.clone()).map_err(|_| Rejection::MalformedJson)?;
+    Ok(Accepted { id, org_id, raw })
 }
 
 /// Publishes to Redis, falling back to local delivery when Redis is down.
@@ -187,5 +197,10 @@ mod tests {
             complete_envelope(br#"{"type":"t","org_id":"o","version":"2"}"#).unwrap_err(),
             Rejection::UnsupportedVersion
         );
+        let reserved = br#"{"type":"t","org_id":"o","$serde_json::private::RawValue":{"a":1}}"#;
+        assert!(matches!(
+            complete_envelope(reserved).unwrap_err(),
+            Rejection::InvalidFields(_)
+        ));
     }
 }

@@ -254,7 +254,8 @@ fn deadline_field(payload: &Value) -> Option<OffsetDateTime> {
         .and_then(parse_deadline)
 }
 
-fn entries_field(payload: &Value) -> Vec<EntrySummary> {
+/// Reads `entries: [{player_id, role, checked_in}]` (Rails' shape); malformed entries are skipped.
+pub fn entries_field(payload: &Value) -> Vec<EntrySummary> {
     let Some(Value::Array(entries)) = payload.get("entries") else {
         return Vec::new();
     };

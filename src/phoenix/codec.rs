@@ -125,6 +125,22 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<Inbound, DecodeError> {
     }
 }
 
+/// Recognises phoenix.js's V2 heartbeat `[null,"<ref>","phoenix","heartbeat",{}]` without a
+/// JSON parse (it is most of the traffic of an idle socket) and returns its ref. Anything else,
+/// including heartbeats spelled differently, returns `None` and takes the general decoder.
+pub fn heartbeat_ref(vsn: Vsn, text: &str) -> Option<&str> {
+    if vsn != Vsn::V2 {
+        return None;
+    }
+    let msg_ref = text
+        .strip_prefix("[null,\"")?
+        .strip_suffix("\",\"phoenix\",\"heartbeat\",{}]")?;
+    let plain = !msg_ref.is_empty()
+        && msg_ref.len() <= 32
+        && msg_ref.bytes().all(|b| b.is_ascii_alphanumeric());
+    plain.then_some(msg_ref)
+}
+
 /// Decodes a V2 binary client push: `0|jrLen|refLen|topicLen|evLen|jr|ref|topic|event|data`.
 pub fn decode_binary(vsn: Vsn, frame: &Bytes) -> Result<Inbound, DecodeError> {
     if vsn == Vsn::V1 {
@@ -396,6 +412,27 @@ mod tests {
                 DecodeError::Malformed,
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn heartbeat_fast_path() {
+        assert_eq!(
+            heartbeat_ref(Vsn::V2, r#"[null,"17","phoenix","heartbeat",{}]"#),
+            Some("17")
+        );
+        assert_eq!(
+            heartbeat_ref(Vsn::V1, r#"[null,"17","phoenix","heartbeat",{}]"#),
+            None
+        );
+        for other in [
+            r#"[null,"1\"","phoenix","heartbeat",{}]"#,
+            r#"[null,"","phoenix","heartbeat",{}]"#,
+            r#"[null, "1","phoenix","heartbeat",{}]"#,
+            r#"["2","1","phoenix","heartbeat",{}]"#,
+            r#"[null,"1","phoenix","heartbeat",{"a":1}]"#,
+        ] {
+            assert_eq!(heartbeat_ref(Vsn::V2, other), None, "{other}");
         }
     }
 

@@ -16,7 +16,6 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, Inbound, InboundPayload, ReplyStatus, Vsn};
 use crate::auth::Authenticated;
@@ -90,14 +89,9 @@ fn expiry_instant(expires_at: u64) -> Instant {
     Instant::now() + remaining
 }
 
-/// Serves one socket until it closes. `shutdown` is the hard stop at the end of the grace period.
-pub async fn run<S, E>(
-    mut socket: S,
-    deps: Arc<SessionDeps>,
-    vsn: Vsn,
-    auth: Authenticated,
-    shutdown: CancellationToken,
-) where
+/// Serves one socket until it closes (the hub closes it through its outbox on shutdown).
+pub async fn run<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
+where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
     E: std::fmt::Display,
 {
@@ -128,7 +122,6 @@ pub async fn run<S, E>(
     let ending = loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Ending::closed("shutdown", close_code::GOING_AWAY, "server shutting down"),
             _ = session.outbox.notified() => {
                 if let Err(ending) = session.flush_outbox(&mut socket, &mut drained).await {
                     break ending;
@@ -213,6 +206,19 @@ impl Session {
         let inbound = match message {
             Message::Text(text) => {
                 self.check_size(text.len())?;
+                if let Some(msg_ref) = codec::heartbeat_ref(self.vsn, text.as_str()) {
+                    self.deps.metrics.frames_received.increment(1);
+                    let reply = codec::encode_reply(
+                        self.vsn,
+                        None,
+                        Some(msg_ref),
+                        "phoenix",
+                        ReplyStatus::Ok,
+                        b"{}",
+                    );
+                    self.pending.push(Message::Text(reply));
+                    return Ok(());
+                }
                 codec::decode_text(self.vsn, text.as_str())
             }
             Message::Binary(data) => {

@@ -8,10 +8,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
 fn envelope(event_type: &str, org: &str, user: &str, payload: Value) -> String {
     json!({"id": unique("evt"), "type": event_type, "org_id": org, "user_id": user, "payload": payload, "published_at": "2026-11-22T10:00:00Z"}).to_string()
 }
@@ -28,9 +24,7 @@ async fn notify(hub: &TestHub, body: Value) -> reqwest::Response {
 
 #[tokio::test]
 async fn routing_matrix_observed_by_joined_sockets() {
-    let redis = RedisServer::start();
-    let hub = TestHub::with_redis(&redis).await;
-    hub.wait_redis_ready().await;
+    let (redis, hub) = redis_and_ready_hub().await;
     let (org, user, tournament) = (unique("org"), unique("user"), unique("t"));
     let mut phx = Phx::connect(&hub, &internal_token()).await;
     let topics = [
@@ -102,9 +96,7 @@ async fn routing_matrix_observed_by_joined_sockets() {
 
 #[tokio::test]
 async fn versions_and_drops_are_logged_without_payload() {
-    let redis = RedisServer::start();
-    let hub = TestHub::with_redis(&redis).await;
-    hub.wait_redis_ready().await;
+    let (redis, hub) = redis_and_ready_hub().await;
     let org = unique("org");
     let channel = format!("prostaff:events:{org}");
     let mut phx = Phx::connect(&hub, &user_token("u1", &org)).await;
@@ -245,9 +237,7 @@ async fn redis_restart_mid_test() {
 
 #[tokio::test]
 async fn notify_statuses_and_bodies() {
-    let redis = RedisServer::start();
-    let hub = TestHub::with_redis(&redis).await;
-    hub.wait_redis_ready().await;
+    let (_redis, hub) = redis_and_ready_hub().await;
     let client = reqwest::Client::new();
     let url = hub.http("/events/notify");
     let post = |key: Option<&str>, content_type: &str, body: Vec<u8>| {
@@ -357,12 +347,9 @@ async fn notify_statuses_and_bodies() {
 
 #[tokio::test]
 async fn api_events_requires_an_internal_token() {
-    let redis = RedisServer::start();
-    let hub = TestHub::with_redis(&redis).await;
-    hub.wait_redis_ready().await;
+    let (_redis, hub) = redis_and_ready_hub().await;
     let org = unique("org");
-    let mut phx = Phx::connect(&hub, &user_token("u1", &org)).await;
-    phx.join_ok(&format!("org_events:{org}")).await;
+    let mut phx = Phx::org_member(&hub, &org).await;
     let client = reqwest::Client::new();
     let body = json!({"type": "team_goal.at_risk", "org_id": org, "payload": {"goal": 1}});
     for token in [
@@ -474,12 +461,9 @@ async fn readiness_with_rails_up_down_and_hanging() {
 
 #[tokio::test]
 async fn metrics_expose_the_documented_series() {
-    let redis = RedisServer::start();
-    let hub = TestHub::with_redis(&redis).await;
-    hub.wait_redis_ready().await;
+    let (_redis, hub) = redis_and_ready_hub().await;
     let org = unique("org");
-    let mut phx = Phx::connect(&hub, &user_token("u1", &org)).await;
-    phx.join_ok(&format!("org_events:{org}")).await;
+    let mut phx = Phx::org_member(&hub, &org).await;
     notify(&hub, json!({"type": "scraper.x", "org_id": org})).await;
     phx.event(&format!("org_events:{org}"), "scraper.x").await;
     let text = hub.metrics().await;

@@ -9,10 +9,6 @@ use time::OffsetDateTime;
 
 use crate::support::*;
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
 fn deadline_in(seconds: f64) -> String {
     (OffsetDateTime::now_utc() + time::Duration::seconds_f64(seconds))
         .format(&Rfc3339)

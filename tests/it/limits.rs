@@ -8,10 +8,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
 /// Waits until the metric (summed over samples with `label`) reaches `at_least`. The hub counts a
 /// close after the closing handshake, so a client may see the close first.
 async fn eventually_metric(hub: &TestHub, name: &str, label: &str, at_least: f64) {
@@ -279,9 +275,10 @@ async fn stalled_client(hub: &TestHub, token: &str, topic: &str) -> Phx {
 /// the test measures the hub rather than a burst from one Redis connection per event.
 async fn flood(redis: &RedisServer, org: &str, event_type: &str, count: usize, padding: usize) {
     let padding = "p".repeat(padding);
+    let mut connection = redis.connection();
     for seq in 0..count {
         let message = json!({"type": event_type, "org_id": org, "user_id": "u", "payload": {"seq": seq, "padding": padding}}).to_string();
-        redis.publish(&format!("prostaff:events:{org}"), &message);
+        connection.publish(&format!("prostaff:events:{org}"), &message);
         if seq % 50 == 49 {
             tokio::task::yield_now().await;
         }

@@ -178,19 +178,15 @@ impl RedisServer {
 
     /// `PUBLISH channel message` over RESP; returns the receiver count.
     pub fn publish(&self, channel: &str, message: &str) -> i64 {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("redis reachable");
-        let frame = format!(
-            "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
-            channel.len(),
-            channel,
-            message.len(),
-            message
-        );
-        stream.write_all(frame.as_bytes()).unwrap();
-        let mut buf = [0u8; 64];
-        let n = stream.read(&mut buf).unwrap();
-        let text = String::from_utf8_lossy(&buf[..n]);
-        text.trim().trim_start_matches(':').parse().unwrap_or(-1)
+        self.connection().publish(channel, message)
+    }
+
+    /// One connection for many PUBLISHes (floods would otherwise churn ephemeral ports).
+    pub fn connection(&self) -> RedisConnection {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("redis reachable");
+        RedisConnection {
+            reader: std::io::BufReader::new(stream),
+        }
     }
 
     /// Publishes until at least `subscribers` receive it (the hub's subscriber may still be
@@ -218,6 +214,28 @@ impl RedisServer {
     }
 }
 
+pub struct RedisConnection {
+    reader: std::io::BufReader<TcpStream>,
+}
+
+impl RedisConnection {
+    /// `PUBLISH channel message`; returns the receiver count.
+    pub fn publish(&mut self, channel: &str, message: &str) -> i64 {
+        use std::io::BufRead;
+        let frame = format!(
+            "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{}\r\n${}\r\n{}\r\n",
+            channel.len(),
+            channel,
+            message.len(),
+            message
+        );
+        self.reader.get_mut().write_all(frame.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line.trim().trim_start_matches(':').parse().unwrap_or(-1)
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
@@ -226,6 +244,19 @@ impl Drop for RedisServer {
 
 // ---------------------------------------------------------------------------------------------
 // Hub
+
+/// A fresh id, so tests running in parallel never share orgs, users or rate-limit windows.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A redis-server and a hub subscribed to it (no Rails).
+pub async fn redis_and_ready_hub() -> (RedisServer, TestHub) {
+    let redis = RedisServer::start();
+    let hub = TestHub::with_redis(&redis).await;
+    hub.wait_redis_ready().await;
+    (redis, hub)
+}
 
 pub struct TestHub {
     pub addr: SocketAddr,
@@ -449,6 +480,13 @@ impl Phx {
         let r = self.next_ref();
         self.send(json!([r, r, topic, "phx_join", params])).await;
         self.reply(&r).await
+    }
+
+    /// A user of `org` joined to `org_events:{org}`.
+    pub async fn org_member(hub: &TestHub, org: &str) -> Phx {
+        let mut phx = Phx::connect(hub, &user_token("u1", org)).await;
+        phx.join_ok(&format!("org_events:{org}")).await;
+        phx
     }
 
     /// Joins and asserts ok; returns the join_ref.
