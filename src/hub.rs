@@ -155,10 +155,6 @@ impl Hub {
         }
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     /// Registers a new socket and returns its id and outbox.
     pub fn register_socket(&self) -> (SocketId, Arc<Outbox>) {
         let id = self.next_socket_id.fetch_add(1, Ordering::Relaxed);
@@ -193,10 +189,6 @@ impl Hub {
         }
         self.topics
             .remove_if(topic, |_, subscribers| subscribers.is_empty());
-    }
-
-    pub fn subscriber_count(&self, topic: &str) -> usize {
-        self.topics.get(topic).map(|s| s.len()).unwrap_or(0)
     }
 
     pub fn topic_count(&self) -> usize {

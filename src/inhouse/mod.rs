@@ -72,10 +72,6 @@ impl Registry {
             .remove_if(org_id, |_, handle| &*handle.queue_id == queue_id);
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -380,6 +380,7 @@ impl Session {
         );
         metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "ok").increment(1);
         self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &response);
+        tracing::debug!(socket = self.id, topic, "joined");
         if let Some(previous) = previous {
             // Duplicate join: the old channel is closed after the new join's reply.
             self.push_close(previous.join_ref.as_deref(), topic);
