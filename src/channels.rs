@@ -91,12 +91,12 @@ pub async fn handle_in(
         _ => return Err(Refusal("unknown_event")),
     };
     let result = run_queue_action(action, org_id, identity, payload, inhouse).await;
-    metrics::counter!(
-        crate::metrics::INHOUSE_ACTIONS,
-        "action" => action.label(),
-        "outcome" => match &result { Ok(_) => "ok", Err(error) => error.reason() }
-    )
-    .increment(1);
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(error) => error.reason(),
+    };
+    tracing::debug!(org = %org_id, action = action.label(), outcome, "queue action");
+    metrics::counter!(crate::metrics::INHOUSE_ACTIONS, "action" => action.label(), "outcome" => outcome).increment(1);
     match result {
         Ok(summary) => Ok(serde_json::to_value(summary).expect("summary serializes")),
         Err(error) => Err(Refusal(error.reason())),
