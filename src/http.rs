@@ -31,7 +31,6 @@ use tracing::Instrument;
 
 use crate::auth::{self, Identity, TokenVerifier};
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::ingest::publish::{self, Rejection};
 use crate::ingest::redis::RedisLink;
 use crate::ingest::Pipeline;
@@ -43,7 +42,6 @@ use crate::rails::RailsClient;
 /// Everything the HTTP handlers share.
 pub struct App {
     pub config: Config,
-    pub hub: Arc<Hub>,
     pub pipeline: Arc<Pipeline>,
     pub redis: Arc<RedisLink>,
     pub rails: RailsClient,

@@ -32,6 +32,9 @@ pub enum CloseReason {
     GoingAway,
 }
 
+/// Queue capacity an idle socket keeps after a burst (frames are pointers: 8 bytes each).
+pub const RETAINED_CAPACITY: usize = 16;
+
 /// One socket's queue of broadcasts waiting to be written.
 #[derive(Debug)]
 pub struct Outbox {
@@ -113,6 +116,9 @@ impl Outbox {
         if !state.frames.is_empty() {
             // More to write: make sure the next wait returns at once.
             self.notify.notify_one();
+        } else if state.frames.capacity() > RETAINED_CAPACITY {
+            // A burst is over: give the memory back so lagging once does not cost forever.
+            state.frames.shrink_to(RETAINED_CAPACITY);
         }
     }
 
@@ -299,6 +305,22 @@ mod tests {
                 r#"[null,null,"t","e",{"i":4}]"#
             ]
         );
+    }
+
+    #[test]
+    fn memory_of_a_burst_is_given_back() {
+        let hub = hub(1024);
+        let (a, outbox) = hub.register_socket();
+        hub.subscribe("t", a, &outbox);
+        for _ in 0..500 {
+            hub.publish("t", "e", Bytes::from_static(b"{}"));
+        }
+        let mut drained = Drained::default();
+        while outbox.queued() > 0 {
+            drained.frames.clear();
+            outbox.drain(256, &mut drained);
+        }
+        assert!(outbox.state.lock().unwrap().frames.capacity() <= RETAINED_CAPACITY);
     }
 
     #[test]

@@ -109,7 +109,6 @@ pub async fn run(
             config.require_token_exp,
         ),
         config,
-        hub: hub.clone(),
         pipeline,
         redis,
         rails,

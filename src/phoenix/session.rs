@@ -496,6 +496,7 @@ impl Session {
                 .drain(..)
                 .map(|frame| Message::Text(frame.text(self.vsn))),
         );
+        drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
         if !messages.is_empty() {
             self.write_all(socket, messages).await?;
         }
