@@ -248,32 +248,14 @@ impl Config {
         let max_pushes: u32 = parse_or(&get, "MAX_PUSHES_PER_SECOND", 50)?;
 
         let limits = Limits {
-            max_frame_bytes: positive(
-                parse_or(&get, "MAX_FRAME_BYTES", 64 * 1024)?,
-                "MAX_FRAME_BYTES",
-            )?,
-            max_channels_per_socket: positive(
-                parse_or(&get, "MAX_CHANNELS_PER_SOCKET", 100)?,
-                "MAX_CHANNELS_PER_SOCKET",
-            )?,
-            outbound_buffer_frames: positive(
-                parse_or(&get, "OUTBOUND_BUFFER_FRAMES", 1024)?,
-                "OUTBOUND_BUFFER_FRAMES",
-            )?,
-            write_timeout: Duration::from_millis(positive(
-                parse_or(&get, "WRITE_TIMEOUT_MS", 10_000)?,
-                "WRITE_TIMEOUT_MS",
-            )?),
-            idle_timeout: Duration::from_millis(positive(
-                parse_or(&get, "IDLE_TIMEOUT_MS", 60_000)?,
-                "IDLE_TIMEOUT_MS",
-            )?),
+            max_frame_bytes: parse_positive(&get, "MAX_FRAME_BYTES", 64 * 1024)?,
+            max_channels_per_socket: parse_positive(&get, "MAX_CHANNELS_PER_SOCKET", 100)?,
+            outbound_buffer_frames: parse_positive(&get, "OUTBOUND_BUFFER_FRAMES", 1024)?,
+            write_timeout: Duration::from_millis(parse_positive(&get, "WRITE_TIMEOUT_MS", 10_000)?),
+            idle_timeout: Duration::from_millis(parse_positive(&get, "IDLE_TIMEOUT_MS", 60_000)?),
             max_connections: (max_connections > 0).then_some(max_connections),
             max_pushes_per_second: (max_pushes > 0).then_some(max_pushes),
-            max_body_bytes: positive(
-                parse_or(&get, "MAX_BODY_BYTES", 64 * 1024)?,
-                "MAX_BODY_BYTES",
-            )?,
+            max_body_bytes: parse_positive(&get, "MAX_BODY_BYTES", 64 * 1024)?,
         };
 
         let log_format = match get("LOG_FORMAT").as_deref() {
@@ -302,10 +284,11 @@ impl Config {
             phx_host: get("PHX_HOST").unwrap_or_else(|| "localhost".to_string()),
             allowed_origins,
             force_ssl: parse_bool(&get, "FORCE_SSL")?,
-            rate_limit_max: positive(parse_or(&get, "RATE_LIMIT_MAX", 10)?, "RATE_LIMIT_MAX")?,
-            rate_limit_window: Duration::from_millis(positive(
-                parse_or(&get, "RATE_LIMIT_WINDOW_MS", 60_000)?,
+            rate_limit_max: parse_positive(&get, "RATE_LIMIT_MAX", 10)?,
+            rate_limit_window: Duration::from_millis(parse_positive(
+                &get,
                 "RATE_LIMIT_WINDOW_MS",
+                60_000,
             )?),
             reconciler_retry_delays,
             reconcile_interval: (reconcile_interval_ms > 0)
@@ -332,7 +315,13 @@ fn parse_or<T: std::str::FromStr>(
     }
 }
 
-fn positive<T: PartialOrd + Default>(value: T, name: &'static str) -> Result<T, ConfigError> {
+/// Parses a setting that must be greater than zero.
+fn parse_positive<T: std::str::FromStr + PartialOrd + Default>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    let value = parse_or(get, name, default)?;
     if value > T::default() {
         Ok(value)
     } else {

@@ -303,25 +303,6 @@ impl RawWs {
             }
         }
     }
-
-    fn stamp(&self) -> Option<u64> {
-        let needle = b"\"t\":";
-        let start = self
-            .payload
-            .windows(needle.len())
-            .position(|w| w == needle)?
-            + needle.len();
-        let mut value = 0u64;
-        let mut digits = 0;
-        for byte in &self.payload[start..] {
-            if !byte.is_ascii_digit() {
-                break;
-            }
-            value = value * 10 + (byte - b'0') as u64;
-            digits += 1;
-        }
-        (digits > 0).then_some(value)
-    }
 }
 
 fn mint(common: &Common, claims: Value) -> String {
@@ -533,14 +514,16 @@ impl Receipts {
     }
 }
 
-/// Extracts the `"t":<µs>` stamp from a frame without a full JSON parse.
-fn stamp(text: &str) -> Option<u64> {
-    let start = text.find("\"t\":")? + 4;
-    let digits: String = text[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
+/// Extracts the `"t":<µs>` stamp from a frame or RESP message without a JSON parse.
+fn stamp(bytes: &[u8]) -> Option<u64> {
+    let needle = b"\"t\":";
+    let start = bytes.windows(needle.len()).position(|w| w == needle)? + needle.len();
+    let digits: Vec<u8> = bytes[start..]
+        .iter()
+        .copied()
+        .take_while(u8::is_ascii_digit)
         .collect();
-    digits.parse().ok()
+    std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 fn payload(seq: usize, org: &str, padding: &str) -> String {
@@ -663,7 +646,7 @@ async fn wait_for_deliveries(receipts: &Receipts, expected: u64) {
     }
 }
 
-async fn hub_fanout(args: &FanoutArgs, title: &'static str) -> FanoutResult {
+async fn hub_fanout(args: &FanoutArgs) -> FanoutResult {
     let common = &args.common;
     let orgs = args.orgs.max(1);
     let run = format!("{:x}", fastrand::u64(..));
@@ -720,7 +703,7 @@ async fn hub_fanout(args: &FanoutArgs, title: &'static str) -> FanoutResult {
                         if read.is_err() {
                             break;
                         }
-                        if let Some(sent) = ws.stamp() {
+                        if let Some(sent) = stamp(&ws.payload) {
                             receipts.record(sent, &mut local);
                         }
                     }
@@ -742,15 +725,14 @@ async fn hub_fanout(args: &FanoutArgs, title: &'static str) -> FanoutResult {
     .await;
     wait_for_deliveries(&receipts, expected).await;
     stop.cancel();
-    let mut result = summarize_partial(&receipts, expected, start_us, span, readers).await;
+    let mut result = join_and_summarize(&receipts, expected, start_us, span, readers).await;
     result.rows.insert(0, ("subscribers", json!(subscribers)));
     result.rows.insert(1, ("orgs", json!(orgs)));
     let _ = client.quit().await;
-    let _ = title;
     result
 }
 
-async fn summarize_partial(
+async fn join_and_summarize(
     receipts: &Arc<Receipts>,
     expected: u64,
     start_us: u64,
@@ -828,8 +810,7 @@ async fn redis_fanout(args: &FanoutArgs) -> FanoutResult {
                     if reader.read_exact(&mut body).await.is_err() {
                         break;
                     }
-                    let text = String::from_utf8_lossy(&body[..len]);
-                    if let Some(sent) = stamp(&text) {
+                    if let Some(sent) = stamp(&body[..len]) {
                         receipts.record(sent, &mut local);
                     }
                 } else if line.starts_with(':') && !confirmed {
@@ -857,7 +838,7 @@ async fn redis_fanout(args: &FanoutArgs) -> FanoutResult {
     let span = publish_all(&client, args, |_| (channel.clone(), "baseline".to_string())).await;
     wait_for_deliveries(&receipts, expected).await;
     stop.cancel();
-    let mut result = summarize_partial(&receipts, expected, start_us, span, readers).await;
+    let mut result = join_and_summarize(&receipts, expected, start_us, span, readers).await;
     result.rows.insert(0, ("subscribers", json!(subscribers)));
     let _ = client.quit().await;
     result
@@ -871,11 +852,11 @@ async fn main() {
         Scenario::Connections(args) => connections(args, cli.json).await,
         Scenario::Fanout(mut args) => {
             args.orgs = 1;
-            let result = hub_fanout(&args, "fanout").await;
+            let result = hub_fanout(&args).await;
             report(cli.json, "fanout (hub)", result.rows);
         }
         Scenario::Spread(args) => {
-            let result = hub_fanout(&args, "spread").await;
+            let result = hub_fanout(&args).await;
             report(cli.json, "spread (hub)", result.rows);
         }
         Scenario::RedisBaseline(args) => {
@@ -886,7 +867,7 @@ async fn main() {
             args.orgs = 1;
             let baseline = redis_fanout(&args).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let hub = hub_fanout(&args, "fanout").await;
+            let hub = hub_fanout(&args).await;
             let ratio = hub.rate / baseline.rate.max(1.0);
             report(cli.json, "redis-baseline", baseline.rows);
             report(cli.json, "fanout (hub)", hub.rows);

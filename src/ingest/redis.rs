@@ -5,7 +5,6 @@
 //! back off (capped, jittered) and start again. Each successful reconnect is announced so the
 //! reconciler can catch up on anything missed. Redis being down never blocks sockets.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -29,7 +28,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Shared view of the Redis link for readiness and the publish paths.
 pub struct RedisLink {
     url: String,
-    connected: AtomicBool,
     publisher: RwLock<Option<Client>>,
     /// Notified (one permit) after each successful reconnect.
     pub reconnected: Arc<Notify>,
@@ -47,26 +45,23 @@ impl RedisLink {
     pub fn new(url: &str) -> Arc<Self> {
         Arc::new(RedisLink {
             url: url.to_string(),
-            connected: AtomicBool::new(false),
             publisher: RwLock::new(None),
             reconnected: Arc::new(Notify::new()),
         })
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.publisher().is_some()
     }
 
+    /// The command connection, present only while Redis is connected.
     fn publisher(&self) -> Option<Client> {
         self.publisher.read().expect("publisher lock").clone()
     }
 
     /// PINGs Redis through the command connection.
     pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
-        let client = self
-            .publisher()
-            .filter(|_| self.is_connected())
-            .ok_or("disconnected")?;
+        let client = self.publisher().ok_or("disconnected")?;
         match tokio::time::timeout(timeout, client.ping::<String>(None)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(format!("ping failed: {}", error.kind().to_str())),
@@ -76,10 +71,7 @@ impl RedisLink {
 
     /// PUBLISHes an envelope on `prostaff:events:{org_id}`.
     pub async fn publish(&self, org_id: &str, envelope: Bytes) -> Result<(), PublishError> {
-        let client = self
-            .publisher()
-            .filter(|_| self.is_connected())
-            .ok_or(PublishError::Disconnected)?;
+        let client = self.publisher().ok_or(PublishError::Disconnected)?;
         let channel = format!("{CHANNEL_PREFIX}{org_id}");
         match tokio::time::timeout(
             COMMAND_TIMEOUT,
@@ -96,7 +88,6 @@ impl RedisLink {
     fn set_connected(&self, publisher: Option<Client>) {
         let connected = publisher.is_some();
         *self.publisher.write().expect("publisher lock") = publisher;
-        self.connected.store(connected, Ordering::Release);
         metrics::gauge!(crate::metrics::REDIS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
     }
 
