@@ -6,7 +6,9 @@
 use serde_json::{json, Value};
 
 use crate::auth::Identity;
-use crate::inhouse::{Inhouse, QueueError};
+use crate::limits::{MAX_ID_BYTES, MAX_ROLE_BYTES};
+use crate::logsafe::LogSafe;
+use crate::inhouse::{Inhouse, QueueError, Snapshot};
 
 /// The four topic families of DESIGN.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +66,11 @@ impl TopicFamily {
 /// The `ok` response of a successful join.
 pub async fn join_response(family: &TopicFamily, inhouse: &Inhouse) -> Value {
     match family {
-        TopicFamily::Inhouse { org_id } => json!({ "queue": inhouse.snapshot(org_id).await }),
+        TopicFamily::Inhouse { org_id } => match inhouse.snapshot(org_id).await {
+            Snapshot::Known(queue) => json!({ "queue": queue }),
+            // Redis is down: say so rather than pretend there is no queue.
+            Snapshot::Unavailable => json!({ "queue": null, "stale": true }),
+        },
         _ => json!({}),
     }
 }
@@ -95,12 +101,9 @@ pub async fn handle_in(
         Ok(_) => "ok",
         Err(error) => error.reason(),
     };
-    tracing::debug!(org = %org_id, action = action.label(), outcome, "queue action");
+    tracing::debug!(org = %LogSafe(org_id), action = action.label(), player_id = %LogSafe(player_of(payload).as_deref().unwrap_or("-")), outcome, "queue action");
     metrics::counter!(crate::metrics::INHOUSE_ACTIONS, "action" => action.label(), "outcome" => outcome).increment(1);
-    match result {
-        Ok(summary) => Ok(serde_json::to_value(summary).expect("summary serializes")),
-        Err(error) => Err(Refusal(error.reason())),
-    }
+    result.map_err(|error| Refusal(error.reason()))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -123,7 +126,7 @@ impl QueueAction {
 /// A role is a short non-empty string (`top`, `jungle`, …).
 fn role_param(payload: Option<&Value>) -> Option<String> {
     match payload?.get("role")? {
-        Value::String(s) if !s.trim().is_empty() && s.len() <= 32 => Some(s.clone()),
+        Value::String(s) if !s.trim().is_empty() && s.len() <= MAX_ROLE_BYTES => Some(s.clone()),
         _ => None,
     }
 }
@@ -131,10 +134,14 @@ fn role_param(payload: Option<&Value>) -> Option<String> {
 /// An id may be a string or a number (Rails ids are integers); it is compared as a string.
 fn string_param(payload: Option<&Value>, name: &str) -> Option<String> {
     match payload?.get(name)? {
-        Value::String(s) if !s.trim().is_empty() && s.len() <= 128 => Some(s.clone()),
+        Value::String(s) if !s.trim().is_empty() && s.len() <= MAX_ID_BYTES => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+fn player_of(payload: Option<&Value>) -> Option<String> {
+    string_param(payload, "player_id")
 }
 
 async fn run_queue_action(
@@ -143,8 +150,8 @@ async fn run_queue_action(
     identity: &Identity,
     payload: Option<&Value>,
     inhouse: &Inhouse,
-) -> Result<crate::inhouse::QueueSummary, QueueError> {
-    let player_id = string_param(payload, "player_id").ok_or(QueueError::InvalidParams)?;
+) -> Result<Value, QueueError> {
+    let player_id = player_of(payload).ok_or(QueueError::InvalidParams)?;
     if let Identity::Player { player_id: own, .. } = identity {
         if *own != player_id {
             return Err(QueueError::Unauthorized);
@@ -153,10 +160,10 @@ async fn run_queue_action(
     match action {
         QueueAction::Join => {
             let role = role_param(payload).ok_or(QueueError::InvalidParams)?;
-            inhouse.join(org_id, player_id, role).await
+            inhouse.join(org_id, &player_id, &role).await
         }
-        QueueAction::Leave => inhouse.leave(org_id, player_id).await,
-        QueueAction::Checkin => inhouse.checkin(org_id, player_id).await,
+        QueueAction::Leave => inhouse.leave(org_id, &player_id).await,
+        QueueAction::Checkin => inhouse.checkin(org_id, &player_id).await,
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Events published by the Rails API on Redis (`PSUBSCRIBE prostaff:events:*`) or posted over
 //! HTTP are decoded, routed by type onto topics, and fanned out to WebSocket clients speaking
-//! the Phoenix Channels protocol. In-house game queues live in one actor task each.
+//! the Phoenix Channels protocol. In-house game queues live in Redis, shared by every instance.
 //!
 //! # Layout
 //! - [`config`]: settings from env vars / TOML; pure parsing, typed errors.
@@ -11,7 +11,9 @@
 //! - [`hub`]: the topic map and per-socket outboxes; frames are encoded once and shared.
 //! - [`phoenix`]: the wire protocol and the per-socket session loop.
 //! - [`channels`]: topic families: join authorization, join replies, queue actions.
-//! - [`inhouse`]: queue actors, registry, rate limiter, reconciler.
+//! - [`inhouse`]: in-house queues: state in Redis (one script per transition), the deadline
+//!   watcher, the reconciler.
+//! - [`limits`], [`logsafe`]: length caps on untrusted names; untrusted text in logs.
 //! - [`ingest`]: the Redis link and the HTTP publish paths; the delivery pipeline.
 //! - [`rails`]: HTTP client to the Rails API.
 //! - [`http`]: the axum router and middleware.
@@ -28,6 +30,8 @@ pub mod http;
 pub mod hub;
 pub mod ingest;
 pub mod inhouse;
+pub mod limits;
+pub mod logsafe;
 pub mod metrics;
 pub mod phoenix;
 pub mod rails;
@@ -48,7 +52,7 @@ use crate::hub::{CloseReason, Hub};
 use crate::ingest::redis::RedisLink;
 use crate::ingest::Pipeline;
 use crate::inhouse::reconciler::Reconciler;
-use crate::inhouse::Inhouse;
+use crate::inhouse::{Inhouse, QueueStore};
 use crate::phoenix::session::SessionDeps;
 
 /// Serves the hub on `listener` until `shutdown` resolves, then drains: readiness fails at once,
@@ -64,16 +68,16 @@ pub async fn run(
         config.limits.outbound_buffer_frames,
         metrics.clone(),
     ));
-    let inhouse = Arc::new(Inhouse::new(
-        hub.clone(),
+    let redis = RedisLink::new(&config.redis_url);
+    let inhouse = Arc::new(Inhouse::new(QueueStore::new(
+        redis.clone(),
         config.rate_limit_max,
         config.rate_limit_window,
-    ));
+    )));
     let pipeline = Arc::new(Pipeline {
         hub: hub.clone(),
         inhouse: inhouse.clone(),
     });
-    let redis = RedisLink::new(&config.redis_url);
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
 
     let background = CancellationToken::new();
@@ -89,10 +93,14 @@ pub async fn run(
             rails: rails.clone(),
             retry_delays: config.reconciler_retry_delays.clone(),
             interval: config.reconcile_interval,
-            redis_reconnected: redis.reconnected.clone(),
+            redis_connected: redis.connected.clone(),
         }
         .run(background.child_token()),
     );
+    background_tasks.spawn(inhouse::deadlines::run(
+        inhouse.clone(),
+        background.child_token(),
+    ));
     background_tasks.spawn(metrics::upkeep(background.child_token()));
 
     let grace = config.shutdown_grace;

@@ -25,7 +25,9 @@ pub const REDIS_RECONNECTS: &str = "prostaff_redis_reconnects_total";
 pub const HTTP_REQUESTS: &str = "prostaff_http_requests_total";
 pub const PUBLISH_TO_SEND: &str = "prostaff_publish_to_send_seconds";
 pub const INHOUSE_ACTIONS: &str = "prostaff_inhouse_actions_total";
-pub const INHOUSE_QUEUES_ACTIVE: &str = "prostaff_inhouse_queues_active";
+pub const INHOUSE_SCRIPT_SECONDS: &str = "prostaff_inhouse_script_seconds";
+pub const INHOUSE_LIFECYCLE: &str = "prostaff_inhouse_lifecycle_events_total";
+pub const RECONCILE_MERGES: &str = "prostaff_reconcile_merges_total";
 pub const INHOUSE_EXPIRIES: &str = "prostaff_inhouse_expiries_total";
 pub const RECONCILES: &str = "prostaff_reconcile_total";
 
@@ -40,6 +42,13 @@ pub fn prometheus() -> PrometheusHandle {
                     Matcher::Full(PUBLISH_TO_SEND.to_string()),
                     &[
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    ],
+                )
+                .expect("non-empty buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full(INHOUSE_SCRIPT_SECONDS.to_string()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0,
                     ],
                 )
                 .expect("non-empty buckets")
@@ -90,10 +99,22 @@ fn describe() {
         INHOUSE_ACTIONS,
         "in-house queue actions by action and outcome"
     );
-    describe_gauge!(INHOUSE_QUEUES_ACTIVE, "in-house queue actors running");
+    describe_histogram!(
+        INHOUSE_SCRIPT_SECONDS,
+        metrics::Unit::Seconds,
+        "latency of the queue scripts in Redis, by op"
+    );
+    describe_counter!(
+        INHOUSE_LIFECYCLE,
+        "inhouse.* lifecycle events applied, by outcome (changed, unchanged, ignored_closed, unavailable)"
+    );
+    describe_counter!(
+        RECONCILE_MERGES,
+        "queues merged by the reconciler, by outcome"
+    );
     describe_counter!(
         INHOUSE_EXPIRIES,
-        "check-in deadlines fired, by outcome (kept or closed)"
+        "check-in deadline attempts, by outcome (kept, closed, early, stale, unavailable)"
     );
     describe_counter!(RECONCILES, "reconcile runs by outcome");
 }

@@ -114,7 +114,7 @@ pub fn parse_active_queues(body: &Value) -> Result<Vec<QueueSpec>, RailsError> {
             .and_then(QueueStatus::parse)
         else {
             tracing::warn!(
-                queue_id,
+                queue_id = %crate::logsafe::LogSafe(&queue_id),
                 "reconcile: skipping a queue with an unknown status"
             );
             continue;

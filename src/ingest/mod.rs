@@ -53,6 +53,13 @@ impl Pipeline {
         }
     }
 
+    /// Delivers a `queue_update` that `queue.lua` published (every instance receives it once and
+    /// delivers it to its own subscribers of `inhouse:{org}`).
+    pub fn queue_update(&self, org_id: &str, raw: Bytes) {
+        self.hub
+            .publish(&format!("inhouse:{org_id}"), "queue_update", raw);
+    }
+
     pub async fn deliver(&self, envelope: &Envelope, source: Source) {
         let route = router::route(envelope);
         if route.unrouted {

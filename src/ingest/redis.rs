@@ -1,9 +1,15 @@
-//! The Redis link: one subscriber connection (`PSUBSCRIBE prostaff:events:*`) and one command
-//! connection (PUBLISH for the HTTP paths, PING for readiness), managed by a single loop.
+//! The Redis link: one subscriber connection (`PSUBSCRIBE prostaff:events:*` for envelopes and
+//! `prostaff:inhouse:*` for queue updates) and one command connection (PUBLISH for the HTTP
+//! paths, PING for readiness, the queue scripts), managed by a single loop.
 //!
-//! The loop owns reconnection: connect both, subscribe, read until either connection ends, then
-//! back off (capped, jittered) and start again. Each successful reconnect is announced so the
-//! reconciler can catch up on anything missed. Redis being down never blocks sockets.
+//! The loop owns reconnection: connect both, subscribe, read until either connection ends or
+//! stops answering, then back off (capped, jittered) and start again. A half-open connection
+//! (packets silently dropped) is caught by an application PING on both connections every
+//! [`LIVENESS_INTERVAL`], bounded by [`LIVENESS_TIMEOUT`], plus TCP keepalive. Each successful
+//! connect is announced so the reconciler can catch up on anything missed. Redis being down
+//! never blocks sockets.
+//!
+//! Invariant: this is the only place that opens Redis connections.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -20,8 +26,14 @@ use super::{Pipeline, Source};
 
 pub const CHANNEL_PATTERN: &str = "prostaff:events:*";
 pub const CHANNEL_PREFIX: &str = "prostaff:events:";
+/// Queue updates published by `queue.lua` (`prostaff:inhouse:{org}`).
+pub const QUEUE_CHANNEL_PATTERN: &str = "prostaff:inhouse:*";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Both connections are PINGed this often; a PING unanswered within [`LIVENESS_TIMEOUT`] ends
+/// the connection, so a half-open link is replaced within about 5 s.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -29,8 +41,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub struct RedisLink {
     url: String,
     publisher: RwLock<Option<Client>>,
-    /// Notified (one permit) after each successful reconnect.
-    pub reconnected: Arc<Notify>,
+    /// Notified (one permit) after each successful connect, the first one included.
+    pub connected: Arc<Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +58,7 @@ impl RedisLink {
         Arc::new(RedisLink {
             url: url.to_string(),
             publisher: RwLock::new(None),
-            reconnected: Arc::new(Notify::new()),
+            connected: Arc::new(Notify::new()),
         })
     }
 
@@ -57,6 +69,11 @@ impl RedisLink {
     /// The command connection, present only while Redis is connected.
     fn publisher(&self) -> Option<Client> {
         self.publisher.read().expect("publisher lock").clone()
+    }
+
+    /// The command connection for scripts (the queue store), present only while connected.
+    pub fn commands(&self) -> Option<Client> {
+        self.publisher()
     }
 
     /// PINGs Redis through the command connection.
@@ -96,6 +113,22 @@ impl RedisLink {
             .with_connection_config(|c| {
                 c.connection_timeout = CONNECT_TIMEOUT;
                 c.internal_command_timeout = COMMAND_TIMEOUT;
+                // Commands are not retried on another connection: a caller that timed out has
+                // already answered its client, and a retried PUBLISH would deliver twice.
+                c.max_command_attempts = 1;
+                c.unresponsive = fred::types::config::UnresponsiveConfig {
+                    max_timeout: Some(LIVENESS_TIMEOUT),
+                    interval: Duration::from_secs(1),
+                };
+                c.tcp = fred::types::config::TcpConfig {
+                    nodelay: Some(true),
+                    keepalive: Some(
+                        socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(5))
+                            .with_interval(Duration::from_secs(2)),
+                    ),
+                    ..Default::default()
+                };
             })
             .with_performance_config(|p| {
                 p.default_command_timeout = COMMAND_TIMEOUT;
@@ -162,7 +195,9 @@ impl RedisLink {
         let connect = async {
             let sub_task = subscriber.init().await?;
             let cmd_task = commands.init().await?;
-            subscriber.psubscribe(CHANNEL_PATTERN).await?;
+            subscriber
+                .psubscribe(vec![CHANNEL_PATTERN, QUEUE_CHANNEL_PATTERN])
+                .await?;
             Ok::<_, fred::error::Error>((sub_task, cmd_task))
         };
         let (mut sub_task, mut cmd_task) =
@@ -179,20 +214,46 @@ impl RedisLink {
         *backoff = BACKOFF_MIN;
         if *ever_connected {
             metrics::counter!(crate::metrics::REDIS_RECONNECTS).increment(1);
-            self.reconnected.notify_one();
-            tracing::info!("redis reconnected; subscribed to {CHANNEL_PATTERN}");
+            tracing::info!(
+                patterns = %format!("{CHANNEL_PATTERN} {QUEUE_CHANNEL_PATTERN}"),
+                "redis reconnected"
+            );
         } else {
-            tracing::info!("redis connected; subscribed to {CHANNEL_PATTERN}");
+            tracing::info!(
+                patterns = %format!("{CHANNEL_PATTERN} {QUEUE_CHANNEL_PATTERN}"),
+                "redis connected"
+            );
         }
+        // Every connect, the first included: a hub that booted without Redis reconciles too.
+        self.connected.notify_one();
         *ever_connected = true;
 
+        let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        liveness.tick().await;
         let outcome = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                _ = liveness.tick() => {
+                    let pings = async {
+                        tokio::try_join!(
+                            subscriber.ping::<fred::types::Value>(None),
+                            commands.ping::<fred::types::Value>(None)
+                        )
+                    };
+                    match tokio::time::timeout(LIVENESS_TIMEOUT, pings).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => break Err(format!("ping failed: {}", error.kind().to_str())),
+                        Err(_) => break Err("redis unresponsive (ping timed out)".to_string()),
+                    }
+                }
                 message = messages.recv() => match message {
                     Ok(message) => {
                         let raw = message.value.into_bytes().unwrap_or_default();
-                        pipeline.ingest(raw, Source::Redis, &message.channel).await;
+                        match message.channel.strip_prefix(crate::inhouse::store::QUEUE_CHANNEL_PREFIX) {
+                            Some(org_id) => pipeline.queue_update(org_id, raw),
+                            None => pipeline.ingest(raw, Source::Redis, &message.channel).await,
+                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "redis subscriber lagged; events dropped");

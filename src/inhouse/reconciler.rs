@@ -1,10 +1,13 @@
-//! The reconciler: rebuilds queue actors from Rails at startup (with retries), after every Redis
-//! reconnect (events may have been missed) and every `RECONCILE_INTERVAL_MS`.
+//! The reconciler: merges Rails' active queues into the queue state in Redis at startup (with
+//! retries), after every Redis (re)connect, including the first one after a boot without Redis,
+//! and every `RECONCILE_INTERVAL_MS`.
 //!
-//! Merge rules: unknown queues get an actor; known ones take Rails' status and deadline and gain
-//! missing entries (socket-made joins are kept); actors for queues Rails no longer lists are
-//! closed, unless they started after the fetch began (they may be newer than Rails' answer).
+//! One instance at a time (a short advisory lock in Redis; the scripts keep state safe even if
+//! two ran). Merge rules live in `queue.lua` (`reconcile`, `absent`): Rails lists only `check_in`
+//! queues whose deadline is ahead, so absence closes a queue only when the hub holds it in
+//! `check_in` with its deadline ahead and that check-in began before the fetch started.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,52 +15,91 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::store::{Change, StoreError};
 use super::Inhouse;
 use crate::rails::{RailsClient, RailsError};
+
+/// How long one reconcile may hold the lock (the Rails fetch alone is bounded at 5 s).
+const LOCK_TTL: Duration = Duration::from_secs(15);
+/// Queues in check-in looked at for absence per reconcile.
+const ABSENCE_SCAN_LIMIT: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("rails: {0}")]
+    Rails(#[from] RailsError),
+    #[error("queue state: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Rails listed this many queues; they were merged.
+    Merged(usize),
+    /// Another instance holds the reconcile lock.
+    Skipped,
+}
 
 pub struct Reconciler {
     pub inhouse: Arc<Inhouse>,
     pub rails: RailsClient,
     pub retry_delays: Vec<Duration>,
     pub interval: Option<Duration>,
-    /// Notified by the Redis subscriber after each reconnect.
-    pub redis_reconnected: Arc<Notify>,
+    /// Notified by the Redis link after each successful connect.
+    pub redis_connected: Arc<Notify>,
 }
 
 impl Reconciler {
-    /// Fetches the active queues once and merges them into the registry.
-    pub async fn reconcile_once(&self) -> Result<usize, RailsError> {
-        let fetch_started = Instant::now();
-        let queues = match self.rails.active_queues().await {
-            Ok(queues) => queues,
-            Err(error) => {
-                metrics::counter!(crate::metrics::RECONCILES, "outcome" => "error").increment(1);
-                return Err(error);
-            }
+    pub async fn reconcile_once(&self) -> Result<Reconciled, ReconcileError> {
+        let result = self.locked_reconcile().await;
+        let outcome = match &result {
+            Ok(Reconciled::Merged(_)) => "ok",
+            Ok(Reconciled::Skipped) => "skipped_locked",
+            Err(ReconcileError::Rails(_)) => "rails_error",
+            Err(ReconcileError::Store(_)) => "redis_error",
         };
-        let count = queues.len();
-        let listed: std::collections::HashSet<(String, String)> = queues
-            .iter()
-            .map(|q| (q.org_id.clone(), q.queue_id.clone()))
-            .collect();
-        for spec in queues {
-            self.inhouse.upsert(spec).await;
-        }
-        for (org_id, handle) in self.inhouse.registry().all() {
-            if handle.started_at < fetch_started
-                && !listed.contains(&(org_id.clone(), handle.queue_id.to_string()))
-            {
-                self.inhouse
-                    .close(&org_id, &handle.queue_id, "not_active_in_rails")
-                    .await;
-            }
-        }
-        metrics::counter!(crate::metrics::RECONCILES, "outcome" => "ok").increment(1);
-        tracing::info!(queues = count, "reconciled in-house queues from Rails");
-        Ok(count)
+        metrics::counter!(crate::metrics::RECONCILES, "outcome" => outcome).increment(1);
+        result
     }
 
-    /// Startup reconcile with retries, then periodic and reconnect-triggered runs.
+    async fn locked_reconcile(&self) -> Result<Reconciled, ReconcileError> {
+        let store = self.inhouse.store();
+        let token = uuid::Uuid::new_v4().to_string();
+        let Some(fetch_started_ms) = store.lock_reconcile(&token, LOCK_TTL).await? else {
+            return Ok(Reconciled::Skipped);
+        };
+        let result = self.merge(fetch_started_ms).await;
+        store.unlock_reconcile(&token).await;
+        result
+    }
+
+    async fn merge(&self, fetch_started_ms: u64) -> Result<Reconciled, ReconcileError> {
+        let store = self.inhouse.store();
+        let queues = self.rails.active_queues().await?;
+        let count = queues.len();
+        let listed: HashSet<&str> = queues.iter().map(|q| q.org_id.as_str()).collect();
+        for spec in &queues {
+            let change = store.reconcile(spec).await?;
+            metrics::counter!(crate::metrics::RECONCILE_MERGES, "outcome" => change_label(&change))
+                .increment(1);
+        }
+        let (_, in_check_in) = store.indexed_deadlines(true, ABSENCE_SCAN_LIMIT).await?;
+        for deadline in in_check_in
+            .iter()
+            .filter(|d| !listed.contains(d.org_id.as_str()))
+        {
+            let change = store.close_if_absent(deadline, fetch_started_ms).await?;
+            if matches!(change, Change::Changed(_)) {
+                metrics::counter!(crate::metrics::RECONCILE_MERGES, "outcome" => "closed_absent")
+                    .increment(1);
+            }
+        }
+        tracing::info!(queues = count, "reconciled in-house queues from Rails");
+        Ok(Reconciled::Merged(count))
+    }
+
+    /// Startup reconcile with retries, then periodic and connect-triggered runs.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut delays = self.retry_delays.iter();
         loop {
@@ -72,7 +114,7 @@ impl Reconciler {
                         }
                     }
                     None => {
-                        tracing::warn!(%error, "startup reconcile failed; running without queue state");
+                        tracing::warn!(%error, "startup reconcile failed; queues as Redis holds them until the next reconcile");
                         break;
                     }
                 },
@@ -87,13 +129,21 @@ impl Reconciler {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick(), if self.interval.is_some() => {}
-                _ = self.redis_reconnected.notified() => {
-                    tracing::info!("redis reconnected; reconciling queues");
+                _ = self.redis_connected.notified() => {
+                    tracing::info!("redis connected; reconciling queues");
                 }
             }
             if let Err(error) = self.reconcile_once().await {
                 tracing::warn!(%error, "reconcile failed");
             }
         }
+    }
+}
+
+fn change_label(change: &Change) -> &'static str {
+    match change {
+        Change::Changed(_) => "changed",
+        Change::Unchanged => "unchanged",
+        Change::Ignored => "ignored_closed",
     }
 }

@@ -207,10 +207,38 @@ impl RedisServer {
         false
     }
 
+    /// How many connections hold a pattern subscription (one per hub instance). `PUBSUB NUMPAT`
+    /// would count distinct patterns instead, which stays the same for any number of hubs.
     pub fn numsub_pattern(&self) -> i64 {
-        self.try_command("PUBSUB NUMPAT")
-            .and_then(|r| r.trim_start_matches(':').parse().ok())
+        self.bulk_command("CLIENT LIST TYPE pubsub")
+            .map(|list| {
+                list.lines()
+                    .filter(|line| line.split(' ').any(|f| f.starts_with("psub=") && f != "psub=0"))
+                    .count() as i64
+            })
             .unwrap_or(0)
+    }
+
+    /// Runs an inline command whose reply is a bulk string and returns its text.
+    fn bulk_command(&self, command: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            let (header, body) = text.split_once("\r\n")?;
+            let len: usize = header.strip_prefix('$')?.parse().ok()?;
+            if body.len() >= len {
+                return Some(body[..len].to_string());
+            }
+        }
     }
 }
 
@@ -697,4 +725,89 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary (for SIGKILL and restart tests)
+
+/// The `prostaff-events` binary on a free port; SIGKILLed on drop.
+pub struct BinaryHub {
+    pub port: u16,
+    pub child: tokio::process::Child,
+}
+
+impl BinaryHub {
+    /// Starts the binary with the test secrets, `redis_url`, no Rails, and `extra` settings,
+    /// and waits until it serves `/health`.
+    pub async fn start(redis_url: &str, extra: &[(&str, &str)]) -> BinaryHub {
+        let port = free_port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prostaff-events"))
+            .current_dir(std::env::temp_dir())
+            .env("PORT", port.to_string())
+            .env("BIND_ADDR", "127.0.0.1")
+            .env("INTERNAL_JWT_SECRET", SECRET)
+            .env("JWT_SECRET_KEY", RAILS_SECRET)
+            .env("REDIS_URL", redis_url)
+            .env("RAILS_API_URL", "http://127.0.0.1:9")
+            .env("RECONCILER_RETRY_DELAYS_MS", "10")
+            .env("RECONCILE_INTERVAL_MS", "0")
+            .env("RUST_LOG", "warn")
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the hub binary starts");
+        let hub = BinaryHub { port, child };
+        let health = format!("http://127.0.0.1:{port}/health");
+        eventually("binary serving /health", || async {
+            reqwest::get(health.as_str()).await.is_ok()
+        })
+        .await;
+        hub
+    }
+
+    pub fn ws_url(&self, token: &str) -> String {
+        format!(
+            "ws://127.0.0.1:{}/socket/websocket?vsn=2.0.0&token={token}",
+            self.port
+        )
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits until readiness reports Redis ok.
+    pub async fn wait_redis_ready(&self) {
+        let url = self.http("/health/ready");
+        eventually("binary connected to redis", || async {
+            match reqwest::get(url.as_str()).await {
+                Ok(response) => {
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    body["checks"]["redis"] == "ok"
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// Publishes a lifecycle/any envelope on `prostaff:events:{org}` once `subscribers` hubs listen.
+pub async fn publish_event(redis: &RedisServer, org: &str, event: Value, subscribers: i64) {
+    assert!(
+        redis
+            .publish_when_subscribed(
+                &format!("prostaff:events:{org}"),
+                &event.to_string(),
+                subscribers
+            )
+            .await,
+        "not enough hubs subscribed"
+    );
 }

@@ -37,7 +37,8 @@ test("two players of one org see joins, check-ins and the deadline close live", 
   const joined = await h.push(aliceChannel, "join_queue", { player_id: "alice", role: "top" });
   assert.equal(joined.status, "ok");
   assert.equal(joined.response.player_count, 1);
-  assert.deepEqual(joined.response.entries, [{ player_id: "alice", role: "top", checked_in: false }]);
+  assert.deepEqual(joined.response.entries, { alice: { role: "top", checked_in: false } });
+  assert.equal(typeof joined.response.version, "number");
   const seen = await bobSeesAlice;
   assert.equal(seen.player_id, "alice");
   assert.equal(seen.player_count, 1);
