@@ -70,6 +70,10 @@ pub enum AuthError {
     MissingExp,
     #[error("missing identity claims")]
     MissingIdentityClaims,
+    #[error("exp or nbf is not a valid timestamp")]
+    InvalidTimeClaim,
+    #[error("this signing key may not grant that identity")]
+    IdentityNotAllowedForKey,
 }
 
 impl AuthError {
@@ -84,32 +88,70 @@ impl AuthError {
             AuthError::NotYetValid => "token_not_yet_valid",
             AuthError::MissingExp => "missing_exp",
             AuthError::MissingIdentityClaims => "missing_identity_claims",
+            AuthError::InvalidTimeClaim => "invalid_time_claim",
+            AuthError::IdentityNotAllowedForKey => "identity_not_allowed_for_key",
         }
     }
 }
 
+/// Which secret signed a token, and so which identities it may grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyScope {
+    /// `INTERNAL_JWT_SECRET`: any identity.
+    Internal,
+    /// `JWT_SECRET_KEY` (Rails user tokens): User and Player only, never Internal.
+    RailsUsers,
+}
+
+/// The latest `exp` accepted (9999-12-31T23:59:59Z); anything beyond is refused as absurd.
+pub const MAX_TIMESTAMP: f64 = 253_402_300_799.0;
+
 /// Verifies HS256 tokens against the internal secret and, when configured, the Rails secret.
+///
+/// `exp` and `nbf` are checked here rather than by `jsonwebtoken`, so that integer and float
+/// timestamps are enforced alike, strings, negatives and absurd values are refused, and the
+/// leeway (`JWT_LEEWAY_S`) applies to both.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    keys: Vec<DecodingKey>,
+    keys: Vec<(DecodingKey, KeyScope)>,
     validation: Validation,
+    require_exp: bool,
+    leeway_s: u64,
 }
 
 impl TokenVerifier {
     pub fn new(internal_secret: &str, rails_secret: Option<&str>, require_exp: bool) -> Self {
-        let mut keys = vec![DecodingKey::from_secret(internal_secret.as_bytes())];
+        TokenVerifier::with_leeway(internal_secret, rails_secret, require_exp, 0)
+    }
+
+    pub fn with_leeway(
+        internal_secret: &str,
+        rails_secret: Option<&str>,
+        require_exp: bool,
+        leeway_s: u64,
+    ) -> Self {
+        let mut keys = vec![(
+            DecodingKey::from_secret(internal_secret.as_bytes()),
+            KeyScope::Internal,
+        )];
         if let Some(secret) = rails_secret {
-            keys.push(DecodingKey::from_secret(secret.as_bytes()));
+            keys.push((
+                DecodingKey::from_secret(secret.as_bytes()),
+                KeyScope::RailsUsers,
+            ));
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
-        validation.validate_nbf = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        if require_exp {
-            validation.required_spec_claims.insert("exp".to_string());
+        TokenVerifier {
+            keys,
+            validation,
+            require_exp,
+            leeway_s,
         }
-        TokenVerifier { keys, validation }
     }
 
     pub fn verify(&self, token: &str) -> Result<Authenticated, AuthError> {
@@ -122,27 +164,61 @@ impl TokenVerifier {
         if header.alg != Algorithm::HS256 {
             return Err(AuthError::AlgorithmNotAllowed);
         }
-        let mut last_error = AuthError::BadSignature;
-        for key in &self.keys {
+        for (key, scope) in &self.keys {
             match jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation) {
-                Ok(data) => return authenticated_from_claims(&data.claims),
-                Err(error) => {
-                    last_error = match error.kind() {
-                        ErrorKind::InvalidSignature => AuthError::BadSignature,
-                        ErrorKind::ExpiredSignature => AuthError::Expired,
-                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                        ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
-                        ErrorKind::MissingRequiredClaim(_) => AuthError::MissingExp,
-                        _ => AuthError::Malformed,
-                    };
+                Ok(data) => return self.authenticate(&data.claims, *scope, unix_now()),
+                Err(error) => match error.kind() {
                     // Only a signature mismatch is worth trying the next secret for.
-                    if last_error != AuthError::BadSignature {
-                        return Err(last_error);
-                    }
-                }
+                    ErrorKind::InvalidSignature => continue,
+                    ErrorKind::InvalidAlgorithm => return Err(AuthError::AlgorithmNotAllowed),
+                    _ => return Err(AuthError::Malformed),
+                },
             }
         }
-        Err(last_error)
+        Err(AuthError::BadSignature)
+    }
+
+    fn authenticate(
+        &self,
+        claims: &Map<String, Value>,
+        scope: KeyScope,
+        now: u64,
+    ) -> Result<Authenticated, AuthError> {
+        let exp = timestamp_claim(claims, "exp")?;
+        let nbf = timestamp_claim(claims, "nbf")?;
+        let (now, leeway) = (now as f64, self.leeway_s as f64);
+        if let Some(nbf) = nbf {
+            if now + leeway < nbf {
+                return Err(AuthError::NotYetValid);
+            }
+        }
+        let expires_at = match exp {
+            Some(exp) if now > exp + leeway => return Err(AuthError::Expired),
+            // The live socket closes when the token would be refused: at exp plus the leeway.
+            Some(exp) => Some((exp + leeway).ceil() as u64),
+            None if self.require_exp => return Err(AuthError::MissingExp),
+            None => None,
+        };
+        let identity = identity_from_claims(claims)?;
+        if scope == KeyScope::RailsUsers && identity == Identity::Internal {
+            return Err(AuthError::IdentityNotAllowedForKey);
+        }
+        Ok(Authenticated {
+            identity,
+            expires_at,
+        })
+    }
+}
+
+/// A NumericDate claim: an integer or float of seconds between 0 and [`MAX_TIMESTAMP`].
+fn timestamp_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, AuthError> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) if t.is_finite() && (0.0..=MAX_TIMESTAMP).contains(&t) => Ok(Some(t)),
+            _ => Err(AuthError::InvalidTimeClaim),
+        },
+        Some(_) => Err(AuthError::InvalidTimeClaim),
     }
 }
 
@@ -152,14 +228,6 @@ fn claim_id(claims: &Map<String, Value>, name: &str) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
-}
-
-fn authenticated_from_claims(claims: &Map<String, Value>) -> Result<Authenticated, AuthError> {
-    let expires_at = claims.get("exp").and_then(Value::as_u64);
-    Ok(Authenticated {
-        identity: identity_from_claims(claims)?,
-        expires_at,
-    })
 }
 
 /// Maps the claim shapes of DESIGN.md onto identities.
@@ -372,6 +440,69 @@ mod tests {
                 .verify(&mint(SECRET, &json!({"user_id": "u", "org_id": "o"})))
                 .unwrap_err(),
             AuthError::MissingExp
+        );
+    }
+
+    #[test]
+    fn the_rails_key_never_grants_an_internal_identity() {
+        let internal_claims = json!({"type": "internal", "iss": "prostaff-api"});
+        assert_eq!(
+            verifier()
+                .verify(&mint("rails-secret", &internal_claims))
+                .unwrap_err(),
+            AuthError::IdentityNotAllowedForKey
+        );
+        // The same claims with the internal secret are an Internal identity.
+        assert_eq!(
+            verifier().verify(&mint(SECRET, &internal_claims)).unwrap().identity,
+            Identity::Internal
+        );
+        // Rails user and player tokens still work.
+        let player = json!({"entity_type": "player", "player_id": 1, "organization_id": 2});
+        assert!(verifier().verify(&mint("rails-secret", &player)).is_ok());
+    }
+
+    #[test]
+    fn float_string_negative_and_absurd_times() {
+        let v = TokenVerifier::with_leeway(SECRET, None, false, 0);
+        let now = unix_now() as f64;
+        let with = |claims: Value| v.verify(&mint(SECRET, &claims));
+        let user = |extra: Value| {
+            let mut claims = json!({"user_id": "u", "org_id": "o"});
+            claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            claims
+        };
+        assert_eq!(with(user(json!({"exp": now - 10.5}))).unwrap_err(), AuthError::Expired);
+        let live = with(user(json!({"exp": now + 60.25}))).unwrap();
+        assert_eq!(live.expires_at, Some((now + 60.25).ceil() as u64), "float exp is enforced");
+        assert_eq!(with(user(json!({"nbf": now + 100.5}))).unwrap_err(), AuthError::NotYetValid);
+        for bad in [json!("1999999999"), json!(-5), json!(1e300), json!(u64::MAX), json!(true)] {
+            assert_eq!(
+                with(user(json!({"exp": bad.clone()}))).unwrap_err(),
+                AuthError::InvalidTimeClaim,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            with(user(json!({"nbf": "soon"}))).unwrap_err(),
+            AuthError::InvalidTimeClaim
+        );
+    }
+
+    #[test]
+    fn leeway_covers_clock_skew_both_ways() {
+        let v = TokenVerifier::with_leeway(SECRET, None, false, 30);
+        let now = unix_now();
+        let claims = |exp: u64, nbf: u64| json!({"user_id": "u", "org_id": "o", "exp": exp, "nbf": nbf});
+        let ok = v.verify(&mint(SECRET, &claims(now - 10, now + 10))).unwrap();
+        assert_eq!(ok.expires_at, Some(now - 10 + 30), "socket closes at exp + leeway");
+        assert_eq!(
+            v.verify(&mint(SECRET, &claims(now - 40, now))).unwrap_err(),
+            AuthError::Expired
+        );
+        assert_eq!(
+            v.verify(&mint(SECRET, &claims(now + 100, now + 40))).unwrap_err(),
+            AuthError::NotYetValid
         );
     }
 

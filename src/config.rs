@@ -55,8 +55,18 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "MAX_CONNECTIONS", default: "0 (unlimited)", meaning: "concurrent sockets; more are refused with 503" },
     Setting { name: "MAX_PUSHES_PER_SECOND", default: "50", meaning: "client frames per second per socket (burst of the same size); more get `rate_limited`" },
     Setting { name: "MAX_BODY_BYTES", default: "65536", meaning: "largest HTTP request body; larger gets 413" },
-    Setting { name: "PROSTAFF_EVENTS_CONFIG", default: DEFAULT_CONFIG_FILE, meaning: "optional TOML file with any of these variables (environment wins)" },
+    Setting { name: "MAX_CONNECTIONS_PER_IDENTITY", default: "100", meaning: "concurrent sockets per identity (user, player, or all internal services together) on one instance; more are refused with 429 (0 = unlimited)" },
+    Setting { name: "JWT_LEEWAY_S", default: "30", meaning: "clock-skew leeway in seconds for token exp and nbf" },
+    Setting { name: "NOTIFY_ALLOWED_TYPES", default: DEFAULT_NOTIFY_ALLOWED_TYPES, meaning: "comma list of event-type prefixes POST /events/notify may publish (`*` = any); others get 403" },
+    Setting { name: "READINESS_REQUIRES_RAILS", default: "false", meaning: "make /health/ready 503 when Rails is down (the original behaviour); by default only Redis decides" },
+    Setting { name: "METRICS_TOKEN", default: "", meaning: "when set, GET /metrics requires `Authorization: Bearer <token>`" },
+    Setting { name: "METRICS_BIND_ADDR", default: "", meaning: "when set (ip:port), /metrics is served only on this separate listener" },
+    Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
 ];
+
+/// Event-type prefixes the scraper key may publish by default: never `inhouse.` (queue control)
+/// nor `notification.` (pushes to users).
+pub const DEFAULT_NOTIFY_ALLOWED_TYPES: &str = "scraper.,match.,tournament_match.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppEnv {
@@ -84,6 +94,8 @@ pub struct Limits {
     /// `None` means unlimited.
     pub max_pushes_per_second: Option<u32>,
     pub max_body_bytes: usize,
+    /// `None` means unlimited.
+    pub max_connections_per_identity: Option<usize>,
 }
 
 impl Default for Limits {
@@ -97,6 +109,36 @@ impl Default for Limits {
             max_connections: None,
             max_pushes_per_second: Some(50),
             max_body_bytes: 64 * 1024,
+            max_connections_per_identity: Some(100),
+        }
+    }
+}
+
+/// Which browser `Origin`s may open a socket or make CORS requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPolicy {
+    /// Development default: any Origin.
+    Any,
+    /// `ALLOWED_ORIGINS`: exactly these (scheme://host[:port]).
+    List(Vec<String>),
+    /// Production without `ALLOWED_ORIGINS`: Origins whose host is `PHX_HOST`.
+    Host(String),
+}
+
+impl OriginPolicy {
+    pub fn allows(&self, origin: &str) -> bool {
+        let origin = origin.trim().trim_end_matches('/');
+        match self {
+            OriginPolicy::Any => true,
+            OriginPolicy::List(list) => list.iter().any(|allowed| allowed == origin),
+            OriginPolicy::Host(host) => {
+                let without_scheme = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+                let origin_host = without_scheme
+                    .rsplit_once(':')
+                    .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+                    .map_or(without_scheme, |(host, _)| host);
+                origin_host.eq_ignore_ascii_case(host)
+            }
         }
     }
 }
@@ -113,8 +155,7 @@ pub struct Config {
     pub rails_api_url: String,
     pub scraper_api_key: String,
     pub phx_host: String,
-    /// `None` accepts any Origin.
-    pub allowed_origins: Option<Vec<String>>,
+    pub origins: OriginPolicy,
     pub force_ssl: bool,
     pub rate_limit_max: u32,
     pub rate_limit_window: Duration,
@@ -126,6 +167,12 @@ pub struct Config {
     pub require_token_exp: bool,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    pub jwt_leeway_s: u64,
+    /// Event-type prefixes `/events/notify` may publish; `None` allows any.
+    pub notify_allowed_types: Option<Vec<String>>,
+    pub readiness_requires_rails: bool,
+    pub metrics_token: Option<String>,
+    pub metrics_bind_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +196,9 @@ fn invalid(variable: &'static str, message: impl Into<String>) -> ConfigError {
 impl Config {
     /// Reads the process environment, backed by the optional TOML file.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let file_path = std::env::var("PROSTAFF_EVENTS_CONFIG").ok();
+        let file_path = std::env::var("PROSTAFF_EVENTS_CONFIG")
+            .ok()
+            .filter(|path| !path.trim().is_empty());
         let file_values = match file_path {
             Some(path) => read_toml_settings(Path::new(&path))?,
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
@@ -193,14 +242,16 @@ impl Config {
             }
         };
 
+        let production = app_env == AppEnv::Production;
         let (internal_jwt_secret, using_dev_secret) = match get("INTERNAL_JWT_SECRET") {
             Some(secret) => {
-                if app_env == AppEnv::Production && secret.len() < MIN_PRODUCTION_SECRET_LEN {
+                if production && secret == DEV_INTERNAL_SECRET {
                     return Err(invalid(
                         "INTERNAL_JWT_SECRET",
-                        format!("must be at least {MIN_PRODUCTION_SECRET_LEN} bytes when APP_ENV=production"),
+                        "is the development secret; set a real one when APP_ENV=production",
                     ));
                 }
+                check_production_secret(production, "INTERNAL_JWT_SECRET", &secret)?;
                 (secret, false)
             }
             None if app_env == AppEnv::Production => {
@@ -212,19 +263,59 @@ impl Config {
             None => (DEV_INTERNAL_SECRET.to_string(), true),
         };
 
+        let jwt_secret_key = get("JWT_SECRET_KEY");
+        if let Some(secret) = &jwt_secret_key {
+            check_production_secret(production, "JWT_SECRET_KEY", secret)?;
+        }
+        let scraper_api_key = get("SCRAPER_API_KEY").unwrap_or_default();
+        if !scraper_api_key.is_empty() {
+            check_production_secret(production, "SCRAPER_API_KEY", &scraper_api_key)?;
+        }
+
         let redis_url = normalize_redis_url(
             get("REDIS_URL")
                 .as_deref()
                 .unwrap_or("redis://127.0.0.1:6379/0"),
             get("REDIS_PASSWORD").as_deref(),
         );
+        fred::types::config::Config::from_url(&redis_url).map_err(|error| {
+            invalid(
+                "REDIS_URL",
+                format!("not a usable Redis URL: {}", error.details()),
+            )
+        })?;
 
-        let allowed_origins = get("ALLOWED_ORIGINS").map(|list| {
-            list.split(',')
-                .map(|origin| origin.trim().trim_end_matches('/').to_string())
-                .filter(|origin| !origin.is_empty())
-                .collect::<Vec<_>>()
-        });
+        let phx_host = get("PHX_HOST").unwrap_or_else(|| "localhost".to_string());
+        let origins = match get("ALLOWED_ORIGINS") {
+            Some(list) => OriginPolicy::List(
+                list.split(',')
+                    .map(|origin| origin.trim().trim_end_matches('/').to_string())
+                    .filter(|origin| !origin.is_empty())
+                    .collect(),
+            ),
+            None if production => OriginPolicy::Host(phx_host.clone()),
+            None => OriginPolicy::Any,
+        };
+        let notify_allowed_types = match get("NOTIFY_ALLOWED_TYPES")
+            .as_deref()
+            .unwrap_or(DEFAULT_NOTIFY_ALLOWED_TYPES)
+        {
+            "*" => None,
+            list => Some(
+                list.split(',')
+                    .map(|prefix| prefix.trim().to_string())
+                    .filter(|prefix| !prefix.is_empty())
+                    .collect(),
+            ),
+        };
+        let metrics_bind_addr = match get("METRICS_BIND_ADDR") {
+            None => None,
+            Some(raw) => Some(raw.parse().map_err(|_| {
+                invalid("METRICS_BIND_ADDR", format!("expected ip:port, got {raw:?}"))
+            })?),
+        };
+        let max_connections_per_identity: usize =
+            parse_or(&get, "MAX_CONNECTIONS_PER_IDENTITY", 100)?;
 
         let reconciler_retry_delays = match get("RECONCILER_RETRY_DELAYS_MS") {
             None => vec![1000, 2000, 4000],
@@ -256,6 +347,8 @@ impl Config {
             max_connections: (max_connections > 0).then_some(max_connections),
             max_pushes_per_second: (max_pushes > 0).then_some(max_pushes),
             max_body_bytes: parse_positive(&get, "MAX_BODY_BYTES", 64 * 1024)?,
+            max_connections_per_identity: (max_connections_per_identity > 0)
+                .then_some(max_connections_per_identity),
         };
 
         let log_format = match get("LOG_FORMAT").as_deref() {
@@ -275,14 +368,14 @@ impl Config {
             redis_url,
             internal_jwt_secret,
             using_dev_secret,
-            jwt_secret_key: get("JWT_SECRET_KEY"),
+            jwt_secret_key,
             rails_api_url: get("RAILS_API_URL")
                 .unwrap_or_else(|| "http://localhost:3333".to_string())
                 .trim_end_matches('/')
                 .to_string(),
-            scraper_api_key: get("SCRAPER_API_KEY").unwrap_or_default(),
-            phx_host: get("PHX_HOST").unwrap_or_else(|| "localhost".to_string()),
-            allowed_origins,
+            scraper_api_key,
+            phx_host,
+            origins,
             force_ssl: parse_bool(&get, "FORCE_SSL")?,
             rate_limit_max: parse_positive(&get, "RATE_LIMIT_MAX", 10)?,
             rate_limit_window: Duration::from_millis(parse_positive(
@@ -298,8 +391,28 @@ impl Config {
             require_token_exp: parse_bool(&get, "REQUIRE_TOKEN_EXP")?,
             shutdown_grace: Duration::from_millis(parse_or(&get, "SHUTDOWN_GRACE_MS", 10_000)?),
             limits,
+            jwt_leeway_s: parse_or(&get, "JWT_LEEWAY_S", 30)?,
+            notify_allowed_types,
+            readiness_requires_rails: parse_bool(&get, "READINESS_REQUIRES_RAILS")?,
+            metrics_token: get("METRICS_TOKEN"),
+            metrics_bind_addr,
         })
     }
+}
+
+/// In production a secret must be at least [`MIN_PRODUCTION_SECRET_LEN`] bytes.
+fn check_production_secret(
+    production: bool,
+    name: &'static str,
+    secret: &str,
+) -> Result<(), ConfigError> {
+    if production && secret.len() < MIN_PRODUCTION_SECRET_LEN {
+        return Err(invalid(
+            name,
+            format!("must be at least {MIN_PRODUCTION_SECRET_LEN} bytes when APP_ENV=production"),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_or<T: std::str::FromStr>(
@@ -422,7 +535,12 @@ mod tests {
         assert_eq!(config.redis_url, "redis://127.0.0.1:6379/0");
         assert_eq!(config.reconciler_retry_delays.len(), 3);
         assert_eq!(config.limits.max_channels_per_socket, 100);
-        assert!(config.allowed_origins.is_none());
+        assert_eq!(config.origins, OriginPolicy::Any);
+        assert_eq!(config.jwt_leeway_s, 30);
+        assert_eq!(config.limits.max_connections_per_identity, Some(100));
+        let allowed = config.notify_allowed_types.unwrap();
+        assert!(!allowed.iter().any(|p| "inhouse.queue_opened".starts_with(p.as_str())));
+        assert!(!allowed.iter().any(|p| "notification.new".starts_with(p.as_str())));
     }
 
     #[test]
@@ -441,6 +559,59 @@ mod tests {
         ])
         .unwrap();
         assert!(!ok.using_dev_secret);
+        let dev = config(&[
+            ("APP_ENV", "production"),
+            ("INTERNAL_JWT_SECRET", DEV_INTERNAL_SECRET),
+        ])
+        .unwrap_err();
+        assert!(dev.to_string().contains("development secret"), "{dev}");
+        for name in ["JWT_SECRET_KEY", "SCRAPER_API_KEY"] {
+            let err = config(&[
+                ("APP_ENV", "production"),
+                ("INTERNAL_JWT_SECRET", &"x".repeat(32)),
+                (name, "short"),
+            ])
+            .unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+            // Outside production a short key is accepted (development convenience).
+            assert!(config(&[(name, "short")]).is_ok());
+        }
+    }
+
+    #[test]
+    fn production_origins_default_to_phx_host() {
+        let prod = config(&[
+            ("APP_ENV", "production"),
+            ("INTERNAL_JWT_SECRET", &"x".repeat(32)),
+            ("PHX_HOST", "events.example.com"),
+        ])
+        .unwrap();
+        assert_eq!(prod.origins, OriginPolicy::Host("events.example.com".into()));
+        assert!(prod.origins.allows("https://events.example.com"));
+        assert!(prod.origins.allows("https://events.example.com:8443/"));
+        assert!(!prod.origins.allows("https://evil.example.com"));
+        assert!(!prod.origins.allows("https://events.example.com.evil.io"));
+        let listed = config(&[("ALLOWED_ORIGINS", "https://a.io, https://b.io/")]).unwrap();
+        assert!(listed.origins.allows("https://b.io"));
+        assert!(!listed.origins.allows("https://c.io"));
+    }
+
+    #[test]
+    fn an_unparsable_redis_url_names_the_variable() {
+        let err = config(&[("REDIS_URL", "redis://host:notaport/0")]).unwrap_err();
+        assert!(err.to_string().contains("REDIS_URL"), "{err}");
+        assert!(config(&[("REDIS_URL", "rediss://redis.example.com:6380/0")]).is_ok());
+    }
+
+    #[test]
+    fn notify_types_and_metrics_settings() {
+        let any = config(&[("NOTIFY_ALLOWED_TYPES", "*")]).unwrap();
+        assert!(any.notify_allowed_types.is_none());
+        let err = config(&[("METRICS_BIND_ADDR", "nope")]).unwrap_err();
+        assert!(err.to_string().contains("METRICS_BIND_ADDR"));
+        let ok = config(&[("METRICS_BIND_ADDR", "127.0.0.1:9100"), ("METRICS_TOKEN", "t")]).unwrap();
+        assert_eq!(ok.metrics_bind_addr.unwrap().port(), 9100);
+        assert_eq!(ok.metrics_token.as_deref(), Some("t"));
     }
 
     #[test]

@@ -7,6 +7,9 @@
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use crate::limits::{MAX_EVENT_BYTES, MAX_ID_BYTES};
+use crate::logsafe::LogSafe;
+
 /// A validated event envelope.
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -31,6 +34,8 @@ pub enum DropReason {
     UnsupportedVersion(String),
     #[error("missing or invalid field(s): {}", .0.join(", "))]
     InvalidFields(Vec<&'static str>),
+    #[error("field(s) too long: {}", .0.join(", "))]
+    TooLong(Vec<&'static str>),
 }
 
 impl DropReason {
@@ -41,6 +46,7 @@ impl DropReason {
             DropReason::NotAnObject => "not_an_object",
             DropReason::UnsupportedVersion(_) => "unsupported_version",
             DropReason::InvalidFields(_) => "invalid_fields",
+            DropReason::TooLong(_) => "field_too_long",
         }
     }
 }
@@ -72,6 +78,19 @@ pub fn decode(raw: Bytes) -> Result<Envelope, DropReason> {
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     };
+    let too_long: Vec<&'static str> = [
+        ("type", event_type.len(), MAX_EVENT_BYTES),
+        ("org_id", org_id.len(), MAX_ID_BYTES),
+        ("user_id", user_id.len(), MAX_ID_BYTES),
+        ("id", id.as_ref().map_or(0, String::len), MAX_ID_BYTES),
+    ]
+    .into_iter()
+    .filter(|(_, len, cap)| len > cap)
+    .map(|(name, _, _)| name)
+    .collect();
+    if !too_long.is_empty() {
+        return Err(DropReason::TooLong(too_long));
+    }
     let payload = object.remove("payload").unwrap_or(Value::Null);
     Ok(Envelope {
         raw,
@@ -89,17 +108,11 @@ fn check_version(version: Option<&Value>) -> Result<(), DropReason> {
         Some(Value::Number(n)) if n.as_u64() == Some(1) => Ok(()),
         Some(Value::String(s)) if s == "1" => Ok(()),
         Some(other) => {
-            // The version is echoed in the warning; cap it so a hostile value stays short.
-            let mut shown = other.to_string();
-            if shown.len() > 32 {
-                let cut = (0..=32)
-                    .rev()
-                    .find(|i| shown.is_char_boundary(*i))
-                    .unwrap_or(0);
-                shown.truncate(cut);
-                shown.push('…');
-            }
-            Err(DropReason::UnsupportedVersion(shown))
+            // The version is echoed in the warning: capped and escaped like any untrusted text.
+            let shown: String = other.to_string().chars().take(32).collect();
+            Err(DropReason::UnsupportedVersion(
+                LogSafe(&shown).to_string(),
+            ))
         }
     }
 }
@@ -107,6 +120,25 @@ fn check_version(version: Option<&Value>) -> Result<(), DropReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_names_are_dropped_naming_the_field() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let raw = format!(r#"{{"type":"t","org_id":"{long}","user_id":"u"}}"#);
+        assert_eq!(
+            decode(raw.into()).unwrap_err(),
+            DropReason::TooLong(vec!["org_id"])
+        );
+        let ok = format!(r#"{{"type":"t","org_id":"{}","user_id":"u"}}"#, "x".repeat(MAX_ID_BYTES));
+        assert!(decode(ok.into()).is_ok());
+    }
+
+    #[test]
+    fn an_unsupported_version_cannot_forge_a_log_line() {
+        let raw = r#"{"version":"2\nINFO forged","type":"t","org_id":"o","user_id":"u"}"#;
+        let reason = decode(Bytes::from_static(raw.as_bytes())).unwrap_err().to_string();
+        assert!(!reason.contains('\n'), "{reason}");
+    }
 
     fn decode_str(text: &str) -> Result<Envelope, DropReason> {
         decode(Bytes::copy_from_slice(text.as_bytes()))

@@ -20,6 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use dashmap::DashMap;
 use serde_json::{json, Value};
 use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -30,10 +31,11 @@ use tower_http::trace::TraceLayer;
 use tracing::Instrument;
 
 use crate::auth::{self, Identity, TokenVerifier};
-use crate::config::Config;
+use crate::config::{Config, OriginPolicy};
 use crate::ingest::publish::{self, Rejection};
 use crate::ingest::redis::RedisLink;
 use crate::ingest::Pipeline;
+use crate::logsafe::LogSafe;
 use crate::metrics as m;
 use crate::phoenix::codec::Vsn;
 use crate::phoenix::session::{self, SessionDeps};
@@ -50,19 +52,32 @@ pub struct App {
     /// Set at the start of shutdown: readiness fails and new sockets are refused.
     pub draining: AtomicBool,
     pub connections: Arc<AtomicUsize>,
+    /// Open sockets per identity key (see `identity_key`).
+    pub per_identity: Arc<DashMap<String, usize>>,
     /// Tracks socket sessions (axum's graceful shutdown does not see upgraded connections).
     pub sessions: TaskTracker,
 }
 
 const X_REQUEST_ID: &str = "x-request-id";
 
+/// The router of the separate `METRICS_BIND_ADDR` listener: `/metrics` only.
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(app)
+}
+
 pub fn router(app: Arc<App>) -> Router {
     let cors = cors_layer(&app.config);
     let body_limit = app.config.limits.max_body_bytes;
-    Router::new()
+    let mut router = Router::new();
+    if app.config.metrics_bind_addr.is_none() {
+        router = router.route("/metrics", get(metrics_text));
+    }
+    router
         .route("/health", get(health))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics_text))
         .route("/events/notify", post(notify))
         .route("/api/events", post(api_events))
         .route("/socket/websocket", get(socket))
@@ -87,12 +102,18 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 fn cors_layer(config: &Config) -> CorsLayer {
-    let origins = match &config.allowed_origins {
-        None => AllowOrigin::any(),
-        Some(list) => AllowOrigin::list(
+    let origins = match &config.origins {
+        OriginPolicy::Any => AllowOrigin::any(),
+        OriginPolicy::List(list) => AllowOrigin::list(
             list.iter()
                 .filter_map(|origin| HeaderValue::from_str(origin).ok()),
         ),
+        policy @ OriginPolicy::Host(_) => {
+            let policy = policy.clone();
+            AllowOrigin::predicate(move |origin, _| {
+                origin.to_str().is_ok_and(|origin| policy.allows(origin))
+            })
+        }
     };
     CorsLayer::new()
         .allow_origin(origins)
@@ -122,6 +143,15 @@ impl ApiError {
     }
     fn unauthorized() -> Self {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized")
+    }
+}
+
+impl From<publish::PublishFailure> for ApiError {
+    fn from(_: publish::PublishFailure) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "publish to redis failed; the event was not delivered, retry",
+        )
     }
 }
 
@@ -167,6 +197,8 @@ async fn health() -> Json<Value> {
 
 const CHECK_TIMEOUT: Duration = Duration::from_millis(2500);
 
+/// Readiness: Redis decides the status code (a Rails outage must not take every hub out of the
+/// load balancer) unless `READINESS_REQUIRES_RAILS`; both are always reported.
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let (redis, rails) = tokio::join!(
         app.redis.ping(CHECK_TIMEOUT),
@@ -178,7 +210,8 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         Err(reason) => reason.clone(),
     };
     let checks = json!({ "redis": label(&redis), "rails": label(&rails) });
-    if redis.is_ok() && rails.is_ok() && !draining {
+    let rails_ok = rails.is_ok() || !app.config.readiness_requires_rails;
+    if redis.is_ok() && rails_ok && !draining {
         (
             StatusCode::OK,
             Json(json!({ "status": "ok", "checks": checks })),
@@ -193,7 +226,17 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics_text() -> Response {
+/// `GET /metrics`, behind `METRICS_TOKEN` when set.
+async fn metrics_text(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &app.config.metrics_token {
+        if !auth::api_key_matches(expected, bearer_token(&headers)) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    metrics_body()
+}
+
+fn metrics_body() -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -238,8 +281,21 @@ async fn notify(
     let body = body?;
     check_json_content_type(&headers)?;
     let accepted = publish::complete_envelope(&body)?;
+    if let Some(allowed) = &app.config.notify_allowed_types {
+        if !allowed
+            .iter()
+            .any(|prefix| accepted.event_type.starts_with(prefix.as_str()))
+        {
+            metrics::counter!(m::EVENTS_RECEIVED, "source" => "http_notify", "outcome" => "type_not_allowed").increment(1);
+            tracing::warn!(event_type = %LogSafe(&accepted.event_type), "notify refused an event type outside NOTIFY_ALLOWED_TYPES");
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "event type not allowed for the scraper key (NOTIFY_ALLOWED_TYPES)",
+            ));
+        }
+    }
     let id = accepted.id.clone();
-    let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await;
+    let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await?;
     Ok(Json(
         json!({ "ok": true, "id": id, "delivery": delivery.as_str() }),
     ))
@@ -260,7 +316,7 @@ async fn api_events(
     check_json_content_type(&headers)?;
     let accepted = publish::complete_envelope(&body)?;
     let id = accepted.id.clone();
-    let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await;
+    let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "ok": true, "id": id, "delivery": delivery.as_str() })),
@@ -286,6 +342,50 @@ async fn longpoll() -> Response {
         "long-poll transport is not supported; use the WebSocket transport",
     )
         .into_response()
+}
+
+/// The key `MAX_CONNECTIONS_PER_IDENTITY` counts under: one person, or all internal services.
+fn identity_key(identity: &Identity) -> String {
+    match identity {
+        Identity::User { user_id, .. } => format!("user:{user_id}"),
+        Identity::Player { player_id, .. } => format!("player:{player_id}"),
+        Identity::Internal => "internal".to_string(),
+    }
+}
+
+/// Holds one of an identity's `MAX_CONNECTIONS_PER_IDENTITY` slots for the life of a socket;
+/// the map entry goes away with the identity's last socket.
+struct IdentityPermit {
+    counts: Arc<DashMap<String, usize>>,
+    key: String,
+}
+
+impl IdentityPermit {
+    fn acquire(
+        counts: &Arc<DashMap<String, usize>>,
+        key: String,
+        max: Option<usize>,
+    ) -> Option<IdentityPermit> {
+        let mut count = counts.entry(key.clone()).or_insert(0);
+        if max.is_some_and(|max| *count >= max) {
+            return None;
+        }
+        *count += 1;
+        drop(count);
+        Some(IdentityPermit {
+            counts: counts.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for IdentityPermit {
+    fn drop(&mut self) {
+        if let Some(mut count) = self.counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+        }
+        self.counts.remove_if(&self.key, |_, count| *count == 0);
+    }
 }
 
 /// Holds one slot of `MAX_CONNECTIONS` for the life of a socket.
@@ -321,11 +421,8 @@ async fn socket(
     let Some(vsn) = Vsn::from_param(params.get("vsn").map(String::as_str)) else {
         return refuse("bad_vsn", StatusCode::FORBIDDEN);
     };
-    if let (Some(allowed), Some(origin)) =
-        (&app.config.allowed_origins, headers.get(header::ORIGIN))
-    {
-        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
-        if !allowed.iter().any(|a| a == origin) {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !app.config.origins.allows(origin.to_str().unwrap_or("")) {
             return refuse("bad_origin", StatusCode::FORBIDDEN);
         }
     }
@@ -365,6 +462,19 @@ async fn socket(
         drop(permit);
         return refuse("too_many_connections", StatusCode::SERVICE_UNAVAILABLE);
     }
+    let identity_permit = match IdentityPermit::acquire(
+        &app.per_identity,
+        identity_key(&authenticated.identity),
+        app.config.limits.max_connections_per_identity,
+    ) {
+        Some(permit) => permit,
+        None => {
+            return refuse(
+                "too_many_connections_per_identity",
+                StatusCode::TOO_MANY_REQUESTS,
+            )
+        }
+    };
 
     let limits = &app.config.limits;
     let deps = app.session_deps.clone();
@@ -385,7 +495,7 @@ async fn socket(
         .on_upgrade(move |socket| {
             sessions.track_future(
                 async move {
-                    let _permit = permit;
+                    let _permits = (permit, identity_permit);
                     session::run(socket, deps, vsn, authenticated).await;
                 }
                 .instrument(span),

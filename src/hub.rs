@@ -2,8 +2,9 @@
 //!
 //! Every socket owns one [`Outbox`]: a bounded queue of shared [`BroadcastFrame`]s plus a close
 //! signal. Publishing encodes the frame once and pushes the same `Arc` into each subscriber's
-//! outbox; a full outbox drops its **oldest** broadcast and counts the drop per topic so the
-//! socket can tell its client (`events_dropped`). Replies never pass through here, so they are
+//! outbox; a full outbox drops the oldest broadcast **of the topic with the most queued frames**
+//! (so an `org_events` flood cannot evict a rare `queue_update` or notification) and counts the
+//! drop per topic so the socket can tell its client (`events_dropped`). Replies never pass through here, so they are
 //! never dropped. Empty topics are removed as their last subscriber leaves.
 //!
 //! Invariant: the hub never writes to a socket and never blocks on one; a stalled client only
@@ -46,6 +47,8 @@ pub struct Outbox {
 #[derive(Debug, Default)]
 struct OutboxState {
     frames: VecDeque<Arc<BroadcastFrame>>,
+    /// Frames queued per topic (a handful of topics per socket: a scan beats a map).
+    queued_per_topic: Vec<(Arc<str>, usize)>,
     /// Broadcasts dropped since the client was last told, per topic.
     dropped: Vec<(Arc<str>, u64)>,
     closing: Option<CloseReason>,
@@ -87,18 +90,10 @@ impl Outbox {
             }
             let mut outcome = PushOutcome::Queued;
             if state.frames.len() >= self.capacity {
-                if let Some(oldest) = state.frames.pop_front() {
-                    match state
-                        .dropped
-                        .iter_mut()
-                        .find(|(topic, _)| *topic == oldest.topic)
-                    {
-                        Some((_, count)) => *count += 1,
-                        None => state.dropped.push((oldest.topic.clone(), 1)),
-                    }
-                    outcome = PushOutcome::QueuedDroppedOldest;
-                }
+                state.drop_oldest_of_busiest_topic();
+                outcome = PushOutcome::QueuedDroppedOldest;
             }
+            state.count_queued(&frame.topic, 1);
             state.frames.push_back(frame.clone());
             outcome
         };
@@ -110,7 +105,11 @@ impl Outbox {
     pub fn drain(&self, max: usize, into: &mut Drained) {
         let mut state = self.state.lock().expect("outbox lock");
         let take = state.frames.len().min(max);
+        let start = into.frames.len();
         into.frames.extend(state.frames.drain(..take));
+        for frame in &into.frames[start..] {
+            state.count_queued(&frame.topic, -1);
+        }
         into.dropped.append(&mut state.dropped);
         into.closing = state.closing;
         if !state.frames.is_empty() {
@@ -122,12 +121,15 @@ impl Outbox {
         }
     }
 
+    /// Asks the socket to close. `GoingAway` (the hard stop at the end of the grace period)
+    /// overrides an earlier `Restart` the session has not acted on yet.
     pub fn close(&self, reason: CloseReason) {
-        self.state
-            .lock()
-            .expect("outbox lock")
-            .closing
-            .get_or_insert(reason);
+        {
+            let mut state = self.state.lock().expect("outbox lock");
+            if state.closing.is_none() || reason == CloseReason::GoingAway {
+                state.closing = Some(reason);
+            }
+        }
         self.notify.notify_one();
     }
 
@@ -138,6 +140,48 @@ impl Outbox {
     /// Resolves when something was pushed or the socket should close.
     pub async fn notified(&self) {
         self.notify.notified().await
+    }
+}
+
+impl OutboxState {
+    fn count_queued(&mut self, topic: &Arc<str>, delta: isize) {
+        match self.queued_per_topic.iter().position(|(t, _)| t == topic) {
+            Some(i) => {
+                let count = &mut self.queued_per_topic[i].1;
+                *count = count.saturating_add_signed(delta);
+                if *count == 0 {
+                    self.queued_per_topic.swap_remove(i);
+                }
+            }
+            None if delta > 0 => self.queued_per_topic.push((topic.clone(), delta as usize)),
+            None => {}
+        }
+    }
+
+    /// Drops the oldest queued frame of the topic with the most queued frames (ties: the topic
+    /// whose oldest frame is oldest) and counts it for `events_dropped`.
+    fn drop_oldest_of_busiest_topic(&mut self) {
+        let Some(busiest) = self
+            .queued_per_topic
+            .iter()
+            .map(|(_, count)| *count)
+            .max()
+        else {
+            return;
+        };
+        let Some(index) = self.frames.iter().position(|frame| {
+            self.queued_per_topic
+                .iter()
+                .any(|(topic, count)| *count == busiest && *topic == frame.topic)
+        }) else {
+            return;
+        };
+        let dropped = self.frames.remove(index).expect("index in range");
+        self.count_queued(&dropped.topic, -1);
+        match self.dropped.iter_mut().find(|(topic, _)| *topic == dropped.topic) {
+            Some((_, count)) => *count += 1,
+            None => self.dropped.push((dropped.topic.clone(), 1)),
+        }
     }
 }
 
@@ -305,6 +349,38 @@ mod tests {
                 r#"[null,null,"t","e",{"i":4}]"#
             ]
         );
+    }
+
+    #[test]
+    fn a_flood_on_one_topic_does_not_evict_another_topics_frames() {
+        let hub = hub(4);
+        let (a, outbox) = hub.register_socket();
+        hub.subscribe("rare", a, &outbox);
+        hub.subscribe("busy", a, &outbox);
+        hub.publish("rare", "e", Bytes::from_static(b"{\"r\":1}"));
+        for i in 0..10 {
+            hub.publish("busy", "e", Bytes::from(format!("{{\"b\":{i}}}")));
+        }
+        let mut drained = Drained::default();
+        outbox.drain(10, &mut drained);
+        let topics: Vec<_> = drained.frames.iter().map(|f| f.topic.to_string()).collect();
+        assert_eq!(topics, ["rare", "busy", "busy", "busy"], "the rare frame survived");
+        assert_eq!(drained.dropped, vec![(Arc::from("busy"), 7)]);
+        let last = drained.frames.last().unwrap().text(crate::phoenix::codec::Vsn::V2).to_string();
+        assert!(last.contains("\"b\":9"), "newest busy frame kept: {last}");
+        assert!(outbox.state.lock().unwrap().queued_per_topic.is_empty());
+    }
+
+    #[test]
+    fn going_away_overrides_a_pending_restart() {
+        let hub = hub(2);
+        let (_, outbox) = hub.register_socket();
+        outbox.close(CloseReason::Restart);
+        outbox.close(CloseReason::GoingAway);
+        outbox.close(CloseReason::Restart);
+        let mut drained = Drained::default();
+        outbox.drain(10, &mut drained);
+        assert_eq!(drained.closing, Some(CloseReason::GoingAway));
     }
 
     #[test]

@@ -104,17 +104,21 @@ pub async fn run(
     background_tasks.spawn(metrics::upkeep(background.child_token()));
 
     let grace = config.shutdown_grace;
+    let hard_stop = CancellationToken::new();
+    let metrics_bind_addr = config.metrics_bind_addr;
     let app = Arc::new(http::App {
         session_deps: Arc::new(SessionDeps {
             hub: hub.clone(),
             inhouse,
             limits: config.limits.clone(),
             metrics,
+            hard_stop: hard_stop.clone(),
         }),
-        verifier: auth::TokenVerifier::new(
+        verifier: auth::TokenVerifier::with_leeway(
             &config.internal_jwt_secret,
             config.jwt_secret_key.as_deref(),
             config.require_token_exp,
+            config.jwt_leeway_s,
         ),
         config,
         pipeline,
@@ -122,10 +126,21 @@ pub async fn run(
         rails,
         draining: AtomicBool::new(false),
         connections: Arc::new(AtomicUsize::new(0)),
+        per_identity: Arc::default(),
         sessions: TaskTracker::new(),
     });
 
     let stop_accepting = CancellationToken::new();
+    if let Some(address) = metrics_bind_addr {
+        let metrics_listener = TcpListener::bind(address).await?;
+        let metrics_server = axum::serve(metrics_listener, http::metrics_router(app.clone()))
+            .with_graceful_shutdown(background.clone().cancelled_owned());
+        background_tasks.spawn(async move {
+            if let Err(error) = metrics_server.await {
+                tracing::error!(%error, "metrics listener failed");
+            }
+        });
+    }
     // Small WebSocket frames must not wait for Nagle/delayed-ACK: every socket gets TCP_NODELAY.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|stream| {
@@ -169,6 +184,7 @@ pub async fn run(
             left = app.sessions.len(),
             "grace period over; stopping remaining sockets"
         );
+        hard_stop.cancel();
         hub.close_all(CloseReason::GoingAway, usize::MAX, Duration::ZERO)
             .await;
         let _ = tokio::time::timeout(Duration::from_millis(300), app.sessions.wait()).await;

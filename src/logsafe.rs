@@ -15,7 +15,7 @@ impl fmt::Display for LogSafe<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut chars = self.0.chars();
         for c in chars.by_ref().take(MAX_LOGGED_CHARS) {
-            if c.is_control() || c == '"' || c == '\\' {
+            if c.is_control() {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 write!(f, "{c}")?;

@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use crate::envelope::Envelope;
+use crate::limits::MAX_ID_BYTES;
 
 /// The topics one envelope is delivered to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +24,9 @@ pub fn route(envelope: &Envelope) -> Route {
         topics.push(format!("notifications:{}", envelope.user_id));
     } else if event_type.starts_with("tournament_match.") {
         match envelope.payload.get("tournament_id") {
-            Some(Value::String(id)) if !id.is_empty() => topics.push(format!("tournament:{id}")),
+            Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_BYTES => {
+                topics.push(format!("tournament:{id}"))
+            }
             Some(Value::Number(id)) => topics.push(format!("tournament:{id}")),
             _ => {}
         }

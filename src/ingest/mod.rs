@@ -14,6 +14,7 @@ use bytes::Bytes;
 use crate::envelope::{self, Envelope};
 use crate::hub::Hub;
 use crate::inhouse::Inhouse;
+use crate::logsafe::LogSafe;
 use crate::router;
 
 /// Where an event came from (a metric label).
@@ -46,7 +47,8 @@ impl Pipeline {
         match envelope::decode(raw) {
             Ok(envelope) => self.deliver(&envelope, source).await,
             Err(reason) => {
-                tracing::warn!(source = source.label(), channel, "dropped event: {reason}");
+                // `reason`'s Display never includes the payload and escapes what it echoes.
+                tracing::warn!(source = source.label(), channel = %LogSafe(channel), %reason, "dropped event");
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => reason.label())
                     .increment(1);
             }
@@ -64,9 +66,9 @@ impl Pipeline {
         let route = router::route(envelope);
         if route.unrouted {
             tracing::warn!(
-                "Unrouted event type={} org={}",
-                envelope.event_type,
-                envelope.org_id
+                event_type = %LogSafe(&envelope.event_type),
+                org = %LogSafe(&envelope.org_id),
+                "Unrouted event"
             );
         }
         let mut sockets = 0;
@@ -74,7 +76,13 @@ impl Pipeline {
             let event = router::event_name(topic, &envelope.event_type);
             sockets += self.hub.publish(topic, event, envelope.raw.clone());
         }
-        tracing::debug!(event_type = %envelope.event_type, org = %envelope.org_id, id = ?envelope.id, sockets, "event delivered");
+        tracing::debug!(
+            event_type = %LogSafe(&envelope.event_type),
+            org = %LogSafe(&envelope.org_id),
+            id = %LogSafe(envelope.id.as_deref().unwrap_or("-")),
+            sockets,
+            "event delivered"
+        );
         metrics::counter!(
             crate::metrics::EVENTS_RECEIVED,
             "source" => source.label(),

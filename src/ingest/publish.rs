@@ -7,7 +7,9 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::redis::RedisLink;
+use super::redis::{PublishError, RedisLink};
+use crate::limits::{MAX_EVENT_BYTES, MAX_ID_BYTES};
+use crate::logsafe::LogSafe;
 use super::{Pipeline, Source};
 
 /// Why a body was refused; `Display` is the client-facing message (never the payload).
@@ -23,6 +25,8 @@ pub enum Rejection {
     InvalidFields(Vec<&'static str>),
     #[error("unsupported version")]
     UnsupportedVersion,
+    #[error("fields too long: {}", .0.join(", "))]
+    TooLong(Vec<&'static str>),
 }
 
 /// A completed envelope ready to publish.
@@ -30,8 +34,15 @@ pub enum Rejection {
 pub struct Accepted {
     pub id: String,
     pub org_id: String,
+    pub event_type: String,
     pub raw: Bytes,
 }
+
+/// Redis was connected but the PUBLISH failed or timed out: it may or may not have reached
+/// Redis, so the event is not delivered locally (that could deliver it twice); the caller
+/// answers 503 and the publisher retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishFailure;
 
 /// How an accepted event was delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,26 +124,58 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
         object.insert("published_at".into(), Value::String(now));
     }
     let org_id = object["org_id"].as_str().expect("validated").to_string();
+    let event_type = object["type"].as_str().expect("validated").to_string();
+    let mut too_long = Vec::new();
+    for (name, value, cap) in [
+        ("type", event_type.as_str(), MAX_EVENT_BYTES),
+        ("org_id", org_id.as_str(), MAX_ID_BYTES),
+        ("id", id.as_str(), MAX_ID_BYTES),
+    ] {
+        if value.len() > cap {
+            too_long.push(name);
+        }
+    }
+    if let Some(Value::String(user_id)) = object.get("user_id") {
+        if user_id.len() > MAX_ID_BYTES {
+            too_long.push("user_id");
+        }
+    }
+    if !too_long.is_empty() {
+        return Err(Rejection::TooLong(too_long));
+    }
     // What HTTP accepts every subscriber must accept too: the `envelope` fuzz target and
     // `completes_missing_fields` check that this output decodes.
     let raw = serde_json::to_vec(&Value::Object(object)).expect("a JSON value serializes");
     Ok(Accepted {
         id,
         org_id,
+        event_type,
         raw: raw.into(),
     })
 }
 
-/// Publishes to Redis, falling back to local delivery when Redis is down.
-pub async fn publish(link: &RedisLink, pipeline: &Pipeline, accepted: Accepted) -> Delivery {
+/// Publishes to Redis. Only when Redis is known to be down (not connected) is the event
+/// delivered by this instance alone; a PUBLISH that fails or times out on a live connection is
+/// a [`PublishFailure`], never a local delivery.
+pub async fn publish(
+    link: &RedisLink,
+    pipeline: &Pipeline,
+    accepted: Accepted,
+) -> Result<Delivery, PublishFailure> {
     match link.publish(&accepted.org_id, accepted.raw.clone()).await {
-        Ok(()) => Delivery::Redis,
-        Err(error) => {
-            tracing::warn!(%error, org = %accepted.org_id, "publishing locally only");
+        Ok(()) => Ok(Delivery::Redis),
+        Err(PublishError::Disconnected) => {
+            tracing::warn!(org = %LogSafe(&accepted.org_id), "redis is down; delivering locally only");
             pipeline
                 .ingest(accepted.raw, Source::HttpLocal, "http")
                 .await;
-            Delivery::Local
+            Ok(Delivery::Local)
+        }
+        Err(error) => {
+            tracing::warn!(%error, org = %LogSafe(&accepted.org_id), "publish failed; not delivered");
+            metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => "http", "outcome" => "publish_failed")
+                .increment(1);
+            Err(PublishFailure)
         }
     }
 }

@@ -16,6 +16,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, Inbound, InboundPayload, ReplyStatus, Vsn};
 use crate::auth::Authenticated;
@@ -23,6 +24,8 @@ use crate::channels::{self, TopicFamily};
 use crate::config::Limits;
 use crate::hub::{CloseReason, Drained, Hub, Outbox, SocketId};
 use crate::inhouse::Inhouse;
+use crate::limits::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES};
+use crate::logsafe::LogSafe;
 use crate::metrics::{self as m, Metrics};
 
 /// WebSocket close codes used by the hub. Never 1000: phoenix.js 1.8.0–1.8.15 does not
@@ -42,6 +45,9 @@ pub struct SessionDeps {
     pub inhouse: Arc<Inhouse>,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// Cancelled at the end of the shutdown grace period: a session stuck in a write gives up
+    /// and closes with 1001.
+    pub hard_stop: CancellationToken,
 }
 
 struct Joined {
@@ -77,9 +83,45 @@ struct Session {
     vsn: Vsn,
     auth: Authenticated,
     channels: HashMap<String, Joined>,
-    push_tokens: f64,
-    push_refill_at: Instant,
+    /// Client pushes (queue actions, unknown events): `MAX_PUSHES_PER_SECOND`, same burst.
+    pushes: TokenBucket,
+    /// Joins and leaves: their own budget, with a burst covering a rejoin of every channel
+    /// (phoenix.js rejoins all of them at once after a reconnect).
+    control: TokenBucket,
     pending: Vec<Message>,
+}
+
+/// A token bucket: `rate` per second up to `burst`; `None` is unlimited.
+struct TokenBucket {
+    limit: Option<(f64, f64)>,
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl TokenBucket {
+    fn new(limit: Option<(f64, f64)>) -> Self {
+        TokenBucket {
+            tokens: limit.map_or(0.0, |(_, burst)| burst),
+            limit,
+            refilled_at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let Some((rate, burst)) = self.limit else {
+            return true;
+        };
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
+        self.refilled_at = now;
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Token-expiry deadline as a timer instant.
@@ -104,8 +146,11 @@ where
         id,
         outbox,
         vsn,
-        push_tokens: limits.max_pushes_per_second.unwrap_or(0) as f64,
-        push_refill_at: Instant::now(),
+        pushes: TokenBucket::new(limits.max_pushes_per_second.map(|rate| (rate as f64, rate as f64))),
+        control: TokenBucket::new(limits.max_pushes_per_second.map(|rate| {
+            let burst = 2.0 * limits.max_channels_per_socket as f64 + rate as f64;
+            (rate as f64, burst)
+        })),
         auth,
         channels: HashMap::new(),
         pending: Vec::new(),
@@ -258,24 +303,6 @@ impl Session {
         Ok(())
     }
 
-    /// Token bucket: `max_pushes_per_second` per second, with a burst of the same size.
-    fn take_push_token(&mut self) -> bool {
-        let Some(rate) = self.deps.limits.max_pushes_per_second else {
-            return true;
-        };
-        let now = Instant::now();
-        let rate = rate as f64;
-        let elapsed = now.duration_since(self.push_refill_at).as_secs_f64();
-        self.push_refill_at = now;
-        self.push_tokens = (self.push_tokens + elapsed * rate).min(rate);
-        if self.push_tokens >= 1.0 {
-            self.push_tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
     fn reply(
         &mut self,
         join_ref: Option<&str>,
@@ -330,7 +357,25 @@ impl Session {
             self.reply(join_ref, msg_ref, &topic, ReplyStatus::Ok, &json!({}));
             return;
         }
-        if !self.take_push_token() {
+        if topic.len() > MAX_TOPIC_BYTES || event.len() > MAX_EVENT_BYTES {
+            metrics::counter!(m::INBOUND_REJECTED, "reason" => "name_too_long").increment(1);
+            let reason = if topic.len() > MAX_TOPIC_BYTES {
+                "topic too long"
+            } else {
+                "event name too long"
+            };
+            // The reply names a capped topic: echoing 64 KiB back would amplify the abuse.
+            let shown: String = topic.chars().take(MAX_TOPIC_BYTES / 4).collect();
+            self.error_reply(join_ref, msg_ref, &shown, reason);
+            return;
+        }
+        let control = matches!(event.as_str(), "phx_join" | "phx_leave");
+        let allowed = if control {
+            self.control.take()
+        } else {
+            self.pushes.take()
+        };
+        if !allowed {
             metrics::counter!(m::INBOUND_REJECTED, "reason" => "rate_limited").increment(1);
             self.error_reply(join_ref, msg_ref, &topic, "rate_limited");
             return;
@@ -380,7 +425,7 @@ impl Session {
         );
         metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "ok").increment(1);
         self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &response);
-        tracing::debug!(socket = self.id, topic, "joined");
+        tracing::debug!(socket = self.id, topic = %LogSafe(topic), "joined");
         if let Some(previous) = previous {
             // Duplicate join: the old channel is closed after the new join's reply.
             self.push_close(previous.join_ref.as_deref(), topic);
@@ -524,27 +569,41 @@ impl Session {
         S: Sink<Message, Error = E> + Unpin,
     {
         let count = messages.len() as u64;
+        let mut written = 0u64;
         let write = async {
             for message in messages {
                 socket.feed(message).await?;
+                written += 1;
             }
             socket.flush().await
         };
-        match tokio::time::timeout(self.deps.limits.write_timeout, write).await {
-            Ok(Ok(())) => {
+        let hard_stop = self.deps.hard_stop.clone();
+        let outcome = tokio::select! {
+            result = tokio::time::timeout(self.deps.limits.write_timeout, write) => Some(result),
+            _ = hard_stop.cancelled() => None,
+        };
+        match outcome {
+            Some(Ok(Ok(()))) => {
                 self.deps.metrics.frames_sent.increment(count);
                 Ok(())
             }
-            Ok(Err(_)) => Err(Ending::silent("write_error")),
-            Err(_) => {
+            Some(Ok(Err(_))) => Err(Ending::silent("write_error")),
+            Some(Err(_)) => {
+                // Lost: what is still queued plus what this write had not handed over yet.
+                let lost = self.outbox.queued() as u64 + count.saturating_sub(written);
                 metrics::counter!(m::BROADCASTS_DROPPED, "reason" => "write_timeout")
-                    .increment(self.outbox.queued() as u64);
+                    .increment(lost);
                 Err(Ending::closed(
                     "write_timeout",
                     close_code::TRY_AGAIN_LATER,
                     "slow consumer",
                 ))
             }
+            None => Err(Ending::closed(
+                "server_going_away",
+                close_code::GOING_AWAY,
+                "server going away",
+            )),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod fuzz_regressions;
+mod hardening;
 mod ingest;
 mod inhouse;
 mod js;

@@ -129,7 +129,8 @@ async fn auth_token_subprotocol_is_answered_with_phoenix() {
 async fn origin_check() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
-    config.allowed_origins = Some(vec!["https://app.prostaff.gg".into()]);
+    config.origins =
+        prostaff_events::config::OriginPolicy::List(vec!["https://app.prostaff.gg".into()]);
     let hub = TestHub::start(config).await;
     let url = hub.ws_url(&format!("vsn=2.0.0&token={}", user_token("u1", "o1")));
     assert_eq!(

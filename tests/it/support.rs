@@ -811,3 +811,79 @@ pub async fn publish_event(redis: &RedisServer, org: &str, event: Value, subscri
         "not enough hubs subscribed"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A TCP proxy that can go silent (a half-open connection: no reset, no data)
+
+/// Forwards `127.0.0.1:port` to `target`. [`FreezableProxy::freeze`] makes every connection
+/// open at that moment stop forwarding in both directions without closing; connections made
+/// later forward normally.
+pub struct FreezableProxy {
+    pub port: u16,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    frozen_up_to: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FreezableProxy {
+    pub async fn start(target: u16) -> FreezableProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(AtomicU64::new(1));
+        let frozen_up_to = Arc::new(AtomicU64::new(0));
+        let (generation_task, frozen_task) = (generation.clone(), frozen_up_to.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let mine = generation_task.load(Ordering::SeqCst);
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                    let frozen = frozen_task.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            if frozen.load(Ordering::SeqCst) >= mine {
+                                // Silent forever: hold both halves open, move nothing.
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                                continue;
+                            }
+                            let read = tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await;
+                            match read {
+                                Err(_) => continue,
+                                Ok(Ok(0)) | Ok(Err(_)) => return,
+                                Ok(Ok(n)) => {
+                                    if frozen.load(Ordering::SeqCst) >= mine {
+                                        continue;
+                                    }
+                                    if to.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        FreezableProxy {
+            port,
+            generation,
+            frozen_up_to,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Every connection open now goes silent; later connections forward normally.
+    pub fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        let current = self.generation.fetch_add(1, Ordering::SeqCst);
+        self.frozen_up_to.store(current, Ordering::SeqCst);
+    }
+}
