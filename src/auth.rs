@@ -454,7 +454,10 @@ mod tests {
         );
         // The same claims with the internal secret are an Internal identity.
         assert_eq!(
-            verifier().verify(&mint(SECRET, &internal_claims)).unwrap().identity,
+            verifier()
+                .verify(&mint(SECRET, &internal_claims))
+                .unwrap()
+                .identity,
             Identity::Internal
         );
         // Rails user and player tokens still work.
@@ -469,14 +472,33 @@ mod tests {
         let with = |claims: Value| v.verify(&mint(SECRET, &claims));
         let user = |extra: Value| {
             let mut claims = json!({"user_id": "u", "org_id": "o"});
-            claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             claims
         };
-        assert_eq!(with(user(json!({"exp": now - 10.5}))).unwrap_err(), AuthError::Expired);
+        assert_eq!(
+            with(user(json!({"exp": now - 10.5}))).unwrap_err(),
+            AuthError::Expired
+        );
         let live = with(user(json!({"exp": now + 60.25}))).unwrap();
-        assert_eq!(live.expires_at, Some((now + 60.25).ceil() as u64), "float exp is enforced");
-        assert_eq!(with(user(json!({"nbf": now + 100.5}))).unwrap_err(), AuthError::NotYetValid);
-        for bad in [json!("1999999999"), json!(-5), json!(1e300), json!(u64::MAX), json!(true)] {
+        assert_eq!(
+            live.expires_at,
+            Some((now + 60.25).ceil() as u64),
+            "float exp is enforced"
+        );
+        assert_eq!(
+            with(user(json!({"nbf": now + 100.5}))).unwrap_err(),
+            AuthError::NotYetValid
+        );
+        for bad in [
+            json!("1999999999"),
+            json!(-5),
+            json!(1e300),
+            json!(u64::MAX),
+            json!(true),
+        ] {
             assert_eq!(
                 with(user(json!({"exp": bad.clone()}))).unwrap_err(),
                 AuthError::InvalidTimeClaim,
@@ -493,15 +515,23 @@ mod tests {
     fn leeway_covers_clock_skew_both_ways() {
         let v = TokenVerifier::with_leeway(SECRET, None, false, 30);
         let now = unix_now();
-        let claims = |exp: u64, nbf: u64| json!({"user_id": "u", "org_id": "o", "exp": exp, "nbf": nbf});
-        let ok = v.verify(&mint(SECRET, &claims(now - 10, now + 10))).unwrap();
-        assert_eq!(ok.expires_at, Some(now - 10 + 30), "socket closes at exp + leeway");
+        let claims =
+            |exp: u64, nbf: u64| json!({"user_id": "u", "org_id": "o", "exp": exp, "nbf": nbf});
+        let ok = v
+            .verify(&mint(SECRET, &claims(now - 10, now + 10)))
+            .unwrap();
+        assert_eq!(
+            ok.expires_at,
+            Some(now - 10 + 30),
+            "socket closes at exp + leeway"
+        );
         assert_eq!(
             v.verify(&mint(SECRET, &claims(now - 40, now))).unwrap_err(),
             AuthError::Expired
         );
         assert_eq!(
-            v.verify(&mint(SECRET, &claims(now + 100, now + 40))).unwrap_err(),
+            v.verify(&mint(SECRET, &claims(now + 100, now + 40)))
+                .unwrap_err(),
             AuthError::NotYetValid
         );
     }

@@ -6,9 +6,9 @@
 use serde_json::{json, Value};
 
 use crate::auth::Identity;
+use crate::inhouse::{Inhouse, QueueError, Snapshot};
 use crate::limits::{MAX_ID_BYTES, MAX_ROLE_BYTES};
 use crate::logsafe::LogSafe;
-use crate::inhouse::{Inhouse, QueueError, Snapshot};
 
 /// The four topic families of DESIGN.md.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -311,7 +311,10 @@ impl Config {
         let metrics_bind_addr = match get("METRICS_BIND_ADDR") {
             None => None,
             Some(raw) => Some(raw.parse().map_err(|_| {
-                invalid("METRICS_BIND_ADDR", format!("expected ip:port, got {raw:?}"))
+                invalid(
+                    "METRICS_BIND_ADDR",
+                    format!("expected ip:port, got {raw:?}"),
+                )
             })?),
         };
         let max_connections_per_identity: usize =
@@ -539,8 +542,12 @@ mod tests {
         assert_eq!(config.jwt_leeway_s, 30);
         assert_eq!(config.limits.max_connections_per_identity, Some(100));
         let allowed = config.notify_allowed_types.unwrap();
-        assert!(!allowed.iter().any(|p| "inhouse.queue_opened".starts_with(p.as_str())));
-        assert!(!allowed.iter().any(|p| "notification.new".starts_with(p.as_str())));
+        assert!(!allowed
+            .iter()
+            .any(|p| "inhouse.queue_opened".starts_with(p.as_str())));
+        assert!(!allowed
+            .iter()
+            .any(|p| "notification.new".starts_with(p.as_str())));
     }
 
     #[test]
@@ -586,7 +593,10 @@ mod tests {
             ("PHX_HOST", "events.example.com"),
         ])
         .unwrap();
-        assert_eq!(prod.origins, OriginPolicy::Host("events.example.com".into()));
+        assert_eq!(
+            prod.origins,
+            OriginPolicy::Host("events.example.com".into())
+        );
         assert!(prod.origins.allows("https://events.example.com"));
         assert!(prod.origins.allows("https://events.example.com:8443/"));
         assert!(!prod.origins.allows("https://evil.example.com"));
@@ -609,7 +619,11 @@ mod tests {
         assert!(any.notify_allowed_types.is_none());
         let err = config(&[("METRICS_BIND_ADDR", "nope")]).unwrap_err();
         assert!(err.to_string().contains("METRICS_BIND_ADDR"));
-        let ok = config(&[("METRICS_BIND_ADDR", "127.0.0.1:9100"), ("METRICS_TOKEN", "t")]).unwrap();
+        let ok = config(&[
+            ("METRICS_BIND_ADDR", "127.0.0.1:9100"),
+            ("METRICS_TOKEN", "t"),
+        ])
+        .unwrap();
         assert_eq!(ok.metrics_bind_addr.unwrap().port(), 9100);
         assert_eq!(ok.metrics_token.as_deref(), Some("t"));
     }

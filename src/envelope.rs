@@ -110,9 +110,7 @@ fn check_version(version: Option<&Value>) -> Result<(), DropReason> {
         Some(other) => {
             // The version is echoed in the warning: capped and escaped like any untrusted text.
             let shown: String = other.to_string().chars().take(32).collect();
-            Err(DropReason::UnsupportedVersion(
-                LogSafe(&shown).to_string(),
-            ))
+            Err(DropReason::UnsupportedVersion(LogSafe(&shown).to_string()))
         }
     }
 }
@@ -129,14 +127,19 @@ mod tests {
             decode(raw.into()).unwrap_err(),
             DropReason::TooLong(vec!["org_id"])
         );
-        let ok = format!(r#"{{"type":"t","org_id":"{}","user_id":"u"}}"#, "x".repeat(MAX_ID_BYTES));
+        let ok = format!(
+            r#"{{"type":"t","org_id":"{}","user_id":"u"}}"#,
+            "x".repeat(MAX_ID_BYTES)
+        );
         assert!(decode(ok.into()).is_ok());
     }
 
     #[test]
     fn an_unsupported_version_cannot_forge_a_log_line() {
         let raw = r#"{"version":"2\nINFO forged","type":"t","org_id":"o","user_id":"u"}"#;
-        let reason = decode(Bytes::from_static(raw.as_bytes())).unwrap_err().to_string();
+        let reason = decode(Bytes::from_static(raw.as_bytes()))
+            .unwrap_err()
+            .to_string();
         assert!(!reason.contains('\n'), "{reason}");
     }
 

@@ -161,12 +161,7 @@ impl OutboxState {
     /// Drops the oldest queued frame of the topic with the most queued frames (ties: the topic
     /// whose oldest frame is oldest) and counts it for `events_dropped`.
     fn drop_oldest_of_busiest_topic(&mut self) {
-        let Some(busiest) = self
-            .queued_per_topic
-            .iter()
-            .map(|(_, count)| *count)
-            .max()
-        else {
+        let Some(busiest) = self.queued_per_topic.iter().map(|(_, count)| *count).max() else {
             return;
         };
         let Some(index) = self.frames.iter().position(|frame| {
@@ -178,7 +173,11 @@ impl OutboxState {
         };
         let dropped = self.frames.remove(index).expect("index in range");
         self.count_queued(&dropped.topic, -1);
-        match self.dropped.iter_mut().find(|(topic, _)| *topic == dropped.topic) {
+        match self
+            .dropped
+            .iter_mut()
+            .find(|(topic, _)| *topic == dropped.topic)
+        {
             Some((_, count)) => *count += 1,
             None => self.dropped.push((dropped.topic.clone(), 1)),
         }
@@ -364,9 +363,18 @@ mod tests {
         let mut drained = Drained::default();
         outbox.drain(10, &mut drained);
         let topics: Vec<_> = drained.frames.iter().map(|f| f.topic.to_string()).collect();
-        assert_eq!(topics, ["rare", "busy", "busy", "busy"], "the rare frame survived");
+        assert_eq!(
+            topics,
+            ["rare", "busy", "busy", "busy"],
+            "the rare frame survived"
+        );
         assert_eq!(drained.dropped, vec![(Arc::from("busy"), 7)]);
-        let last = drained.frames.last().unwrap().text(crate::phoenix::codec::Vsn::V2).to_string();
+        let last = drained
+            .frames
+            .last()
+            .unwrap()
+            .text(crate::phoenix::codec::Vsn::V2)
+            .to_string();
         assert!(last.contains("\"b\":9"), "newest busy frame kept: {last}");
         assert!(outbox.state.lock().unwrap().queued_per_topic.is_empty());
     }

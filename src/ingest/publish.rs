@@ -8,9 +8,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::redis::{PublishError, RedisLink};
+use super::{Pipeline, Source};
 use crate::limits::{MAX_EVENT_BYTES, MAX_ID_BYTES};
 use crate::logsafe::LogSafe;
-use super::{Pipeline, Source};
 
 /// Why a body was refused; `Display` is the client-facing message (never the payload).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -136,7 +136,12 @@ impl Inhouse {
         }
     }
 
-    pub async fn join(&self, org_id: &str, player_id: &str, role: &str) -> Result<Value, QueueError> {
+    pub async fn join(
+        &self,
+        org_id: &str,
+        player_id: &str,
+        role: &str,
+    ) -> Result<Value, QueueError> {
         self.store.join(org_id, player_id, role).await
     }
 
@@ -166,8 +171,7 @@ impl Inhouse {
                 let entries = entries_field(payload);
                 match deadline_field(payload) {
                     Some(deadline)
-                        if payload.get("status").and_then(Value::as_str)
-                            == Some("check_in") =>
+                        if payload.get("status").and_then(Value::as_str) == Some("check_in") =>
                     {
                         self.store
                             .start_check_in(org_id, &queue_id, deadline, &entries)
@@ -283,7 +287,8 @@ mod tests {
                 checked_in: true
             }]
         );
-        let object = entries_field(&json!({"entries": {"p1": {"role": "top", "checked_in": false}}}));
+        let object =
+            entries_field(&json!({"entries": {"p1": {"role": "top", "checked_in": false}}}));
         assert_eq!(object[0].player_id, "p1");
         assert_eq!(object[0].role, "top");
         assert!(entries_field(&json!({})).is_empty());

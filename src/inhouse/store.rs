@@ -239,7 +239,12 @@ impl QueueStore {
         }
     }
 
-    pub async fn join(&self, org_id: &str, player_id: &str, role: &str) -> Result<Value, QueueError> {
+    pub async fn join(
+        &self,
+        org_id: &str,
+        player_id: &str,
+        role: &str,
+    ) -> Result<Value, QueueError> {
         let args = vec![
             player_id.to_string(),
             role.to_string(),
@@ -250,7 +255,8 @@ impl QueueStore {
     }
 
     pub async fn leave(&self, org_id: &str, player_id: &str) -> Result<Value, QueueError> {
-        self.action("leave", org_id, vec![player_id.to_string()]).await
+        self.action("leave", org_id, vec![player_id.to_string()])
+            .await
     }
 
     pub async fn checkin(&self, org_id: &str, player_id: &str) -> Result<Value, QueueError> {
@@ -455,7 +461,11 @@ impl QueueStore {
 
     /// Takes the reconcile lock for `ttl`; returns Redis's time in ms, or `None` when another
     /// instance holds it. Advisory: it only avoids duplicate work; the scripts keep state safe.
-    pub async fn lock_reconcile(&self, token: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+    pub async fn lock_reconcile(
+        &self,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
         let reply = self
             .eval(
                 &self.lock_script,

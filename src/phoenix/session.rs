@@ -146,7 +146,11 @@ where
         id,
         outbox,
         vsn,
-        pushes: TokenBucket::new(limits.max_pushes_per_second.map(|rate| (rate as f64, rate as f64))),
+        pushes: TokenBucket::new(
+            limits
+                .max_pushes_per_second
+                .map(|rate| (rate as f64, rate as f64)),
+        ),
         control: TokenBucket::new(limits.max_pushes_per_second.map(|rate| {
             let burst = 2.0 * limits.max_channels_per_socket as f64 + rate as f64;
             (rate as f64, burst)

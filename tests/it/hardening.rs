@@ -45,13 +45,22 @@ async fn the_documented_env_example_copy_starts_the_hub() {
         if let Some(status) = child.try_wait().unwrap() {
             let mut stderr = String::new();
             use tokio::io::AsyncReadExt;
-            child.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .await
+                .unwrap();
             panic!("the hub exited with {status}: {stderr}");
         }
         if reqwest::get(&health).await.is_ok_and(|r| r.status() == 200) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "hub never served /health");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hub never served /health"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child.kill().await.unwrap();
@@ -59,7 +68,10 @@ async fn the_documented_env_example_copy_starts_the_hub() {
     // Production stays the container's default: compose maps an empty APP_ENV to production,
     // and .env.example leaves it empty (dev for `cargo run`).
     let env_example = std::fs::read_to_string(repo_file(".env.example")).unwrap();
-    assert!(env_example.lines().any(|l| l == "APP_ENV="), ".env.example must leave APP_ENV empty");
+    assert!(
+        env_example.lines().any(|l| l == "APP_ENV="),
+        ".env.example must leave APP_ENV empty"
+    );
     let compose = std::fs::read_to_string(repo_file("docker-compose.yml")).unwrap();
     assert!(compose.contains("APP_ENV: ${APP_ENV:-production}"));
     let dockerfile = std::fs::read_to_string(repo_file("Dockerfile")).unwrap();
@@ -84,25 +96,39 @@ async fn a_leaked_scraper_key_cannot_steer_queues_or_notify_users() {
     let org = unique("org");
     let mut member = Phx::connect(&hub, &user_token("u1", &org)).await;
     member.join_ok(&format!("inhouse:{org}")).await;
-    member.join_ok(&format!("notifications:u1")).await;
-    for event_type in ["inhouse.queue_opened", "inhouse.check_in_started", "inhouse.queue_closed", "notification.new"] {
+    member.join_ok("notifications:u1").await;
+    for event_type in [
+        "inhouse.queue_opened",
+        "inhouse.check_in_started",
+        "inhouse.queue_closed",
+        "notification.new",
+    ] {
         let (status, body) = post_notify(
             &hub,
             json!({"type": event_type, "org_id": org, "user_id": "u1", "payload": {"queue_id": "q1", "check_in_deadline": "2030-01-01T00:00:00Z"}}),
         )
         .await;
         assert_eq!(status, 403, "{event_type}");
-        assert!(body["error"].as_str().unwrap().contains("not allowed"), "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("not allowed"),
+            "{body}"
+        );
     }
-    assert!(member.silent_for(Duration::from_millis(400)).await, "nothing was delivered");
-    let (status, body) = post_notify(&hub, json!({"type": "scraper.match_found", "org_id": org})).await;
+    assert!(
+        member.silent_for(Duration::from_millis(400)).await,
+        "nothing was delivered"
+    );
+    let (status, body) =
+        post_notify(&hub, json!({"type": "scraper.match_found", "org_id": org})).await;
     assert_eq!((status, body["ok"].clone()), (200, json!(true)));
 
     // The internal publish API keeps full power.
     let response = reqwest::Client::new()
         .post(hub.http("/api/events"))
         .bearer_auth(internal_token())
-        .json(&json!({"type": "inhouse.queue_opened", "org_id": org, "payload": {"queue_id": "q1"}}))
+        .json(
+            &json!({"type": "inhouse.queue_opened", "org_id": org, "payload": {"queue_id": "q1"}}),
+        )
         .send()
         .await
         .unwrap();
@@ -117,19 +143,43 @@ async fn a_leaked_scraper_key_cannot_steer_queues_or_notify_users() {
 async fn tokens_are_scoped_to_their_key_and_time_claims_are_strict() {
     let (_redis, hub) = redis_and_ready_hub().await;
     let now = prostaff_events::auth::unix_now() as f64;
-    let rails_internal = prostaff_events::auth::mint(RAILS_SECRET, &json!({"type": "internal", "iss": "prostaff-api"}));
-    assert_eq!(upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={rails_internal}")), &[]).await, 403);
+    let rails_internal = prostaff_events::auth::mint(
+        RAILS_SECRET,
+        &json!({"type": "internal", "iss": "prostaff-api"}),
+    );
+    assert_eq!(
+        upgrade_status(
+            &hub.ws_url(&format!("vsn=2.0.0&token={rails_internal}")),
+            &[]
+        )
+        .await,
+        403
+    );
     for exp in [json!("9999999999"), json!(-1), json!(1e19)] {
-        let token = prostaff_events::auth::mint(SECRET, &json!({"user_id": "u", "org_id": "o", "exp": exp}));
-        assert_eq!(upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={token}")), &[]).await, 403, "{exp}");
+        let token = prostaff_events::auth::mint(
+            SECRET,
+            &json!({"user_id": "u", "org_id": "o", "exp": exp}),
+        );
+        assert_eq!(
+            upgrade_status(&hub.ws_url(&format!("vsn=2.0.0&token={token}")), &[]).await,
+            403,
+            "{exp}"
+        );
     }
     // A float exp (beyond the 30 s default leeway, so the test config uses none) is enforced.
     let mut config = test_config("redis://127.0.0.1:9/0", "http://127.0.0.1:9");
     config.jwt_leeway_s = 0;
     let strict = TestHub::start(config).await;
-    let token = prostaff_events::auth::mint(SECRET, &json!({"user_id": "u", "org_id": "o", "exp": now + 1.5}));
+    let token = prostaff_events::auth::mint(
+        SECRET,
+        &json!({"user_id": "u", "org_id": "o", "exp": now + 1.5}),
+    );
     let mut phx = Phx::connect(&strict, &token).await;
-    assert_eq!(phx.close_code().await, Some(1008), "the socket closes when the float exp passes");
+    assert_eq!(
+        phx.close_code().await,
+        Some(1008),
+        "the socket closes when the float exp passes"
+    );
 }
 
 #[tokio::test]
@@ -139,17 +189,30 @@ async fn oversized_names_are_refused_with_clear_errors() {
     let topic = format!("tournament:{}", "x".repeat(64 * 1024 - 200));
     let reply = phx.join(&topic, json!({})).await;
     assert_eq!(reply[4]["response"]["reason"], "topic too long");
-    assert!(reply[2].as_str().unwrap().len() <= 200, "the reply does not echo 64 KiB back");
-    let ok = phx.join(&format!("tournament:{}", "x".repeat(180)), json!({})).await;
+    assert!(
+        reply[2].as_str().unwrap().len() <= 200,
+        "the reply does not echo 64 KiB back"
+    );
+    let ok = phx
+        .join(&format!("tournament:{}", "x".repeat(180)), json!({}))
+        .await;
     assert_eq!(ok[4]["status"], "ok");
 
     let org = unique("org");
-    let (status, body) = post_notify(&hub, json!({"type": format!("scraper.{}", "t".repeat(300)), "org_id": org})).await;
+    let (status, body) = post_notify(
+        &hub,
+        json!({"type": format!("scraper.{}", "t".repeat(300)), "org_id": org}),
+    )
+    .await;
     assert_eq!(status, 422);
     assert!(body["error"].as_str().unwrap().contains("type"), "{body}");
     let long_org = "o".repeat(300);
     let message = json!({"type": "player.x", "org_id": long_org, "user_id": "u"}).to_string();
-    assert!(redis.publish_when_subscribed("prostaff:events:long", &message, 1).await);
+    assert!(
+        redis
+            .publish_when_subscribed("prostaff:events:long", &message, 1)
+            .await
+    );
     wait_for_log(&["dropped event", "field(s) too long: org_id"]).await;
 }
 
@@ -165,7 +228,10 @@ async fn one_identity_cannot_take_every_connection() {
         held.push(Phx::connect_url(&url).await);
     }
     assert_eq!(upgrade_status(&url, &[]).await, 429);
-    let other = hub.ws_url(&format!("vsn=2.0.0&token={}", user_token("someone-else", "o1")));
+    let other = hub.ws_url(&format!(
+        "vsn=2.0.0&token={}",
+        user_token("someone-else", "o1")
+    ));
     assert_eq!(upgrade_status(&other, &[]).await, 101);
     drop(held.pop());
     eventually("a slot frees when a socket closes", || async {
@@ -173,7 +239,13 @@ async fn one_identity_cannot_take_every_connection() {
     })
     .await;
     let metrics = hub.metrics().await;
-    assert!(metric_value(&metrics, "prostaff_socket_connects_total", &["too_many_connections_per_identity"]) >= 1.0);
+    assert!(
+        metric_value(
+            &metrics,
+            "prostaff_socket_connects_total",
+            &["too_many_connections_per_identity"]
+        ) >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -181,7 +253,11 @@ async fn a_newline_in_untrusted_text_cannot_forge_a_log_line() {
     let (redis, _hub) = redis_and_ready_hub().await;
     let marker = unique("FORGED");
     let message = json!({"type": format!("weird.type\n{marker} INFO forged"), "org_id": "o\r\nx", "user_id": "u"}).to_string();
-    assert!(redis.publish_when_subscribed("prostaff:events:o", &message, 1).await);
+    assert!(
+        redis
+            .publish_when_subscribed("prostaff:events:o", &message, 1)
+            .await
+    );
     let line = wait_for_log(&["Unrouted event", &marker]).await;
     assert!(line.contains("weird.type\\n"), "{line}");
     assert!(
@@ -196,8 +272,14 @@ async fn a_full_rejoin_burst_is_not_rate_limited() {
     let mut phx = Phx::connect(&hub, &internal_token()).await;
     // phoenix.js after a reconnect: every channel's join at once, with the default limits.
     for i in 0..101 {
-        phx.send(json!([format!("j{i}"), format!("j{i}"), format!("tournament:{i}"), "phx_join", {}]))
-            .await;
+        phx.send(json!([
+            format!("j{i}"),
+            format!("j{i}"),
+            format!("tournament:{i}"),
+            "phx_join",
+            {}
+        ]))
+        .await;
     }
     let mut reasons = Vec::new();
     for i in 0..101 {
@@ -220,15 +302,23 @@ async fn a_half_open_redis_connection_is_replaced_within_10_s() {
     let frozen_at = std::time::Instant::now();
     proxy.freeze();
     // Within 10 s the link notices, reconnects through a fresh connection and delivers again.
-    let event = json!({"type": "player.transferred", "org_id": org, "user_id": "u", "id": "after-freeze"}).to_string();
+    let event =
+        json!({"type": "player.transferred", "org_id": org, "user_id": "u", "id": "after-freeze"})
+            .to_string();
     let mut delivered = false;
     while frozen_at.elapsed() < Duration::from_secs(10) && !delivered {
         redis.publish(&format!("prostaff:events:{org}"), &event);
-        delivered = tokio::time::timeout(Duration::from_millis(500), member.event(&format!("org_events:{org}"), "player.transferred"))
-            .await
-            .is_ok();
+        delivered = tokio::time::timeout(
+            Duration::from_millis(500),
+            member.event(&format!("org_events:{org}"), "player.transferred"),
+        )
+        .await
+        .is_ok();
     }
-    assert!(delivered, "no delivery within 10 s of the connection going silent");
+    assert!(
+        delivered,
+        "no delivery within 10 s of the connection going silent"
+    );
     // Caught by the liveness PING (not by a TCP reset: the proxy never sends one).
     wait_for_log(&["redis unavailable", "ping"]).await;
 }
@@ -252,7 +342,10 @@ async fn a_publish_that_times_out_is_not_also_delivered_locally() {
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
-    assert!(member.silent_for(Duration::from_millis(500)).await, "no local copy was delivered");
+    assert!(
+        member.silent_for(Duration::from_millis(500)).await,
+        "no local copy was delivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +362,9 @@ async fn at_the_end_of_the_grace_period_stuck_sessions_get_1001() {
     let mut stuck = Phx::org_member(&hub, &org).await;
     // Fill the socket until the hub's writes block: the client reads nothing meanwhile.
     let payload = "x".repeat(60 * 1024);
-    let event = json!({"type": "player.transferred", "org_id": org, "user_id": "u", "payload": payload}).to_string();
+    let event =
+        json!({"type": "player.transferred", "org_id": org, "user_id": "u", "payload": payload})
+            .to_string();
     let mut connection = redis.connection();
     for _ in 0..400 {
         connection.publish(&format!("prostaff:events:{org}"), &event);
@@ -278,7 +373,9 @@ async fn at_the_end_of_the_grace_period_stuck_sessions_get_1001() {
     hub.shutdown().await.unwrap();
     // Now read everything: the stream ends with 1001 (the hard stop), not 1012.
     let mut code = None;
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(10), stuck.ws.next()).await {
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(10), stuck.ws.next()).await
+    {
         match message {
             Ok(Message::Close(frame)) => {
                 code = frame.map(|f| u16::from(f.code));
@@ -301,13 +398,22 @@ async fn readiness_follows_redis_unless_rails_is_required() {
     let response = reqwest::get(lenient.http("/health/ready")).await.unwrap();
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["checks"]["rails"], "status 500", "Rails is still reported: {body}");
+    assert_eq!(
+        body["checks"]["rails"], "status 500",
+        "Rails is still reported: {body}"
+    );
 
     let mut config = test_config(&redis.url(), &rails.url());
     config.readiness_requires_rails = true;
     let strict = TestHub::start(config).await;
     strict.wait_redis_ready().await;
-    assert_eq!(reqwest::get(strict.http("/health/ready")).await.unwrap().status(), 503);
+    assert_eq!(
+        reqwest::get(strict.http("/health/ready"))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
 }
 
 #[tokio::test]
@@ -317,8 +423,21 @@ async fn metrics_can_require_a_token_or_a_separate_listener() {
     config.metrics_token = Some("metrics-secret".into());
     let hub = TestHub::start(config).await;
     let client = reqwest::Client::new();
-    assert_eq!(client.get(hub.http("/metrics")).send().await.unwrap().status(), 401);
-    let ok = client.get(hub.http("/metrics")).bearer_auth("metrics-secret").send().await.unwrap();
+    assert_eq!(
+        client
+            .get(hub.http("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let ok = client
+        .get(hub.http("/metrics"))
+        .bearer_auth("metrics-secret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
     assert!(ok.text().await.unwrap().contains("prostaff_"));
 
@@ -327,10 +446,15 @@ async fn metrics_can_require_a_token_or_a_separate_listener() {
     config.metrics_bind_addr = Some(format!("127.0.0.1:{port}").parse().unwrap());
     let split = TestHub::start(config).await;
     eventually("metrics listener up", || async {
-        reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.is_ok_and(|r| r.status() == 200)
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
     })
     .await;
-    assert_eq!(reqwest::get(split.http("/metrics")).await.unwrap().status(), 404);
+    assert_eq!(
+        reqwest::get(split.http("/metrics")).await.unwrap().status(),
+        404
+    );
 }
 
 #[tokio::test]
@@ -342,6 +466,144 @@ async fn in_production_without_allowed_origins_only_phx_host_may_connect() {
     config.origins = prostaff_events::config::OriginPolicy::Host("events.prostaff.gg".into());
     let hub = TestHub::start(config).await;
     let url = hub.ws_url(&format!("vsn=2.0.0&token={}", user_token("u", "o")));
-    assert_eq!(upgrade_status(&url, &[("origin", "https://evil.example")]).await, 403);
-    assert_eq!(upgrade_status(&url, &[("origin", "https://events.prostaff.gg")]).await, 101);
+    assert_eq!(
+        upgrade_status(&url, &[("origin", "https://evil.example")]).await,
+        403
+    );
+    assert_eq!(
+        upgrade_status(&url, &[("origin", "https://events.prostaff.gg")]).await,
+        101
+    );
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_connect_over_tls() {
+    // A CA and a server certificate for localhost, then redis-server with TLS only.
+    let dir = std::env::temp_dir().join(unique("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=prostaff test CA",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    let port = free_port();
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let url = format!("rediss://localhost:{port}/0");
+    let hub = BinaryHub::start(
+        &url,
+        &[("SSL_CERT_FILE", dir.join("ca.pem").to_str().unwrap())],
+    )
+    .await;
+    hub.wait_redis_ready().await;
+    // A publish through the hub goes out over TLS and comes back to a member.
+    let org = unique("org");
+    let mut member = Phx::connect_url(&hub.ws_url(&user_token("u1", &org))).await;
+    member.join_ok(&format!("org_events:{org}")).await;
+    let response = reqwest::Client::new()
+        .post(hub.http("/api/events"))
+        .bearer_auth(internal_token())
+        .json(&json!({"type": "player.transferred", "org_id": org}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["delivery"], "redis", "{body}");
+    member
+        .event(&format!("org_events:{org}"), "player.transferred")
+        .await;
+    drop(hub);
+    let _ = server.kill();
+    let _ = server.wait();
 }

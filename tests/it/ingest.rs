@@ -128,14 +128,8 @@ async fn versions_and_drops_are_logged_without_payload() {
     }
     // Dropped ones, each followed by a valid event that must still be delivered.
     let drops: Vec<(String, &str)> = vec![
-        (
-            with(json!({"version": "99"})),
-            "unsupported version=\"99\"",
-        ),
-        (
-            with(json!({"version": 2})),
-            "unsupported version=2",
-        ),
+        (with(json!({"version": "99"})), "unsupported version=\"99\""),
+        (with(json!({"version": 2})), "unsupported version=2"),
         (
             with(json!({"user_id": null})),
             "missing or invalid field(s): user_id",

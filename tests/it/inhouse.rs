@@ -70,7 +70,11 @@ async fn open_queue(redis: &RedisServer, org: &str, queue_id: &str, hubs: i64) {
     .await;
 }
 
-async fn hubs(redis: &RedisServer, count: usize, tweak: impl Fn(&mut prostaff_events::config::Config)) -> Vec<TestHub> {
+async fn hubs(
+    redis: &RedisServer,
+    count: usize,
+    tweak: impl Fn(&mut prostaff_events::config::Config),
+) -> Vec<TestHub> {
     let mut hubs = Vec::new();
     for _ in 0..count {
         let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
@@ -93,7 +97,14 @@ async fn a_join_on_one_hub_reaches_every_member_once_and_shows_in_the_other_snap
     on_a.recv_matching(update_of("queue_opened")).await;
     on_b.recv_matching(update_of("queue_opened")).await;
 
-    let reply = action(&mut on_a, &ref_a, &org, "join_queue", json!({"player_id": "p1", "role": "top"})).await;
+    let reply = action(
+        &mut on_a,
+        &ref_a,
+        &org,
+        "join_queue",
+        json!({"player_id": "p1", "role": "top"}),
+    )
+    .await;
     assert_eq!(reply["status"], "ok", "{reply}");
     assert_eq!(
         reply["response"]["entries"],
@@ -105,12 +116,21 @@ async fn a_join_on_one_hub_reaches_every_member_once_and_shows_in_the_other_snap
     assert_eq!(seen[4]["player_count"], 1);
     assert_eq!(seen[4]["entries"]["p1"]["role"], "top");
     // Exactly once on each hub: no second copy arrives on either.
-    assert_eq!(count_updates(&mut on_b, "player_joined", Duration::from_millis(600)).await, 0);
-    assert_eq!(count_updates(&mut on_a, "player_joined", Duration::from_millis(100)).await, 1);
+    assert_eq!(
+        count_updates(&mut on_b, "player_joined", Duration::from_millis(600)).await,
+        0
+    );
+    assert_eq!(
+        count_updates(&mut on_a, "player_joined", Duration::from_millis(100)).await,
+        1
+    );
 
     let from_b = snapshot(&hubs[1], &org).await;
     assert_eq!(from_b["queue_id"], "q1");
-    assert_eq!(from_b["entries"], json!({"p1": {"role": "top", "checked_in": false}}));
+    assert_eq!(
+        from_b["entries"],
+        json!({"p1": {"role": "top", "checked_in": false}})
+    );
 }
 
 #[tokio::test]
@@ -123,22 +143,53 @@ async fn check_ins_split_over_two_hubs_keep_the_queue_with_two_at_the_deadline()
     open_queue(&redis, &org, "q1", 2).await;
     on_a.recv_matching(update_of("queue_opened")).await;
     for (player, role) in [("p1", "top"), ("p2", "mid"), ("p3", "adc")] {
-        let reply = action(&mut on_a, &ref_a, &org, "join_queue", json!({"player_id": player, "role": role})).await;
+        let reply = action(
+            &mut on_a,
+            &ref_a,
+            &org,
+            "join_queue",
+            json!({"player_id": player, "role": role}),
+        )
+        .await;
         assert_eq!(reply["status"], "ok");
     }
     publish_event(
         &redis,
         &org,
-        lifecycle(&org, "inhouse.check_in_started", json!({"queue_id": "q1", "check_in_deadline": deadline_in(2.5)})),
+        lifecycle(
+            &org,
+            "inhouse.check_in_started",
+            json!({"queue_id": "q1", "check_in_deadline": deadline_in(2.5)}),
+        ),
         2,
     )
     .await;
     on_a.recv_matching(update_of("check_in_started")).await;
     on_b.recv_matching(update_of("check_in_started")).await;
-    let one = action(&mut on_a, &ref_a, &org, "checkin", json!({"player_id": "p1"})).await;
-    let two = action(&mut on_b, &ref_b, &org, "checkin", json!({"player_id": "p2"})).await;
-    assert_eq!((one["status"].as_str(), two["status"].as_str()), (Some("ok"), Some("ok")));
-    assert_eq!(two["response"]["entries"]["p1"]["checked_in"], true, "B sees A's check-in");
+    let one = action(
+        &mut on_a,
+        &ref_a,
+        &org,
+        "checkin",
+        json!({"player_id": "p1"}),
+    )
+    .await;
+    let two = action(
+        &mut on_b,
+        &ref_b,
+        &org,
+        "checkin",
+        json!({"player_id": "p2"}),
+    )
+    .await;
+    assert_eq!(
+        (one["status"].as_str(), two["status"].as_str()),
+        (Some("ok"), Some("ok"))
+    );
+    assert_eq!(
+        two["response"]["entries"]["p1"]["checked_in"], true,
+        "B sees A's check-in"
+    );
 
     let expired = on_b.recv_matching(update_of("check_in_expired")).await;
     assert_eq!(expired[4]["queue_closed"], false);
@@ -150,8 +201,14 @@ async fn check_ins_split_over_two_hubs_keep_the_queue_with_two_at_the_deadline()
         json!({"p1": {"role": "top", "checked_in": true}, "p2": {"role": "mid", "checked_in": true}})
     );
     // Two hubs watch the deadline; it ran once.
-    assert_eq!(count_updates(&mut on_b, "check_in_expired", Duration::from_millis(800)).await, 0);
-    assert_eq!(count_updates(&mut on_a, "check_in_expired", Duration::from_millis(100)).await, 1);
+    assert_eq!(
+        count_updates(&mut on_b, "check_in_expired", Duration::from_millis(800)).await,
+        0
+    );
+    assert_eq!(
+        count_updates(&mut on_a, "check_in_expired", Duration::from_millis(100)).await,
+        1
+    );
     assert_eq!(snapshot(&hubs[0], &org).await["player_count"], 2);
 }
 
@@ -167,7 +224,14 @@ async fn the_deadline_fires_once_on_time_after_the_hub_that_saw_check_in_start_i
     open_queue(&redis, &org, "q1", 1).await;
     watcher_on_a.recv_matching(update_of("queue_opened")).await;
     for player in ["p1", "p2", "p3"] {
-        let reply = action(&mut watcher_on_a, &join_ref, &org, "join_queue", json!({"player_id": player, "role": "mid"})).await;
+        let reply = action(
+            &mut watcher_on_a,
+            &join_ref,
+            &org,
+            "join_queue",
+            json!({"player_id": player, "role": "mid"}),
+        )
+        .await;
         assert_eq!(reply["status"], "ok", "{reply}");
     }
     let deadline_text = deadline_in(3.0);
@@ -175,13 +239,26 @@ async fn the_deadline_fires_once_on_time_after_the_hub_that_saw_check_in_start_i
     publish_event(
         &redis,
         &org,
-        lifecycle(&org, "inhouse.check_in_started", json!({"queue_id": "q1", "check_in_deadline": deadline_text})),
+        lifecycle(
+            &org,
+            "inhouse.check_in_started",
+            json!({"queue_id": "q1", "check_in_deadline": deadline_text}),
+        ),
         1,
     )
     .await;
-    watcher_on_a.recv_matching(update_of("check_in_started")).await;
+    watcher_on_a
+        .recv_matching(update_of("check_in_started"))
+        .await;
     for player in ["p1", "p2"] {
-        let reply = action(&mut watcher_on_a, &join_ref, &org, "checkin", json!({"player_id": player})).await;
+        let reply = action(
+            &mut watcher_on_a,
+            &join_ref,
+            &org,
+            "checkin",
+            json!({"player_id": player}),
+        )
+        .await;
         assert_eq!(reply["status"], "ok");
     }
     a.kill().await;
@@ -197,12 +274,25 @@ async fn the_deadline_fires_once_on_time_after_the_hub_that_saw_check_in_start_i
     let fired_at = OffsetDateTime::now_utc();
     assert_eq!(expired[4]["checked_in_count"], 2);
     assert_eq!(expired[4]["removed_count"], 1);
-    assert!(fired_at >= deadline - time::Duration::milliseconds(50), "fired before the deadline");
+    assert!(
+        fired_at >= deadline - time::Duration::milliseconds(50),
+        "fired before the deadline"
+    );
     // The design bound is 1 s (200 ms polls); 5 s keeps a loaded CI machine from flaking.
-    assert!(fired_at <= deadline + time::Duration::seconds(5), "fired {} late", fired_at - deadline);
+    assert!(
+        fired_at <= deadline + time::Duration::seconds(5),
+        "fired {} late",
+        fired_at - deadline
+    );
     on_c.recv_matching(update_of("check_in_expired")).await;
-    assert_eq!(count_updates(&mut on_b, "check_in_expired", Duration::from_millis(800)).await, 0);
-    assert_eq!(count_updates(&mut on_c, "check_in_expired", Duration::from_millis(100)).await, 0);
+    assert_eq!(
+        count_updates(&mut on_b, "check_in_expired", Duration::from_millis(800)).await,
+        0
+    );
+    assert_eq!(
+        count_updates(&mut on_c, "check_in_expired", Duration::from_millis(100)).await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,12 +306,22 @@ async fn fifty_concurrent_joins_over_three_hubs_give_an_exact_count() {
 
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let url = hubs[i % 3].ws_url(&format!("vsn=2.0.0&token={}", player_token(&format!("p{i}"), &org)));
+        let url = hubs[i % 3].ws_url(&format!(
+            "vsn=2.0.0&token={}",
+            player_token(&format!("p{i}"), &org)
+        ));
         let org = org.clone();
         tasks.push(tokio::spawn(async move {
             let mut phx = Phx::connect_url(&url).await;
             let join_ref = phx.join_ok(&format!("inhouse:{org}")).await;
-            action(&mut phx, &join_ref, &org, "join_queue", json!({"player_id": format!("p{i}"), "role": "mid"})).await
+            action(
+                &mut phx,
+                &join_ref,
+                &org,
+                "join_queue",
+                json!({"player_id": format!("p{i}"), "role": "mid"}),
+            )
+            .await
         }));
     }
     for task in tasks {
@@ -239,7 +339,10 @@ async fn fifty_concurrent_joins_over_three_hubs_give_an_exact_count() {
         .into_iter()
         .filter(|f| f[3] == "queue_update" && f[4]["event"] == "player_joined")
         .count();
-    assert_eq!(joined, 50, "one player_joined per join on a member of another hub");
+    assert_eq!(
+        joined, 50,
+        "one player_joined per join on a member of another hub"
+    );
 }
 
 #[tokio::test]
@@ -254,19 +357,50 @@ async fn the_join_rate_limit_is_one_budget_for_all_hubs() {
     open_queue(&redis, &org, "q1", 3).await;
     members[0].0.recv_matching(update_of("queue_opened")).await;
     for (i, (phx, join_ref)) in members.iter_mut().enumerate() {
-        let reply = action(phx, join_ref, &org, "join_queue", json!({"player_id": format!("p{i}"), "role": "mid"})).await;
+        let reply = action(
+            phx,
+            join_ref,
+            &org,
+            "join_queue",
+            json!({"player_id": format!("p{i}"), "role": "mid"}),
+        )
+        .await;
         assert_eq!(reply["status"], "ok", "join {i}: {reply}");
     }
     for (phx, join_ref) in members.iter_mut() {
-        let reply = action(phx, join_ref, &org, "join_queue", json!({"player_id": "p9", "role": "mid"})).await;
+        let reply = action(
+            phx,
+            join_ref,
+            &org,
+            "join_queue",
+            json!({"player_id": "p9", "role": "mid"}),
+        )
+        .await;
         assert_eq!(reply["response"]["reason"], "rate_limited", "{reply}");
     }
     // Leaving is not rate limited; another org has its own budget.
     let (phx, join_ref) = &mut members[1];
-    assert_eq!(action(phx, join_ref, &org, "leave_queue", json!({"player_id": "p0"})).await["status"], "ok");
+    assert_eq!(
+        action(
+            phx,
+            join_ref,
+            &org,
+            "leave_queue",
+            json!({"player_id": "p0"})
+        )
+        .await["status"],
+        "ok"
+    );
     let other = unique("org");
     let (mut elsewhere, other_ref) = member(&hubs[2], &other).await;
-    let reply = action(&mut elsewhere, &other_ref, &other, "join_queue", json!({"player_id": "p1", "role": "mid"})).await;
+    let reply = action(
+        &mut elsewhere,
+        &other_ref,
+        &other,
+        "join_queue",
+        json!({"player_id": "p1", "role": "mid"}),
+    )
+    .await;
     assert_eq!(reply["response"]["reason"], "no_active_queue");
 }
 
@@ -279,9 +413,23 @@ async fn every_hub_restarted_shows_the_same_entries() {
     open_queue(&redis, &org, "q1", 2).await;
     on_a.recv_matching(update_of("queue_opened")).await;
     for player in ["p1", "p2", "p3"] {
-        action(&mut on_a, &ref_a, &org, "join_queue", json!({"player_id": player, "role": "top"})).await;
+        action(
+            &mut on_a,
+            &ref_a,
+            &org,
+            "join_queue",
+            json!({"player_id": player, "role": "top"}),
+        )
+        .await;
     }
-    action(&mut on_a, &ref_a, &org, "leave_queue", json!({"player_id": "p2"})).await;
+    action(
+        &mut on_a,
+        &ref_a,
+        &org,
+        "leave_queue",
+        json!({"player_id": "p2"}),
+    )
+    .await;
     let before = snapshot(&first[1], &org).await;
     drop(on_a);
     for hub in first {
@@ -291,7 +439,10 @@ async fn every_hub_restarted_shows_the_same_entries() {
     for hub in &second {
         let after = snapshot(hub, &org).await;
         assert_eq!(after["entries"], before["entries"]);
-        assert_eq!(after["entries"], json!({"p1": {"role": "top", "checked_in": false}, "p3": {"role": "top", "checked_in": false}}));
+        assert_eq!(
+            after["entries"],
+            json!({"p1": {"role": "top", "checked_in": false}, "p3": {"role": "top", "checked_in": false}})
+        );
         assert_eq!(after["version"], before["version"]);
     }
 }
@@ -317,30 +468,72 @@ async fn periodic_reconciles_respect_the_hub() {
     .await;
     let listed = snapshot(&hub, &org_listed).await;
     assert_eq!(listed["status"], "check_in");
-    assert_eq!(listed["entries"]["2"], json!({"role": "mid", "checked_in": true}));
+    assert_eq!(
+        listed["entries"]["2"],
+        json!({"role": "mid", "checked_in": true})
+    );
 
     // p1 leaves through the hub; an open queue exists that Rails never lists.
     let (mut coach, join_ref) = member(&hub, &org_listed).await;
-    assert_eq!(action(&mut coach, &join_ref, &org_listed, "leave_queue", json!({"player_id": "p1"})).await["status"], "ok");
+    assert_eq!(
+        action(
+            &mut coach,
+            &join_ref,
+            &org_listed,
+            "leave_queue",
+            json!({"player_id": "p1"})
+        )
+        .await["status"],
+        "ok"
+    );
     open_queue(&redis, &org_open, "q-open", 1).await;
-    eventually("open queue exists", || async { !snapshot(&hub, &org_open).await.is_null() }).await;
+    eventually("open queue exists", || async {
+        !snapshot(&hub, &org_open).await.is_null()
+    })
+    .await;
     // Rails stops listing q-dropped (it closed it).
     rails.set_queues(json!([queue("q-listed", &org_listed, "check_in", Some(ahead),
         json!([{"player_id": "p1", "role": "top", "checked_in": false}, {"player_id": 2, "role": "mid", "checked_in": true}]))]));
 
     let requests = rails.requests();
-    eventually("three more reconciles", || async { rails.requests() >= requests + 3 }).await;
+    eventually("three more reconciles", || async {
+        rails.requests() >= requests + 3
+    })
+    .await;
     let listed = snapshot(&hub, &org_listed).await;
-    assert_eq!(listed["entries"], json!({"2": {"role": "mid", "checked_in": true}}), "p1 left and stays out");
-    assert_eq!(snapshot(&hub, &org_open).await["status"], "open", "open queues are never closed for absence");
-    assert!(snapshot(&hub, &org_dropped).await.is_null(), "a check-in queue Rails dropped is closed");
+    assert_eq!(
+        listed["entries"],
+        json!({"2": {"role": "mid", "checked_in": true}}),
+        "p1 left and stays out"
+    );
+    assert_eq!(
+        snapshot(&hub, &org_open).await["status"],
+        "open",
+        "open queues are never closed for absence"
+    );
+    assert!(
+        snapshot(&hub, &org_dropped).await.is_null(),
+        "a check-in queue Rails dropped is closed"
+    );
     let closed = coach.collect(Duration::from_millis(200)).await;
-    assert!(!closed.iter().any(|f| f[4]["event"] == "player_joined"), "p1 was not re-added: {closed:?}");
+    assert!(
+        !closed.iter().any(|f| f[4]["event"] == "player_joined"),
+        "p1 was not re-added: {closed:?}"
+    );
 
     // A closed queue is never reopened by a reconcile that still lists it.
-    rails.set_queues(json!([queue("q-dropped", &org_dropped, "check_in", Some(deadline_in(600.0)), json!([]))]));
+    rails.set_queues(json!([queue(
+        "q-dropped",
+        &org_dropped,
+        "check_in",
+        Some(deadline_in(600.0)),
+        json!([])
+    )]));
     let requests = rails.requests();
-    eventually("two more reconciles", || async { rails.requests() >= requests + 2 }).await;
+    eventually("two more reconciles", || async {
+        rails.requests() >= requests + 2
+    })
+    .await;
     assert!(snapshot(&hub, &org_dropped).await.is_null());
 }
 
@@ -352,20 +545,48 @@ async fn session_started_on_redis_closes_the_queue() {
     let (mut coach, join_ref) = member(&hubs[0], &org).await;
     open_queue(&redis, &org, "q1", 1).await;
     coach.recv_matching(update_of("queue_opened")).await;
-    let reply = action(&mut coach, &join_ref, &org, "join_queue", json!({"player_id": "p1", "role": "support"})).await;
-    assert_eq!(reply["status"], "ok", "a coach may queue a player of the org: {reply}");
+    let reply = action(
+        &mut coach,
+        &join_ref,
+        &org,
+        "join_queue",
+        json!({"player_id": "p1", "role": "support"}),
+    )
+    .await;
+    assert_eq!(
+        reply["status"], "ok",
+        "a coach may queue a player of the org: {reply}"
+    );
 
-    publish_event(&redis, &org, lifecycle(&org, "inhouse.session_started", json!({"queue_id": "q1"})), 1).await;
+    publish_event(
+        &redis,
+        &org,
+        lifecycle(&org, "inhouse.session_started", json!({"queue_id": "q1"})),
+        1,
+    )
+    .await;
     let closed = coach.recv_matching(update_of("queue_closed")).await;
     assert_eq!(closed[4]["reason"], "session_started");
     assert_eq!(closed[4]["status"], "closed");
-    coach.event(&format!("inhouse:{org}"), "inhouse.session_started").await;
+    coach
+        .event(&format!("inhouse:{org}"), "inhouse.session_started")
+        .await;
     assert!(snapshot(&hubs[0], &org).await.is_null());
-    let reply = action(&mut coach, &join_ref, &org, "join_queue", json!({"player_id": "p2", "role": "top"})).await;
+    let reply = action(
+        &mut coach,
+        &join_ref,
+        &org,
+        "join_queue",
+        json!({"player_id": "p2", "role": "top"}),
+    )
+    .await;
     assert_eq!(reply["response"]["reason"], "no_active_queue");
     // A late queue_opened for the closed queue does not reopen it.
     open_queue(&redis, &org, "q1", 1).await;
-    assert_eq!(count_updates(&mut coach, "queue_opened", Duration::from_millis(500)).await, 0);
+    assert_eq!(
+        count_updates(&mut coach, "queue_opened", Duration::from_millis(500)).await,
+        0
+    );
     assert!(snapshot(&hubs[0], &org).await.is_null());
 }
 
@@ -379,14 +600,30 @@ async fn with_redis_down_actions_answer_unavailable_at_once_and_converge_when_it
     coach.recv_matching(update_of("queue_opened")).await;
     redis.stop();
     eventually("hub noticed redis is gone", || async {
-        let body: Value = reqwest::get(hubs[0].http("/health/ready")).await.unwrap().json().await.unwrap();
+        let body: Value = reqwest::get(hubs[0].http("/health/ready"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         body["checks"]["redis"] != "ok"
     })
     .await;
     let started = std::time::Instant::now();
-    let reply = action(&mut coach, &join_ref, &org, "join_queue", json!({"player_id": "p1", "role": "top"})).await;
+    let reply = action(
+        &mut coach,
+        &join_ref,
+        &org,
+        "join_queue",
+        json!({"player_id": "p1", "role": "top"}),
+    )
+    .await;
     assert_eq!(reply["response"]["reason"], "unavailable", "{reply}");
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     let mut fresh = Phx::connect(&hubs[0], &internal_token()).await;
     let join = fresh.join(&format!("inhouse:{org}"), json!({})).await;
     assert_eq!(join[4]["response"], json!({"queue": null, "stale": true}));
@@ -395,8 +632,18 @@ async fn with_redis_down_actions_answer_unavailable_at_once_and_converge_when_it
     redis.spawn();
     hubs[0].wait_redis_ready().await;
     open_queue(&redis, &org, "q2", 1).await;
-    eventually("queue usable again", || async { snapshot(&hubs[0], &org).await["queue_id"] == "q2" }).await;
-    let reply = action(&mut coach, &join_ref, &org, "join_queue", json!({"player_id": "p1", "role": "top"})).await;
+    eventually("queue usable again", || async {
+        snapshot(&hubs[0], &org).await["queue_id"] == "q2"
+    })
+    .await;
+    let reply = action(
+        &mut coach,
+        &join_ref,
+        &org,
+        "join_queue",
+        json!({"player_id": "p1", "role": "top"}),
+    )
+    .await;
     assert_eq!(reply["status"], "ok", "{reply}");
 }
 
@@ -404,13 +651,22 @@ async fn with_redis_down_actions_answer_unavailable_at_once_and_converge_when_it
 async fn a_hub_booted_without_redis_reconciles_on_its_first_connect() {
     let mut redis = RedisServer::reserved();
     let org = unique("org");
-    let rails = FakeRails::start(json!([queue("q1", &org, "check_in", Some(deadline_in(600.0)),
-        json!([{"player_id": "p1", "role": "top", "checked_in": false}]))]))
+    let rails = FakeRails::start(json!([queue(
+        "q1",
+        &org,
+        "check_in",
+        Some(deadline_in(600.0)),
+        json!([{"player_id": "p1", "role": "top", "checked_in": false}])
+    )]))
     .await;
     let hub = TestHub::start(test_config(&redis.url(), &rails.url())).await;
     // Startup attempts fail (no Redis to write to) and give up; the hub runs without state.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(rails.requests(), 0, "nothing is fetched that could not be stored");
+    assert_eq!(
+        rails.requests(),
+        0,
+        "nothing is fetched that could not be stored"
+    );
     redis.spawn();
     hub.wait_redis_ready().await;
     eventually("queue reconciled after the first connect", || async {
@@ -419,5 +675,8 @@ async fn a_hub_booted_without_redis_reconciles_on_its_first_connect() {
     .await;
     // The reconciler's token verified as Rails verifies it.
     let checks = rails.state.lock().unwrap().token_checks.clone();
-    assert!(!checks.is_empty() && checks.iter().all(Result::is_ok), "{checks:?}");
+    assert!(
+        !checks.is_empty() && checks.iter().all(Result::is_ok),
+        "{checks:?}"
+    );
 }

@@ -213,7 +213,10 @@ impl RedisServer {
         self.bulk_command("CLIENT LIST TYPE pubsub")
             .map(|list| {
                 list.lines()
-                    .filter(|line| line.split(' ').any(|f| f.starts_with("psub=") && f != "psub=0"))
+                    .filter(|line| {
+                        line.split(' ')
+                            .any(|f| f.starts_with("psub=") && f != "psub=0")
+                    })
                     .count() as i64
             })
             .unwrap_or(0)
@@ -840,7 +843,8 @@ impl FreezableProxy {
                 let mine = generation_task.load(Ordering::SeqCst);
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
+                {
                     let frozen = frozen_task.clone();
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -851,7 +855,11 @@ impl FreezableProxy {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                                 continue;
                             }
-                            let read = tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await;
+                            let read = tokio::time::timeout(
+                                Duration::from_millis(50),
+                                from.read(&mut buf),
+                            )
+                            .await;
                             match read {
                                 Err(_) => continue,
                                 Ok(Ok(0)) | Ok(Err(_)) => return,
