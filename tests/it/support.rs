@@ -308,6 +308,8 @@ pub fn test_config(redis_url: &str, rails_url: &str) -> Config {
     config.reconciler_retry_delays = vec![Duration::from_millis(50); 2];
     config.reconcile_interval = None;
     config.shutdown_grace = Duration::from_secs(3);
+    // Expiry tests use tokens that expire in seconds; the production leeway (30 s) would hide them.
+    config.jwt_leeway_s = 0;
     config
 }
 
