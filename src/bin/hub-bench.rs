@@ -9,6 +9,9 @@
 //! - `spread`: N subscribers over K orgs; events spread over the orgs.
 //! - `redis-baseline`: the same N subscribers subscribed to Redis directly (RESP), same publisher.
 //! - `compare`: `redis-baseline` then `fanout` in one run, with the ratio.
+//! - `queue`: in-house queue actions through the hub and its Redis scripts: C clients (one org
+//!   each) alternate `join_queue`/`leave_queue` and wait for each reply; reports actions/s and
+//!   p50/p99/max push→reply latency. Start the hub with a high `RATE_LIMIT_MAX`.
 //!
 //! Prints a table, or JSON with `--json`. Numbers go into BENCHMARKS.md.
 
@@ -46,6 +49,21 @@ enum Scenario {
     Spread(FanoutArgs),
     RedisBaseline(FanoutArgs),
     Compare(FanoutArgs),
+    Queue(QueueArgs),
+}
+
+#[derive(Args, Clone)]
+struct QueueArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Concurrent clients, each acting on its own org's queue.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Actions per client.
+    #[arg(long, default_value_t = 2000)]
+    actions: usize,
 }
 
 #[derive(Args, Clone)]
@@ -844,12 +862,141 @@ async fn redis_fanout(args: &FanoutArgs) -> FanoutResult {
     result
 }
 
+/// One client of the `queue` scenario: joined to `inhouse:{org}`, it sends `actions` pushes one
+/// after another and records each push→reply latency (µs); returns (latencies, error reasons).
+async fn queue_client(
+    common: Common,
+    index: usize,
+    org: String,
+    actions: usize,
+) -> Result<(Vec<u32>, Vec<String>), ConnectError> {
+    let token = mint(&common, json!({"type": "internal", "iss": "prostaff-api"}));
+    let topic = format!("inhouse:{org}");
+    let mut ws = phoenix_client(&common, index, &token, std::slice::from_ref(&topic)).await?;
+    let mut latencies = Vec::with_capacity(actions);
+    let mut errors = Vec::new();
+    for i in 0..actions {
+        let (event, payload) = if i % 2 == 0 {
+            (
+                "join_queue",
+                json!({"player_id": format!("p{}", i / 2 % 50), "role": "mid"}),
+            )
+        } else {
+            (
+                "leave_queue",
+                json!({"player_id": format!("p{}", i / 2 % 50)}),
+            )
+        };
+        let msg_ref = format!("a{i}");
+        let started = Instant::now();
+        ws.send(Message::Text(
+            json!(["1", msg_ref, topic, event, payload])
+                .to_string()
+                .into(),
+        ))
+        .await
+        .map_err(|e| ConnectError::Other(e.to_string()))?;
+        let needle = format!("\"{msg_ref}\"");
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text)))
+                    if text.contains("phx_reply") && text.contains(&needle) =>
+                {
+                    latencies.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    if !text.contains("\"status\":\"ok\"") {
+                        let reply: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                        errors.push(
+                            reply[4]["response"]["reason"]
+                                .as_str()
+                                .unwrap_or("?")
+                                .to_string(),
+                        );
+                    }
+                    break;
+                }
+                Some(Ok(_)) => continue,
+                other => return Err(ConnectError::Other(format!("socket ended: {other:?}"))),
+            }
+        }
+    }
+    Ok((latencies, errors))
+}
+
+async fn queue_bench(args: QueueArgs, json_out: bool) {
+    let run = fastrand::u32(..);
+    let orgs: Vec<String> = (0..args.clients)
+        .map(|c| format!("bench-q-{run}-{c}"))
+        .collect();
+    let redis = publisher(&args.redis).await;
+    for org in &orgs {
+        let opened = json!({"type": "inhouse.queue_opened", "org_id": org, "user_id": "bench", "payload": {"queue_id": format!("{org}-queue")}});
+        let _: i64 = redis
+            .publish(format!("prostaff:events:{org}"), opened.to_string())
+            .await
+            .expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu_before = proc_sample(args.common.hub_pid);
+    let started = Instant::now();
+    let tasks: Vec<_> = orgs
+        .iter()
+        .enumerate()
+        .map(|(i, org)| {
+            tokio::spawn(queue_client(
+                args.common.clone(),
+                i,
+                org.clone(),
+                args.actions,
+            ))
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut failed_clients = 0;
+    for task in tasks {
+        match task.await.expect("client task") {
+            Ok((mut l, e)) => {
+                latencies.append(&mut l);
+                for reason in e {
+                    *errors.entry(reason).or_default() += 1;
+                }
+            }
+            Err(error) => {
+                failed_clients += 1;
+                eprintln!("client failed: {error:?}");
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = proc_sample(args.common.hub_pid);
+    latencies.sort_unstable();
+    let mut rows = vec![
+        ("clients (one org each)", json!(args.clients)),
+        ("failed clients", json!(failed_clients)),
+        ("actions", json!(latencies.len())),
+        ("elapsed s", json!(elapsed)),
+        ("actions/s", json!(latencies.len() as f64 / elapsed)),
+        ("p50 ms", json!(percentile(&latencies, 0.50))),
+        ("p99 ms", json!(percentile(&latencies, 0.99))),
+        ("max ms", json!(percentile(&latencies, 1.0))),
+        ("error replies", json!(errors)),
+    ];
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        rows.push((
+            "hub CPU % of one core",
+            json!((after.cpu_ticks - before.cpu_ticks) as f64 / clock_ticks() / elapsed * 100.0),
+        ));
+    }
+    report(json_out, "queue actions (hub + Redis scripts)", rows);
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let _ = epoch();
     match cli.scenario {
         Scenario::Connections(args) => connections(args, cli.json).await,
+        Scenario::Queue(args) => queue_bench(args, cli.json).await,
         Scenario::Fanout(mut args) => {
             args.orgs = 1;
             let result = hub_fanout(&args).await;
