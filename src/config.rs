@@ -61,6 +61,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "READINESS_REQUIRES_RAILS", default: "false", meaning: "make /health/ready 503 when Rails is down (the original behaviour); by default only Redis decides" },
     Setting { name: "METRICS_TOKEN", default: "", meaning: "when set, GET /metrics requires `Authorization: Bearer <token>`" },
     Setting { name: "METRICS_BIND_ADDR", default: "", meaning: "when set (ip:port), /metrics is served only on this separate listener" },
+    Setting { name: "HISTORY_SIZE", default: "300", meaning: "broadcasts kept per topic in Redis for recovery (0 turns history and positions off)" },
+    Setting { name: "HISTORY_TTL_MS", default: "600000", meaning: "a topic's history expires after this long without a broadcast" },
     Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
 ];
 
@@ -173,6 +175,9 @@ pub struct Config {
     pub readiness_requires_rails: bool,
     pub metrics_token: Option<String>,
     pub metrics_bind_addr: Option<std::net::SocketAddr>,
+    /// Broadcasts kept per topic; 0 turns history off.
+    pub history_size: usize,
+    pub history_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -399,6 +404,8 @@ impl Config {
             readiness_requires_rails: parse_bool(&get, "READINESS_REQUIRES_RAILS")?,
             metrics_token: get("METRICS_TOKEN"),
             metrics_bind_addr,
+            history_size: parse_or(&get, "HISTORY_SIZE", 300)?,
+            history_ttl: Duration::from_millis(parse_positive(&get, "HISTORY_TTL_MS", 600_000)?),
         })
     }
 }

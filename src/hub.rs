@@ -19,6 +19,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
+use crate::history::Position;
 use crate::metrics::Metrics;
 use crate::phoenix::codec::BroadcastFrame;
 
@@ -244,14 +245,32 @@ impl Hub {
         self.topics.len()
     }
 
-    /// Broadcasts `payload` (valid JSON) as `event` on `topic`. The frame is encoded once, and
-    /// only when someone is subscribed. Returns how many sockets it was queued for.
+    /// Broadcasts `payload` (valid JSON) as `event` on `topic`, without a history position.
     pub fn publish(&self, topic: &str, event: &str, payload: Bytes) -> usize {
+        self.publish_at(topic, event, payload, None)
+    }
+
+    /// Broadcasts `payload` (valid JSON) as `event` on `topic` at `position`. The frame is
+    /// encoded once, and only when someone is subscribed. Returns how many sockets it was
+    /// queued for.
+    pub fn publish_at(
+        &self,
+        topic: &str,
+        event: &str,
+        payload: Bytes,
+        position: Option<Position>,
+    ) -> usize {
         let published_at = Instant::now();
         let Some(subscribers) = self.topics.get(topic) else {
             return 0;
         };
-        let frame = BroadcastFrame::new(subscribers.key().clone(), event, payload, published_at);
+        let frame = BroadcastFrame::new(
+            subscribers.key().clone(),
+            event,
+            payload,
+            position,
+            published_at,
+        );
         let mut queued = 0;
         let mut dropped = 0;
         for outbox in subscribers.values() {

@@ -8,6 +8,7 @@
 //! - [`config`]: settings from env vars / TOML; pure parsing, typed errors.
 //! - [`auth`]: JWT → [`auth::Identity`]; API-key compare; internal token minting.
 //! - [`envelope`], [`router`]: pure decoding/validation and type-prefix routing.
+//! - [`history`]: per-topic history in Redis Streams and the positions clients resume from.
 //! - [`hub`]: the topic map and per-socket outboxes; frames are encoded once and shared.
 //! - [`phoenix`]: the wire protocol and the per-socket session loop.
 //! - [`channels`]: topic families: join authorization, join replies, queue actions.
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod envelope;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod ingest;
@@ -74,9 +76,15 @@ pub async fn run(
         config.rate_limit_max,
         config.rate_limit_window,
     )));
+    let history = Arc::new(history::History::new(
+        redis.clone(),
+        config.history_size,
+        config.history_ttl,
+    ));
     let pipeline = Arc::new(Pipeline {
         hub: hub.clone(),
         inhouse: inhouse.clone(),
+        history: history.clone(),
     });
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
 
@@ -110,6 +118,7 @@ pub async fn run(
         session_deps: Arc::new(SessionDeps {
             hub: hub.clone(),
             inhouse,
+            history,
             limits: config.limits.clone(),
             metrics,
             hard_stop: hard_stop.clone(),

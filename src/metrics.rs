@@ -28,6 +28,9 @@ pub const INHOUSE_ACTIONS: &str = "prostaff_inhouse_actions_total";
 pub const INHOUSE_SCRIPT_SECONDS: &str = "prostaff_inhouse_script_seconds";
 pub const INHOUSE_LIFECYCLE: &str = "prostaff_inhouse_lifecycle_events_total";
 pub const RECONCILE_MERGES: &str = "prostaff_reconcile_merges_total";
+pub const HISTORY_SCRIPT_SECONDS: &str = "prostaff_history_script_seconds";
+pub const HISTORY_APPENDS: &str = "prostaff_history_appends_total";
+pub const RECOVERIES: &str = "prostaff_recoveries_total";
 pub const INHOUSE_EXPIRIES: &str = "prostaff_inhouse_expiries_total";
 pub const RECONCILES: &str = "prostaff_reconcile_total";
 
@@ -46,7 +49,7 @@ pub fn prometheus() -> PrometheusHandle {
                 )
                 .expect("non-empty buckets")
                 .set_buckets_for_metric(
-                    Matcher::Full(INHOUSE_SCRIPT_SECONDS.to_string()),
+                    Matcher::Suffix("_script_seconds".to_string()),
                     &[
                         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0,
                     ],
@@ -117,6 +120,19 @@ fn describe() {
         "check-in deadline attempts, by outcome (kept, closed, early, stale, unavailable)"
     );
     describe_counter!(RECONCILES, "reconcile runs by outcome");
+    describe_histogram!(
+        HISTORY_SCRIPT_SECONDS,
+        metrics::Unit::Seconds,
+        "latency of the history scripts (append, recover) in Redis"
+    );
+    describe_counter!(
+        HISTORY_APPENDS,
+        "broadcasts given a history position, by outcome (ok, or why they went without one)"
+    );
+    describe_counter!(
+        RECOVERIES,
+        "joins with `since`, by outcome (recovered, not_recovered, unavailable)"
+    );
 }
 
 /// Handles for metrics recorded on hot paths.

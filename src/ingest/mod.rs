@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::envelope::{self, Envelope};
+use crate::history::{self, History, Position};
 use crate::hub::Hub;
 use crate::inhouse::Inhouse;
 use crate::logsafe::LogSafe;
@@ -34,10 +35,14 @@ impl Source {
     }
 }
 
-/// Decode → route → fan out, plus the in-house lifecycle hooks.
+/// Decode → route → position → fan out, plus the in-house lifecycle hooks.
+///
+/// Invariant: called from the Redis subscriber loop one message at a time, in the order Redis
+/// delivered them, so every instance assigns and reads positions in the same order.
 pub struct Pipeline {
     pub hub: Arc<Hub>,
     pub inhouse: Arc<Inhouse>,
+    pub history: Arc<History>,
 }
 
 impl Pipeline {
@@ -57,9 +62,46 @@ impl Pipeline {
 
     /// Delivers a `queue_update` that `queue.lua` published (every instance receives it once and
     /// delivers it to its own subscribers of `inhouse:{org}`).
-    pub fn queue_update(&self, org_id: &str, raw: Bytes) {
-        self.hub
-            .publish(&format!("inhouse:{org_id}"), "queue_update", raw);
+    pub async fn queue_update(&self, org_id: &str, raw: Bytes) {
+        let topic = format!("inhouse:{org_id}");
+        let position = self
+            .position(
+                &topic,
+                "queue_update",
+                &raw,
+                &history::content_key(&raw),
+                Source::Redis,
+            )
+            .await;
+        self.hub.publish_at(&topic, "queue_update", raw, position);
+    }
+
+    /// The broadcast's history position (appended once across instances), or `None` when
+    /// history is off, the event did not come through Redis, or Redis failed (the broadcast is
+    /// still delivered, without a position: clients then cannot resume past it).
+    async fn position(
+        &self,
+        topic: &str,
+        event: &str,
+        raw: &Bytes,
+        dedup: &str,
+        source: Source,
+    ) -> Option<Position> {
+        if !self.history.enabled() || !matches!(source, Source::Redis) {
+            return None;
+        }
+        match self.history.append(topic, event, raw, dedup).await {
+            Ok(position) => {
+                metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "ok").increment(1);
+                Some(position)
+            }
+            Err(error) => {
+                metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "failed")
+                    .increment(1);
+                tracing::warn!(%error, topic = %LogSafe(topic), "broadcast delivered without a history position");
+                None
+            }
+        }
     }
 
     pub async fn deliver(&self, envelope: &Envelope, source: Source) {
@@ -72,9 +114,18 @@ impl Pipeline {
             );
         }
         let mut sockets = 0;
+        let dedup = match &envelope.id {
+            Some(id) => format!("i{id}"),
+            None => history::content_key(&envelope.raw),
+        };
         for topic in &route.topics {
             let event = router::event_name(topic, &envelope.event_type);
-            sockets += self.hub.publish(topic, event, envelope.raw.clone());
+            let position = self
+                .position(topic, event, &envelope.raw, &dedup, source)
+                .await;
+            sockets += self
+                .hub
+                .publish_at(topic, event, envelope.raw.clone(), position);
         }
         tracing::debug!(
             event_type = %LogSafe(&envelope.event_type),

@@ -251,7 +251,7 @@ impl RedisLink {
                     Ok(message) => {
                         let raw = message.value.into_bytes().unwrap_or_default();
                         match message.channel.strip_prefix(crate::inhouse::store::QUEUE_CHANNEL_PREFIX) {
-                            Some(org_id) => pipeline.queue_update(org_id, raw),
+                            Some(org_id) => pipeline.queue_update(org_id, raw).await,
                             None => pipeline.ingest(raw, Source::Redis, &message.channel).await,
                         }
                     }

@@ -8,6 +8,8 @@ use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+
+use crate::history::Position;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -328,6 +330,8 @@ pub fn encode_binary_broadcast(topic: &str, event: &str, data: &[u8]) -> Bytes {
 pub struct BroadcastFrame {
     pub topic: Arc<str>,
     pub event: Box<str>,
+    /// The broadcast's place in its topic's history, sent in the `ref` slot.
+    pub position: Option<Position>,
     pub published_at: std::time::Instant,
     payload: Bytes,
     v2: Utf8Bytes,
@@ -335,17 +339,29 @@ pub struct BroadcastFrame {
 }
 
 impl BroadcastFrame {
-    /// `payload` must be valid JSON text. The V2 text is encoded here, V1 on first use.
+    /// `payload` must be valid JSON text. The V2 text is encoded here, V1 on first use. The
+    /// position, when there is one, travels in the `ref` slot (`[null,"<epoch>:<offset>",…]`),
+    /// so the payload stays byte-for-byte as published.
     pub fn new(
         topic: Arc<str>,
         event: &str,
         payload: Bytes,
+        position: Option<Position>,
         published_at: std::time::Instant,
     ) -> Arc<Self> {
-        let v2 = encode_message(Vsn::V2, None, None, &topic, event, &payload);
+        let position_text = position.as_ref().map(Position::to_string);
+        let v2 = encode_message(
+            Vsn::V2,
+            None,
+            position_text.as_deref(),
+            &topic,
+            event,
+            &payload,
+        );
         Arc::new(BroadcastFrame {
             topic,
             event: event.into(),
+            position,
             published_at,
             payload,
             v2,
@@ -359,7 +375,15 @@ impl BroadcastFrame {
             Vsn::V1 => self
                 .v1
                 .get_or_init(|| {
-                    encode_message(Vsn::V1, None, None, &self.topic, &self.event, &self.payload)
+                    let position = self.position.as_ref().map(Position::to_string);
+                    encode_message(
+                        Vsn::V1,
+                        None,
+                        position.as_deref(),
+                        &self.topic,
+                        &self.event,
+                        &self.payload,
+                    )
                 })
                 .clone(),
         }
@@ -459,6 +483,7 @@ mod tests {
             "t".into(),
             "e",
             Bytes::from_static(b"{\"k\":1}"),
+            None,
             std::time::Instant::now(),
         );
         assert_eq!(
@@ -468,6 +493,21 @@ mod tests {
         assert_eq!(
             frame.text(Vsn::V1).as_str(),
             r#"{"topic":"t","event":"e","payload":{"k":1},"ref":null}"#
+        );
+        let positioned = BroadcastFrame::new(
+            "t".into(),
+            "e",
+            Bytes::from_static(b"{}"),
+            Position::parse("ab12:7"),
+            std::time::Instant::now(),
+        );
+        assert_eq!(
+            positioned.text(Vsn::V2).as_str(),
+            r#"[null,"ab12:7","t","e",{}]"#
+        );
+        assert_eq!(
+            positioned.text(Vsn::V1).as_str(),
+            r#"{"topic":"t","event":"e","payload":{},"ref":"ab12:7"}"#
         );
     }
 

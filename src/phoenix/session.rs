@@ -18,10 +18,11 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{self, Inbound, InboundPayload, ReplyStatus, Vsn};
+use super::codec::{self, BroadcastFrame, Inbound, InboundPayload, ReplyStatus, Vsn};
 use crate::auth::Authenticated;
 use crate::channels::{self, TopicFamily};
 use crate::config::Limits;
+use crate::history::{History, Position};
 use crate::hub::{CloseReason, Drained, Hub, Outbox, SocketId};
 use crate::inhouse::Inhouse;
 use crate::limits::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES};
@@ -43,6 +44,7 @@ pub mod close_code {
 pub struct SessionDeps {
     pub hub: Arc<Hub>,
     pub inhouse: Arc<Inhouse>,
+    pub history: Arc<History>,
     pub limits: Limits,
     pub metrics: Metrics,
     /// Cancelled at the end of the shutdown grace period: a session stuck in a write gives up
@@ -53,6 +55,9 @@ pub struct SessionDeps {
 struct Joined {
     join_ref: Option<String>,
     family: TopicFamily,
+    /// The last position this channel has seen: broadcasts at or before it (same epoch) are not
+    /// sent again (recovery overlap, a re-published event).
+    seen: Option<Position>,
 }
 
 /// Why the session ended (metric label) and the close frame to send, if any.
@@ -199,6 +204,22 @@ where
         close(&mut socket, code, text).await;
     }
     session.finish(ending.reason);
+}
+
+/// The optional `since` join parameter: absent (or null) is `None`; anything but a valid
+/// `"<epoch>:<offset>"` string is an error (`invalid_params`).
+fn since_param(params: &InboundPayload) -> Result<Option<Position>, ()> {
+    let InboundPayload::Json(raw) = params else {
+        return Ok(None);
+    };
+    let Ok(Value::Object(params)) = serde_json::from_str::<Value>(raw.get()) else {
+        return Ok(None);
+    };
+    match params.get("since") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Position::parse(text).map(Some).ok_or(()),
+        Some(_) => Err(()),
+    }
 }
 
 /// Sends a close frame and waits briefly for the client's answer, both bounded in time.
@@ -385,7 +406,10 @@ impl Session {
             return;
         }
         match event.as_str() {
-            "phx_join" => self.on_join(join_ref.or(msg_ref), msg_ref, &topic).await,
+            "phx_join" => {
+                self.on_join(join_ref.or(msg_ref), msg_ref, &topic, payload)
+                    .await
+            }
             "phx_leave" => self.on_leave(join_ref, msg_ref, &topic),
             _ => {
                 self.on_push(join_ref, msg_ref, &topic, &event, payload)
@@ -394,7 +418,13 @@ impl Session {
         }
     }
 
-    async fn on_join(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str) {
+    async fn on_join(
+        &mut self,
+        join_ref: Option<&str>,
+        msg_ref: Option<&str>,
+        topic: &str,
+        params: InboundPayload,
+    ) {
         let Some(family) = TopicFamily::parse(topic) else {
             metrics::counter!(m::CHANNEL_JOINS, "family" => "none", "outcome" => "unmatched_topic")
                 .increment(1);
@@ -414,25 +444,89 @@ impl Session {
             self.error_reply(join_ref, msg_ref, topic, "unauthorized");
             return;
         }
+        let Ok(since) = since_param(&params) else {
+            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "invalid_params")
+                .increment(1);
+            self.error_reply(join_ref, msg_ref, topic, "invalid_params");
+            return;
+        };
         // Subscribe before building the reply so nothing published meanwhile is missed.
         if !duplicate {
             self.deps.hub.subscribe(topic, self.id, &self.outbox);
             metrics::gauge!(m::CHANNELS_JOINED, "family" => label).increment(1.0);
         }
-        let response = channels::join_response(&family, &self.deps.inhouse).await;
+        let mut response = channels::join_response(&family, &self.deps.inhouse).await;
+        // Read the position (and what was missed) only after subscribing: a broadcast appended
+        // after this read is already on its way to the outbox, so nothing falls in between.
+        let (seen, missed) = self
+            .join_history(topic, since.as_ref(), &mut response)
+            .await;
         let previous = self.channels.insert(
             topic.to_string(),
             Joined {
                 join_ref: join_ref.map(str::to_string),
                 family,
+                seen,
             },
         );
         metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "ok").increment(1);
         self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &response);
+        // The missed broadcasts follow the reply, before any live one.
+        for entry in missed {
+            let frame = BroadcastFrame::new(
+                Arc::from(topic),
+                &entry.event,
+                entry.payload,
+                Some(entry.position),
+                std::time::Instant::now(),
+            );
+            self.pending.push(Message::Text(frame.text(self.vsn)));
+        }
         tracing::debug!(socket = self.id, topic = %LogSafe(topic), "joined");
         if let Some(previous) = previous {
             // Duplicate join: the old channel is closed after the new join's reply.
             self.push_close(previous.join_ref.as_deref(), topic);
+        }
+    }
+
+    /// Adds `position` (and, with `since`, `recovered`) to a join response; returns the
+    /// position the channel has seen and the broadcasts to replay.
+    async fn join_history(
+        &mut self,
+        topic: &str,
+        since: Option<&Position>,
+        response: &mut Value,
+    ) -> (Option<Position>, Vec<crate::history::Entry>) {
+        if !self.deps.history.enabled() {
+            return (None, Vec::new());
+        }
+        let object = response
+            .as_object_mut()
+            .expect("join responses are objects");
+        match self.deps.history.recover(topic, since).await {
+            Ok(recovery) => {
+                object.insert("position".into(), json!(recovery.position.to_string()));
+                if since.is_some() {
+                    let recovered = recovery.missed.is_some();
+                    object.insert("recovered".into(), json!(recovered));
+                    let outcome = if recovered {
+                        "recovered"
+                    } else {
+                        "not_recovered"
+                    };
+                    metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
+                }
+                (Some(recovery.position), recovery.missed.unwrap_or_default())
+            }
+            Err(_) => {
+                // Redis is down: no position can be promised, so nothing is claimed recovered.
+                object.insert("position".into(), Value::Null);
+                if since.is_some() {
+                    object.insert("recovered".into(), json!(false));
+                    metrics::counter!(m::RECOVERIES, "outcome" => "unavailable").increment(1);
+                }
+                (None, Vec::new())
+            }
         }
     }
 
@@ -539,12 +633,23 @@ impl Session {
                     .record(first.published_at.elapsed().as_secs_f64());
             }
         }
-        messages.extend(
-            drained
-                .frames
-                .drain(..)
-                .map(|frame| Message::Text(frame.text(self.vsn))),
-        );
+        for frame in drained.frames.drain(..) {
+            if let Some(position) = &frame.position {
+                // Skip what the channel has already seen (recovery overlap, a re-published
+                // event); remember the newest position otherwise.
+                if let Some(joined) = self.channels.get_mut(&*frame.topic) {
+                    if joined
+                        .seen
+                        .as_ref()
+                        .is_some_and(|seen| position.is_covered_by(seen))
+                    {
+                        continue;
+                    }
+                    joined.seen = Some(position.clone());
+                }
+            }
+            messages.push(Message::Text(frame.text(self.vsn)));
+        }
         drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
         if !messages.is_empty() {
             self.write_all(socket, messages).await?;

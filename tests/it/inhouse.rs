@@ -626,7 +626,11 @@ async fn with_redis_down_actions_answer_unavailable_at_once_and_converge_when_it
     );
     let mut fresh = Phx::connect(&hubs[0], &internal_token()).await;
     let join = fresh.join(&format!("inhouse:{org}"), json!({})).await;
-    assert_eq!(join[4]["response"], json!({"queue": null, "stale": true}));
+    assert_eq!(
+        join[4]["response"],
+        json!({"queue": null, "stale": true, "position": null}),
+        "no state and no position can be promised without Redis"
+    );
 
     // Redis comes back (empty: it keeps nothing on disk); the hub reconnects and serves again.
     redis.spawn();

@@ -897,3 +897,25 @@ impl FreezableProxy {
         self.frozen_up_to.store(current, Ordering::SeqCst);
     }
 }
+
+/// Asserts a join reply carries a valid `position` and returns the frame without it, so the rest
+/// can be compared exactly (epochs are random).
+pub fn strip_position(mut frame: Value) -> Value {
+    let response = if frame.is_array() {
+        &mut frame[4]["response"]
+    } else {
+        &mut frame["payload"]["response"]
+    };
+    let position = response
+        .as_object_mut()
+        .and_then(|o| o.remove("position"))
+        .unwrap_or_else(|| panic!("no position in the join reply"));
+    assert!(
+        position
+            .as_str()
+            .and_then(prostaff_events::history::Position::parse)
+            .is_some(),
+        "not a position: {position}"
+    );
+    frame
+}

@@ -86,7 +86,9 @@ test("7. join ok is [J,J,topic,phx_reply,ok]; a refused join has a reason", asyn
   await h.join(channel);
   const out = socket.rawOut.map((raw) => JSON.parse(raw)).find((f) => f[3] === "phx_join");
   const reply = frames(socket).find((f) => f[3] === "phx_reply" && f[1] === out[1]);
-  assert.deepEqual(reply, [out[0], out[1], `org_events:${org}`, "phx_reply", { status: "ok", response: {} }]);
+  // The response carries the topic's history position ("<epoch>:<offset>") and nothing else.
+  assert.match(reply[4].response.position, /^[A-Za-z0-9]+:\d+$/);
+  assert.deepEqual(reply, [out[0], out[1], `org_events:${org}`, "phx_reply", { status: "ok", response: { position: reply[4].response.position } }]);
   const refused = await h.join(socket.channel(`org_events:${h.unique("other")}`)).catch((e) => e.response);
   assert.deepEqual(refused, { reason: "unauthorized" });
   await h.disconnect(socket);
@@ -122,18 +124,20 @@ test("9. channel pushes echo J and R; binary pushes are decoded", async () => {
   await h.disconnect(socket);
 });
 
-test("10. broadcasts are [null,null,…] and reach channel.on", async () => {
+test("10. broadcasts are [null,\"<epoch>:<offset>\",…] and reach channel.on with the position as ref", async () => {
   const org = h.unique("o");
   const socket = h.connect({ token: h.userToken("u1", org) });
   const channel = socket.channel(`org_events:${org}`);
   await h.join(channel);
-  const received = h.nextEvent(channel, "roster.player_hired");
+  let ref;
+  const received = new Promise((resolve) => channel.on("roster.player_hired", (payload, position) => { ref = position; resolve(payload); }));
   const { id } = await h.publish({ type: "roster.player_hired", org_id: org, user_id: "u9", payload: { player: "x" } });
   const payload = await received;
   assert.equal(payload.id, id);
   const raw = frames(socket).find((f) => f[3] === "roster.player_hired");
   assert.equal(raw[0], null);
-  assert.equal(raw[1], null);
+  assert.match(raw[1], /^[A-Za-z0-9]+:\d+$/);
+  assert.equal(ref, raw[1], "phoenix.js hands the position to channel.on as its second argument");
   await h.disconnect(socket);
 });
 

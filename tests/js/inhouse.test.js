@@ -26,7 +26,9 @@ test("two players of one org see joins, check-ins and the deadline close live", 
   const bob = h.connect({ token: h.playerToken("bob", org) });
   const aliceChannel = alice.channel(`inhouse:${org}`);
   const bobChannel = bob.channel(`inhouse:${org}`);
-  assert.deepEqual(await h.join(aliceChannel), { queue: null });
+  const joinReply = await h.join(aliceChannel);
+  assert.equal(joinReply.queue, null);
+  assert.match(joinReply.position, /^[A-Za-z0-9]+:\d+$/);
   await h.join(bobChannel);
 
   const opened = nextUpdate(bobChannel, "queue_opened");

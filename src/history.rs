@@ -1,0 +1,350 @@
+//! Per-topic history in Redis Streams, and the positions that let a client recover what it
+//! missed (Centrifugo's offset + epoch, spoken through the stock phoenix.js client).
+//!
+//! Every broadcast on a topic gets a [`Position`] `"<epoch>:<offset>"`: `offset` grows by exactly
+//! one per broadcast; `epoch` changes only when the topic's history was lost (expired, or Redis
+//! restarted empty). Offsets are assigned by one script call per broadcast (`APPEND_SCRIPT`), so
+//! every instance agrees: each instance receives every event from PSUBSCRIBE and calls the
+//! script, the first call appends, and later calls for the same event (same dedup key: the
+//! envelope `id`, or a hash of the raw bytes) read the position back. Each instance handles one
+//! topic's events strictly in the order Redis delivered them, so the order matches too.
+//!
+//! Keys of one topic share the hash tag `{topic}`: `hist:{t}:m` (hash: epoch, offset),
+//! `hist:{t}:s` (the stream, entry ids `<offset>-0`, fields `e` event and `p` payload, capped at
+//! `HISTORY_SIZE`) and `hist:{t}:d:<dedup>` (the position an event was given). Both the stream
+//! and the meta hash expire after `HISTORY_TTL_MS` without a broadcast.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::interfaces::LuaInterface;
+use fred::types::scripts::Script;
+
+use crate::ingest::redis::{RedisLink, COMMAND_TIMEOUT};
+
+/// Where a broadcast sits in its topic's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+impl Position {
+    /// Parses `"<epoch>:<offset>"` (epoch: 1–32 ASCII alphanumerics).
+    pub fn parse(text: &str) -> Option<Position> {
+        let (epoch, offset) = text.split_once(':')?;
+        if epoch.is_empty()
+            || epoch.len() > 32
+            || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+            || offset.is_empty()
+            || !offset.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        Some(Position {
+            epoch: epoch.to_string(),
+            offset: offset.parse().ok()?,
+        })
+    }
+
+    /// True when `self` is at or before `other` in the same epoch (a frame a client has
+    /// already seen).
+    pub fn is_covered_by(&self, other: &Position) -> bool {
+        self.epoch == other.epoch && self.offset <= other.offset
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.offset)
+    }
+}
+
+/// One broadcast read back from history.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub position: Position,
+    pub event: String,
+    pub payload: Bytes,
+}
+
+/// What a join with `since` learns.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The topic's position now (the last broadcast, or `:0` when there was none).
+    pub position: Position,
+    /// `Some(entries after since)` when every broadcast after `since` is still in history.
+    pub missed: Option<Vec<Entry>>,
+}
+
+/// How long an event's dedup key lives: every instance must have appended it by then.
+const DEDUP_TTL: Duration = Duration::from_secs(120);
+
+const APPEND_SCRIPT: &str = r#"
+-- KEYS: meta, stream, dedup. ARGV: event, payload, size, ttl_ms, candidate epoch, dedup_ttl_ms.
+local seen = redis.call('GET', KEYS[3])
+if seen then return seen end
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
+  -- A new epoch: whatever stream is left belongs to a lost history.
+  redis.call('DEL', KEYS[2])
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'e', ARGV[1], 'p', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local position = epoch .. ':' .. offset
+redis.call('SET', KEYS[3], position, 'PX', ARGV[6])
+return position
+"#;
+
+const RECOVER_SCRIPT: &str = r#"
+-- KEYS: meta, stream. ARGV: since epoch ('' for none), since offset, max entries, ttl_ms,
+-- candidate epoch. Returns {recovered 0|1, epoch, offset, e1, p1, e2, p2, ...}.
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
+  redis.call('HSET', KEYS[1], 'offset', 0)
+  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+local reply = { '0', epoch, tostring(offset) }
+if ARGV[1] == '' or ARGV[1] ~= epoch then return reply end
+local since = tonumber(ARGV[2])
+if since > offset or offset - since > tonumber(ARGV[3]) then return reply end
+if since == offset then reply[1] = '1'; return reply end
+local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', offset .. '-0')
+if #entries ~= offset - since then return reply end
+reply[1] = '1'
+for _, entry in ipairs(entries) do
+  local fields = entry[2]
+  local e, p
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then e = fields[i + 1] elseif fields[i] == 'p' then p = fields[i + 1] end
+  end
+  table.insert(reply, e)
+  table.insert(reply, p)
+end
+return reply
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("redis is not connected")]
+    Disconnected,
+    #[error("history call failed: {0}")]
+    Failed(String),
+}
+
+/// The history store; `None` size means history is off (`HISTORY_SIZE=0`).
+pub struct History {
+    redis: Arc<RedisLink>,
+    append: Script,
+    recover: Script,
+    size: usize,
+    ttl: Duration,
+}
+
+fn keys(topic: &str) -> (String, String) {
+    (format!("hist:{{{topic}}}:m"), format!("hist:{{{topic}}}:s"))
+}
+
+/// A short random epoch candidate (used only when a topic starts a new history).
+fn new_epoch() -> String {
+    format!("{:08x}", fastrand::u32(..))
+}
+
+/// FNV-1a over the raw bytes: a dedup key that every instance (and every build) computes alike.
+pub fn content_key(raw: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in raw {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("h{hash:016x}")
+}
+
+impl History {
+    pub fn new(redis: Arc<RedisLink>, size: usize, ttl: Duration) -> Self {
+        History {
+            redis,
+            append: Script::from_lua(APPEND_SCRIPT),
+            recover: Script::from_lua(RECOVER_SCRIPT),
+            size,
+            ttl,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.size > 0
+    }
+
+    async fn eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<String>, HistoryError> {
+        let client = self.redis.commands().ok_or(HistoryError::Disconnected)?;
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            script.evalsha_with_reload::<Vec<String>, _, _>(&client, keys, args),
+        )
+        .await;
+        metrics::histogram!(crate::metrics::HISTORY_SCRIPT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(error)) => Err(HistoryError::Failed(error.kind().to_str().to_string())),
+            Err(_) => Err(HistoryError::Failed("timeout".into())),
+        }
+    }
+
+    /// Appends a broadcast once (per `dedup` key) and returns its position.
+    pub async fn append(
+        &self,
+        topic: &str,
+        event: &str,
+        payload: &Bytes,
+        dedup: &str,
+    ) -> Result<Position, HistoryError> {
+        let (meta, stream) = keys(topic);
+        let dedup_key = format!("hist:{{{topic}}}:d:{dedup}");
+        let payload = std::str::from_utf8(payload)
+            .map_err(|_| HistoryError::Failed("payload is not UTF-8".into()))?;
+        let reply = self
+            .eval(
+                &self.append,
+                vec![meta, stream, dedup_key],
+                vec![
+                    event.to_string(),
+                    payload.to_string(),
+                    self.size.to_string(),
+                    self.ttl.as_millis().to_string(),
+                    new_epoch(),
+                    DEDUP_TTL.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        reply
+            .first()
+            .and_then(|text| Position::parse(text))
+            .ok_or_else(|| HistoryError::Failed("malformed append reply".into()))
+    }
+
+    /// The topic's current position and, with `since`, the broadcasts after it when all of them
+    /// are still in history (at most `HISTORY_SIZE`).
+    pub async fn recover(
+        &self,
+        topic: &str,
+        since: Option<&Position>,
+    ) -> Result<Recovery, HistoryError> {
+        let (meta, stream) = keys(topic);
+        let (since_epoch, since_offset) = match since {
+            Some(p) => (p.epoch.clone(), p.offset.to_string()),
+            None => (String::new(), "0".to_string()),
+        };
+        let reply = self
+            .eval(
+                &self.recover,
+                vec![meta, stream],
+                vec![
+                    since_epoch,
+                    since_offset,
+                    self.size.to_string(),
+                    self.ttl.as_millis().to_string(),
+                    new_epoch(),
+                ],
+            )
+            .await?;
+        let malformed = || HistoryError::Failed("malformed recover reply".into());
+        let (Some(flag), Some(epoch), Some(offset)) = (reply.first(), reply.get(1), reply.get(2))
+        else {
+            return Err(malformed());
+        };
+        let position = Position {
+            epoch: epoch.clone(),
+            offset: offset.parse().map_err(|_| malformed())?,
+        };
+        let missed = (flag == "1" && since.is_some()).then(|| {
+            let first = since.map_or(0, |s| s.offset) + 1;
+            reply[3..]
+                .chunks_exact(2)
+                .enumerate()
+                .map(|(i, pair)| Entry {
+                    position: Position {
+                        epoch: epoch.clone(),
+                        offset: first + i as u64,
+                    },
+                    event: pair[0].clone(),
+                    payload: Bytes::from(pair[1].clone()),
+                })
+                .collect()
+        });
+        Ok(Recovery { position, missed })
+    }
+
+    /// Deletes every key of `topic`'s history (tests and operators simulating a lost history).
+    pub async fn forget(&self, topic: &str) -> Result<(), HistoryError> {
+        let client = self.redis.commands().ok_or(HistoryError::Disconnected)?;
+        let (meta, stream) = keys(topic);
+        client
+            .eval::<i64, _, _, _>(
+                "return redis.call('DEL', KEYS[1], KEYS[2])",
+                vec![meta, stream],
+                Vec::<String>::new(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| HistoryError::Failed(e.kind().to_str().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_parse_strictly() {
+        assert_eq!(
+            Position::parse("a1b2:42"),
+            Some(Position {
+                epoch: "a1b2".into(),
+                offset: 42
+            })
+        );
+        for bad in [
+            "",
+            ":1",
+            "e:",
+            "e:-1",
+            "e:1.5",
+            "e f:1",
+            "e:1:2",
+            "x".repeat(40).as_str(),
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Position::parse("e:7").unwrap().to_string(), "e:7");
+    }
+
+    #[test]
+    fn coverage_needs_the_same_epoch() {
+        let p = |e: &str, o| Position {
+            epoch: e.into(),
+            offset: o,
+        };
+        assert!(p("a", 3).is_covered_by(&p("a", 3)));
+        assert!(p("a", 2).is_covered_by(&p("a", 3)));
+        assert!(!p("a", 4).is_covered_by(&p("a", 3)));
+        assert!(!p("b", 1).is_covered_by(&p("a", 3)));
+    }
+
+    #[test]
+    fn content_keys_are_stable() {
+        assert_eq!(content_key(b""), "hcbf29ce484222325");
+        assert_ne!(content_key(b"a"), content_key(b"b"));
+    }
+}
