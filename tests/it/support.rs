@@ -120,6 +120,16 @@ impl RedisServer {
         server
     }
 
+    /// A handle on a server someone else owns (not stopped on drop).
+    pub fn attach(port: u16) -> Self {
+        RedisServer { port, child: None }
+    }
+
+    /// Empties the server, as a restart of a Redis that keeps nothing on disk would.
+    pub fn flushall(&self) {
+        assert_eq!(self.try_command("FLUSHALL").as_deref(), Some("+OK"));
+    }
+
     /// A port with nothing listening yet (Redis can be started there later).
     pub fn reserved() -> Self {
         RedisServer {
