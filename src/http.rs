@@ -81,6 +81,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/events/notify", post(notify))
         .route("/api/events", post(api_events))
         .route("/socket/websocket", get(socket))
+        .route("/api/realtime/stream", get(realtime_stream))
         .route("/socket/longpoll", any(longpoll))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -329,6 +330,77 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     scheme
         .eq_ignore_ascii_case("bearer")
         .then_some(token.trim())
+}
+
+/// `GET /api/realtime/stream?topics=a,b` — Server-Sent Events with `Last-Event-ID` resume.
+async fn realtime_stream(
+    State(app): State<Arc<App>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    use crate::sse::{self, StreamRefusal};
+    if app.draining.load(Ordering::Acquire) {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    let token = bearer_token(&headers).or(params.get("token").map(String::as_str));
+    let authenticated = match token.map(|t| app.verifier.verify(t)) {
+        Some(Ok(authenticated)) => authenticated,
+        _ => return ApiError::unauthorized().into_response(),
+    };
+    let refusal = |refusal: StreamRefusal| {
+        let status = match refusal {
+            StreamRefusal::Forbidden => StatusCode::FORBIDDEN,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "sse_refused").increment(1);
+        ApiError::new(status, refusal.to_string()).into_response()
+    };
+    let topics = match sse::parse_topics(
+        params.get("topics").map(String::as_str).unwrap_or(""),
+        &authenticated,
+        app.config.limits.max_channels_per_socket,
+    ) {
+        Ok(topics) => topics,
+        Err(refused) => return refusal(refused),
+    };
+    let resume_token = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(params.get("lastEventId").map(String::as_str))
+        .filter(|t| !t.trim().is_empty());
+    let resume = match resume_token.map(sse::parse_resume_token) {
+        None => Default::default(),
+        Some(Ok(resume)) => resume,
+        Some(Err(refused)) => return refusal(refused),
+    };
+    let previous = app.connections.fetch_add(1, Ordering::AcqRel);
+    let permit = ConnectionPermit(app.connections.clone());
+    if app
+        .config
+        .limits
+        .max_connections
+        .is_some_and(|max| previous >= max)
+    {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many connections")
+            .into_response();
+    }
+    let Some(identity_permit) = IdentityPermit::acquire(
+        &app.per_identity,
+        identity_key(&authenticated.identity),
+        app.config.limits.max_connections_per_identity,
+    ) else {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections for this identity",
+        )
+        .into_response();
+    };
+    let (body, task) = sse::open(app.session_deps.clone(), authenticated, topics, resume).await;
+    app.sessions.spawn(async move {
+        let _permits = (permit, identity_permit);
+        task.await;
+    });
+    body.into_response()
 }
 
 /// Phoenix long-poll is not offered; the body is deliberately not JSON (protocol rule 7).

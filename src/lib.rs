@@ -18,6 +18,7 @@
 //! - [`ingest`]: the Redis link and the HTTP publish paths; the delivery pipeline.
 //! - [`rails`]: HTTP client to the Rails API.
 //! - [`http`]: the axum router and middleware.
+//! - [`sse`]: the Server-Sent Events stream (`/api/realtime/stream`) with `Last-Event-ID`.
 //! - [`metrics`]: Prometheus recorder and metric names.
 //!
 //! [`run`] starts the whole hub on a listener and returns after a graceful drain, so tests
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod phoenix;
 pub mod rails;
 pub mod router;
+pub mod sse;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -31,6 +31,7 @@ pub const RECONCILE_MERGES: &str = "prostaff_reconcile_merges_total";
 pub const HISTORY_SCRIPT_SECONDS: &str = "prostaff_history_script_seconds";
 pub const HISTORY_APPENDS: &str = "prostaff_history_appends_total";
 pub const RECOVERIES: &str = "prostaff_recoveries_total";
+pub const SSE_STREAMS: &str = "prostaff_sse_streams";
 pub const INHOUSE_EXPIRIES: &str = "prostaff_inhouse_expiries_total";
 pub const RECONCILES: &str = "prostaff_reconcile_total";
 
@@ -129,6 +130,7 @@ fn describe() {
         HISTORY_APPENDS,
         "broadcasts given a history position, by outcome (ok, or why they went without one)"
     );
+    describe_gauge!(SSE_STREAMS, "Server-Sent Events streams currently open");
     describe_counter!(
         RECOVERIES,
         "joins with `since`, by outcome (recovered, not_recovered, unavailable)"

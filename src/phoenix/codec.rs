@@ -369,6 +369,11 @@ impl BroadcastFrame {
         })
     }
 
+    /// The payload exactly as published.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
     pub fn text(&self, vsn: Vsn) -> Utf8Bytes {
         match vsn {
             Vsn::V2 => self.v2.clone(),

@@ -130,7 +130,7 @@ impl TokenBucket {
 }
 
 /// Token-expiry deadline as a timer instant.
-fn expiry_instant(expires_at: u64) -> Instant {
+pub fn expiry_instant(expires_at: u64) -> Instant {
     let at = UNIX_EPOCH + Duration::from_secs(expires_at);
     let remaining = at.duration_since(SystemTime::now()).unwrap_or_default();
     Instant::now() + remaining

@@ -12,4 +12,5 @@ mod limits;
 mod recovery;
 mod shutdown;
 mod socket;
+mod sse;
 mod support;

@@ -37,7 +37,11 @@ fn event(org: &str, n: usize) -> String {
 /// Publishes events `range` on the org's channel once `hubs` hubs listen.
 async fn publish_range(redis: &RedisServer, org: &str, range: std::ops::Range<usize>, hubs: i64) {
     for n in range {
-        assert!(redis.publish_when_subscribed(&format!("prostaff:events:{org}"), &event(org, n), hubs).await);
+        assert!(
+            redis
+                .publish_when_subscribed(&format!("prostaff:events:{org}"), &event(org, n), hubs)
+                .await
+        );
     }
 }
 
@@ -68,15 +72,35 @@ async fn positions_are_consecutive_and_the_same_on_every_hub() {
     let topic = format!("org_events:{org}");
     let mut on_a = Phx::connect(&a, &user_token("u1", &org)).await;
     let mut on_b = Phx::connect(&b, &user_token("u2", &org)).await;
-    let start = Position::parse(join_since(&mut on_a, &topic, None).await["position"].as_str().unwrap()).unwrap();
+    let start = Position::parse(
+        join_since(&mut on_a, &topic, None).await["position"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(start.offset, 0, "a fresh topic starts at offset 0");
     let start_b = join_since(&mut on_b, &topic, None).await["position"].clone();
-    assert_eq!(start_b, json!(start.to_string()), "both hubs report the same position");
+    assert_eq!(
+        start_b,
+        json!(start.to_string()),
+        "both hubs report the same position"
+    );
 
     publish_range(&redis, &org, 1..6, 2).await;
-    let seen_a: Vec<Position> = broadcasts(&mut on_a, &topic, 5).await.iter().map(position_of).collect();
-    let seen_b: Vec<Position> = broadcasts(&mut on_b, &topic, 5).await.iter().map(position_of).collect();
-    assert_eq!(seen_a, seen_b, "the same broadcast has the same position on every hub");
+    let seen_a: Vec<Position> = broadcasts(&mut on_a, &topic, 5)
+        .await
+        .iter()
+        .map(position_of)
+        .collect();
+    let seen_b: Vec<Position> = broadcasts(&mut on_b, &topic, 5)
+        .await
+        .iter()
+        .map(position_of)
+        .collect();
+    assert_eq!(
+        seen_a, seen_b,
+        "the same broadcast has the same position on every hub"
+    );
     let offsets: Vec<u64> = seen_a.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, [1, 2, 3, 4, 5]);
     assert!(seen_a.iter().all(|p| p.epoch == start.epoch));
@@ -101,17 +125,33 @@ async fn a_client_that_missed_ten_events_recovers_them_on_the_other_hub() {
     // Whatever B had appended by the join is replayed, the rest arrives live: the client cannot
     // tell the difference, and neither can this test.
     let missed = broadcasts(&mut on_b, &topic, 10).await;
-    let numbers: Vec<u64> = missed.iter().map(|f| f[4]["payload"]["n"].as_u64().unwrap()).collect();
-    assert_eq!(numbers, (1..11).collect::<Vec<u64>>(), "in order, none missing");
+    let numbers: Vec<u64> = missed
+        .iter()
+        .map(|f| f[4]["payload"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..11).collect::<Vec<u64>>(),
+        "in order, none missing"
+    );
     let offsets: Vec<u64> = missed.iter().map(|f| position_of(f).offset).collect();
-    assert_eq!(offsets, (last_seen.offset + 1..last_seen.offset + 11).collect::<Vec<u64>>());
+    assert_eq!(
+        offsets,
+        (last_seen.offset + 1..last_seen.offset + 11).collect::<Vec<u64>>()
+    );
     // The payload is the envelope exactly as published.
-    assert_eq!(missed[0][4], serde_json::from_str::<Value>(&event(&org, 1)).unwrap());
+    assert_eq!(
+        missed[0][4],
+        serde_json::from_str::<Value>(&event(&org, 1)).unwrap()
+    );
 
     publish_range(&redis, &org, 11..12, 2).await;
     let live = broadcasts(&mut on_b, &topic, 1).await;
     assert_eq!(live[0][4]["payload"]["n"], 11);
-    assert!(on_b.silent_for(Duration::from_millis(300)).await, "no duplicate after the live one");
+    assert!(
+        on_b.silent_for(Duration::from_millis(300)).await,
+        "no duplicate after the live one"
+    );
 }
 
 #[tokio::test]
@@ -126,7 +166,15 @@ async fn recovery_while_events_keep_coming_has_no_gap_and_no_duplicate() {
     let since = position_of(&broadcasts(&mut on_a, &topic, 1).await[0]);
     // Publish 300 events from another task while the client rejoins on B in the middle.
     let url = redis.url();
-    let port: u16 = url.rsplit(':').next().unwrap().split('/').next().unwrap().parse().unwrap();
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let org_task = org.clone();
     let publisher = tokio::task::spawn_blocking(move || {
         let server = RedisServer::attach(port);
@@ -144,8 +192,15 @@ async fn recovery_while_events_keep_coming_has_no_gap_and_no_duplicate() {
     assert_eq!(reply["recovered"], true, "{reply}");
     publisher.await.unwrap();
     let frames = broadcasts(&mut on_b, &topic, 300).await;
-    let numbers: Vec<u64> = frames.iter().map(|f| f[4]["payload"]["n"].as_u64().unwrap()).collect();
-    assert_eq!(numbers, (1..301).collect::<Vec<u64>>(), "every event once, in order");
+    let numbers: Vec<u64> = frames
+        .iter()
+        .map(|f| f[4]["payload"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..301).collect::<Vec<u64>>(),
+        "every event once, in order"
+    );
     assert!(on_b.silent_for(Duration::from_millis(300)).await);
 }
 
@@ -165,12 +220,24 @@ async fn more_than_history_size_missed_is_not_recovered() {
     let mut on_b = Phx::connect(&b, &user_token("u1", &org)).await;
     let reply = join_since(&mut on_b, &topic, Some(&since)).await;
     assert_eq!(reply["recovered"], false, "7 missed, 5 kept: {reply}");
-    assert_eq!(reply["position"], format!("{}:{}", since.epoch, since.offset + 7));
-    assert!(on_b.silent_for(Duration::from_millis(300)).await, "nothing is replayed");
+    assert_eq!(
+        reply["position"],
+        format!("{}:{}", since.epoch, since.offset + 7)
+    );
+    assert!(
+        on_b.silent_for(Duration::from_millis(300)).await,
+        "nothing is replayed"
+    );
     // Exactly HISTORY_SIZE missed is still recoverable.
-    let recent = Position { epoch: since.epoch.clone(), offset: since.offset + 2 };
+    let recent = Position {
+        epoch: since.epoch.clone(),
+        offset: since.offset + 2,
+    };
     let mut again = Phx::connect(&b, &user_token("u1", &org)).await;
-    assert_eq!(join_since(&mut again, &topic, Some(&recent)).await["recovered"], true);
+    assert_eq!(
+        join_since(&mut again, &topic, Some(&recent)).await["recovered"],
+        true
+    );
     assert_eq!(broadcasts(&mut again, &topic, 5).await.len(), 5);
 }
 
@@ -184,9 +251,15 @@ async fn a_lost_history_or_a_wrong_epoch_is_not_recovered_and_bad_since_is_refus
     publish_range(&redis, &org, 0..3, 1).await;
     let since = position_of(&broadcasts(&mut phx, &topic, 3).await[0]);
 
-    let other_epoch = Position { epoch: "zzzz".into(), offset: since.offset };
+    let other_epoch = Position {
+        epoch: "zzzz".into(),
+        offset: since.offset,
+    };
     let mut second = Phx::connect(&hub, &user_token("u1", &org)).await;
-    assert_eq!(join_since(&mut second, &topic, Some(&other_epoch)).await["recovered"], false);
+    assert_eq!(
+        join_since(&mut second, &topic, Some(&other_epoch)).await["recovered"],
+        false
+    );
 
     // The history is lost (Redis emptied): a new epoch starts; old positions do not recover.
     redis.flushall();
@@ -195,10 +268,23 @@ async fn a_lost_history_or_a_wrong_epoch_is_not_recovered_and_bad_since_is_refus
     assert_ne!(fresh.epoch, since.epoch, "a lost history gets a new epoch");
     assert_eq!(fresh.offset, 1);
     let mut third = Phx::connect(&hub, &user_token("u1", &org)).await;
-    assert_eq!(join_since(&mut third, &topic, Some(&since)).await["recovered"], false);
+    assert_eq!(
+        join_since(&mut third, &topic, Some(&since)).await["recovered"],
+        false
+    );
 
-    for bad in [json!("nope"), json!(12), json!("e:-1"), json!({"epoch": "e"})] {
-        let reply = third.join(&format!("tournament:{}", unique("t")), json!({"since": bad})).await;
+    for bad in [
+        json!("nope"),
+        json!(12),
+        json!("e:-1"),
+        json!({"epoch": "e"}),
+    ] {
+        let reply = third
+            .join(
+                &format!("tournament:{}", unique("t")),
+                json!({"since": bad}),
+            )
+            .await;
         assert_eq!(reply[4]["response"]["reason"], "invalid_params", "{bad}");
     }
 }
@@ -226,7 +312,10 @@ async fn every_hub_restarted_in_between_still_recovers() {
 
     let (c, _d) = two_hubs(&redis, 300).await;
     let mut phx = Phx::connect(&c, &user_token("u1", &org)).await;
-    assert_eq!(join_since(&mut phx, &topic, Some(&since)).await["recovered"], true);
+    assert_eq!(
+        join_since(&mut phx, &topic, Some(&since)).await["recovered"],
+        true
+    );
     let numbers: Vec<u64> = broadcasts(&mut phx, &topic, 3)
         .await
         .iter()
@@ -248,7 +337,14 @@ async fn queue_updates_have_positions_and_recover_too() {
     let first = coach.recv_matching(|f| f[3] == "queue_update").await;
     let since = position_of(&first);
     for player in ["p1", "p2"] {
-        coach.push(&join_ref, &topic, "join_queue", json!({"player_id": player, "role": "mid"})).await;
+        coach
+            .push(
+                &join_ref,
+                &topic,
+                "join_queue",
+                json!({"player_id": player, "role": "mid"}),
+            )
+            .await;
     }
     let mut late = Phx::connect(&b, &user_token("coach", &org)).await;
     let reply = join_since(&mut late, &topic, Some(&since)).await;
