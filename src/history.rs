@@ -3,11 +3,12 @@
 //!
 //! Every broadcast on a topic gets a [`Position`] `"<epoch>:<offset>"`: `offset` grows by exactly
 //! one per broadcast; `epoch` changes only when the topic's history was lost (expired, or Redis
-//! restarted empty). Offsets are assigned by one script call per broadcast (`APPEND_SCRIPT`), so
-//! every instance agrees: each instance receives every event from PSUBSCRIBE and calls the
-//! script, the first call appends, and later calls for the same event (same dedup key: the
-//! envelope `id`, or a hash of the raw bytes) read the position back. Each instance handles one
-//! topic's events strictly in the order Redis delivered them, so the order matches too.
+//! restarted empty). Offsets are assigned in Redis by `APPEND_SCRIPT`, so every instance agrees:
+//! each instance receives every event from PSUBSCRIBE and calls the script (one call per topic
+//! for whatever batch of messages it has received); the first call for an event appends, and
+//! later calls for the same event (same dedup key: the envelope `id`, or a hash of the raw
+//! bytes) read its position back. Each instance handles one topic's events strictly in the
+//! order Redis delivered them, so the order matches too.
 //!
 //! Keys of one topic share the hash tag `{topic}`: `hist:{t}:m` (hash: epoch, offset),
 //! `hist:{t}:s` (the stream, entry ids `<offset>-0`, fields `e` event and `p` payload, capped at
@@ -69,6 +70,14 @@ pub struct Entry {
     pub payload: Bytes,
 }
 
+/// One broadcast to append: its dedup key (envelope id or content hash), event and payload.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendItem<'a> {
+    pub dedup: &'a str,
+    pub event: &'a str,
+    pub payload: &'a Bytes,
+}
+
 /// What a join with `since` learns.
 #[derive(Debug, Clone)]
 pub struct Recovery {
@@ -82,21 +91,34 @@ pub struct Recovery {
 const DEDUP_TTL: Duration = Duration::from_secs(120);
 
 const APPEND_SCRIPT: &str = r#"
--- KEYS: meta, stream, dedup. ARGV: event, payload, size, ttl_ms, candidate epoch, dedup_ttl_ms.
-local seen = redis.call('GET', KEYS[3])
-if seen then return seen end
-if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
+-- KEYS: meta, stream, then one dedup key per broadcast. ARGV: size, ttl_ms, candidate epoch,
+-- dedup_ttl_ms, then (event, payload) per broadcast, in delivery order. Returns the positions.
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3]) == 1 then
   -- A new epoch: whatever stream is left belongs to a lost history.
   redis.call('DEL', KEYS[2])
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'e', ARGV[1], 'p', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-local position = epoch .. ':' .. offset
-redis.call('SET', KEYS[3], position, 'PX', ARGV[6])
-return position
+local out = {}
+local appended = false
+for i = 3, #KEYS do
+  local seen = redis.call('GET', KEYS[i])
+  if seen then
+    out[#out + 1] = seen
+  else
+    local j = 5 + (i - 3) * 2
+    local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], offset .. '-0', 'e', ARGV[j], 'p', ARGV[j + 1])
+    local position = epoch .. ':' .. offset
+    redis.call('SET', KEYS[i], position, 'PX', ARGV[4])
+    out[#out + 1] = position
+    appended = true
+  end
+end
+if appended then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return out
 "#;
 
 const RECOVER_SCRIPT: &str = r#"
@@ -202,36 +224,36 @@ impl History {
         }
     }
 
-    /// Appends a broadcast once (per `dedup` key) and returns its position.
-    pub async fn append(
+    /// Appends broadcasts of one topic, in order, each once per `dedup` key across every
+    /// instance, and returns their positions (in the same order). One script call for the batch.
+    pub async fn append_batch(
         &self,
         topic: &str,
-        event: &str,
-        payload: &Bytes,
-        dedup: &str,
-    ) -> Result<Position, HistoryError> {
+        items: &[AppendItem<'_>],
+    ) -> Result<Vec<Position>, HistoryError> {
         let (meta, stream) = keys(topic);
-        let dedup_key = format!("hist:{{{topic}}}:d:{dedup}");
-        let payload = std::str::from_utf8(payload)
-            .map_err(|_| HistoryError::Failed("payload is not UTF-8".into()))?;
-        let reply = self
-            .eval(
-                &self.append,
-                vec![meta, stream, dedup_key],
-                vec![
-                    event.to_string(),
-                    payload.to_string(),
-                    self.size.to_string(),
-                    self.ttl.as_millis().to_string(),
-                    new_epoch(),
-                    DEDUP_TTL.as_millis().to_string(),
-                ],
-            )
-            .await?;
-        reply
-            .first()
-            .and_then(|text| Position::parse(text))
-            .ok_or_else(|| HistoryError::Failed("malformed append reply".into()))
+        let mut keys = Vec::with_capacity(items.len() + 2);
+        keys.push(meta);
+        keys.push(stream);
+        let mut args = Vec::with_capacity(items.len() * 2 + 4);
+        args.push(self.size.to_string());
+        args.push(self.ttl.as_millis().to_string());
+        args.push(new_epoch());
+        args.push(DEDUP_TTL.as_millis().to_string());
+        for item in items {
+            keys.push(format!("hist:{{{topic}}}:d:{}", item.dedup));
+            let payload = std::str::from_utf8(item.payload)
+                .map_err(|_| HistoryError::Failed("payload is not UTF-8".into()))?;
+            args.push(item.event.to_string());
+            args.push(payload.to_string());
+        }
+        let reply = self.eval(&self.append, keys, args).await?;
+        let positions: Option<Vec<Position>> =
+            reply.iter().map(|text| Position::parse(text)).collect();
+        match positions {
+            Some(positions) if positions.len() == items.len() => Ok(positions),
+            _ => Err(HistoryError::Failed("malformed append reply".into())),
+        }
     }
 
     /// The topic's current position and, with `since`, the broadcasts after it when all of them

@@ -7,12 +7,13 @@
 pub mod publish;
 pub mod redis;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::envelope::{self, Envelope};
-use crate::history::{self, History, Position};
+use crate::history::{self, AppendItem, History, Position};
 use crate::hub::Hub;
 use crate::inhouse::Inhouse;
 use crate::logsafe::LogSafe;
@@ -35,10 +36,31 @@ impl Source {
     }
 }
 
+/// What the Redis subscriber hands the pipeline.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// An envelope from `prostaff:events:{org}` (or posted over HTTP).
+    Envelope { raw: Bytes, channel: String },
+    /// A `queue_update` that `queue.lua` published on `prostaff:inhouse:{org}`.
+    QueueUpdate { org_id: String, raw: Bytes },
+}
+
+/// One broadcast to make: the same raw bytes on each of its topics.
+struct Broadcast {
+    raw: Bytes,
+    /// (topic, event name) pairs.
+    topics: Vec<(String, String)>,
+    dedup: String,
+    envelope: Option<Envelope>,
+    unrouted: bool,
+}
+
 /// Decode → route → position → fan out, plus the in-house lifecycle hooks.
 ///
-/// Invariant: called from the Redis subscriber loop one message at a time, in the order Redis
-/// delivered them, so every instance assigns and reads positions in the same order.
+/// Invariant: the Redis subscriber loop hands batches over one at a time, in the order Redis
+/// delivered the messages; within a batch each topic's appends are one script call in that
+/// order, so every instance assigns and reads positions in the same order. Different topics are
+/// appended concurrently (only the order within a topic matters).
 pub struct Pipeline {
     pub hub: Arc<Hub>,
     pub inhouse: Arc<Inhouse>,
@@ -46,102 +68,147 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Decodes raw envelope bytes and delivers them; drops are logged without the payload.
-    /// `channel` is the Redis channel (or `http`), logged to tell publishers apart.
+    /// Decodes raw envelope bytes and delivers them (the HTTP local-delivery path);
+    /// drops are logged without the payload.
     pub async fn ingest(&self, raw: Bytes, source: Source, channel: &str) {
-        match envelope::decode(raw) {
-            Ok(envelope) => self.deliver(&envelope, source).await,
-            Err(reason) => {
-                // `reason`'s Display never includes the payload and escapes what it echoes.
-                tracing::warn!(source = source.label(), channel = %LogSafe(channel), %reason, "dropped event");
-                metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => reason.label())
-                    .increment(1);
-            }
-        }
+        let incoming = Incoming::Envelope {
+            raw,
+            channel: channel.to_string(),
+        };
+        self.ingest_batch(vec![incoming], source).await;
     }
 
-    /// Delivers a `queue_update` that `queue.lua` published (every instance receives it once and
-    /// delivers it to its own subscribers of `inhouse:{org}`).
-    pub async fn queue_update(&self, org_id: &str, raw: Bytes) {
-        let topic = format!("inhouse:{org_id}");
-        let position = self
-            .position(
-                &topic,
-                "queue_update",
-                &raw,
-                &history::content_key(&raw),
-                Source::Redis,
-            )
-            .await;
-        self.hub.publish_at(&topic, "queue_update", raw, position);
-    }
-
-    /// The broadcast's history position (appended once across instances), or `None` when
-    /// history is off, the event did not come through Redis, or Redis failed (the broadcast is
-    /// still delivered, without a position: clients then cannot resume past it).
-    async fn position(
-        &self,
-        topic: &str,
-        event: &str,
-        raw: &Bytes,
-        dedup: &str,
-        source: Source,
-    ) -> Option<Position> {
-        if !self.history.enabled() || !matches!(source, Source::Redis) {
-            return None;
-        }
-        match self.history.append(topic, event, raw, dedup).await {
-            Ok(position) => {
-                metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "ok").increment(1);
-                Some(position)
+    /// Delivers a batch of messages in order.
+    pub async fn ingest_batch(&self, batch: Vec<Incoming>, source: Source) {
+        let broadcasts: Vec<Broadcast> = batch
+            .into_iter()
+            .filter_map(|incoming| self.prepare(incoming, source))
+            .collect();
+        let positions = self.positions(&broadcasts, source).await;
+        for (index, broadcast) in broadcasts.into_iter().enumerate() {
+            let mut sockets = 0;
+            for (slot, (topic, event)) in broadcast.topics.iter().enumerate() {
+                let position = positions.get(&(index, slot)).cloned();
+                sockets += self
+                    .hub
+                    .publish_at(topic, event, broadcast.raw.clone(), position);
             }
-            Err(error) => {
-                metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "failed")
-                    .increment(1);
-                tracing::warn!(%error, topic = %LogSafe(topic), "broadcast delivered without a history position");
-                None
-            }
-        }
-    }
-
-    pub async fn deliver(&self, envelope: &Envelope, source: Source) {
-        let route = router::route(envelope);
-        if route.unrouted {
-            tracing::warn!(
+            let Some(envelope) = broadcast.envelope else {
+                continue;
+            };
+            tracing::debug!(
                 event_type = %LogSafe(&envelope.event_type),
                 org = %LogSafe(&envelope.org_id),
-                "Unrouted event"
+                id = %LogSafe(envelope.id.as_deref().unwrap_or("-")),
+                sockets,
+                "event delivered"
             );
+            metrics::counter!(
+                crate::metrics::EVENTS_RECEIVED,
+                "source" => source.label(),
+                "outcome" => if broadcast.unrouted { "unrouted" } else { "routed" }
+            )
+            .increment(1);
+            if envelope.event_type.starts_with("inhouse.") {
+                self.inhouse.on_event(&envelope).await;
+            }
         }
-        let mut sockets = 0;
-        let dedup = match &envelope.id {
-            Some(id) => format!("i{id}"),
-            None => history::content_key(&envelope.raw),
-        };
-        for topic in &route.topics {
-            let event = router::event_name(topic, &envelope.event_type);
-            let position = self
-                .position(topic, event, &envelope.raw, &dedup, source)
-                .await;
-            sockets += self
-                .hub
-                .publish_at(topic, event, envelope.raw.clone(), position);
+    }
+
+    /// Decodes and routes one message; `None` for a dropped envelope (logged and counted).
+    fn prepare(&self, incoming: Incoming, source: Source) -> Option<Broadcast> {
+        match incoming {
+            Incoming::QueueUpdate { org_id, raw } => Some(Broadcast {
+                topics: vec![(format!("inhouse:{org_id}"), "queue_update".to_string())],
+                dedup: history::content_key(&raw),
+                raw,
+                envelope: None,
+                unrouted: false,
+            }),
+            Incoming::Envelope { raw, channel } => match envelope::decode(raw) {
+                Ok(envelope) => {
+                    let route = router::route(&envelope);
+                    if route.unrouted {
+                        tracing::warn!(
+                            event_type = %LogSafe(&envelope.event_type),
+                            org = %LogSafe(&envelope.org_id),
+                            "Unrouted event"
+                        );
+                    }
+                    let topics = route
+                        .topics
+                        .into_iter()
+                        .map(|topic| {
+                            let event = router::event_name(&topic, &envelope.event_type).to_string();
+                            (topic, event)
+                        })
+                        .collect();
+                    Some(Broadcast {
+                        raw: envelope.raw.clone(),
+                        topics,
+                        dedup: match &envelope.id {
+                            Some(id) => format!("i{id}"),
+                            None => history::content_key(&envelope.raw),
+                        },
+                        unrouted: route.unrouted,
+                        envelope: Some(envelope),
+                    })
+                }
+                Err(reason) => {
+                    // `reason`'s Display never includes the payload and escapes what it echoes.
+                    tracing::warn!(source = source.label(), channel = %LogSafe(&channel), %reason, "dropped event");
+                    metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => reason.label())
+                        .increment(1);
+                    None
+                }
+            },
         }
-        tracing::debug!(
-            event_type = %LogSafe(&envelope.event_type),
-            org = %LogSafe(&envelope.org_id),
-            id = %LogSafe(envelope.id.as_deref().unwrap_or("-")),
-            sockets,
-            "event delivered"
-        );
-        metrics::counter!(
-            crate::metrics::EVENTS_RECEIVED,
-            "source" => source.label(),
-            "outcome" => if route.unrouted { "unrouted" } else { "routed" }
-        )
-        .increment(1);
-        if envelope.event_type.starts_with("inhouse.") {
-            self.inhouse.on_event(envelope).await;
+    }
+
+    /// History positions for every (broadcast, topic slot): one append call per topic, topics
+    /// concurrently. Empty when history is off, the batch did not come through Redis, or Redis
+    /// failed (the broadcasts are still delivered, without positions: clients then cannot resume
+    /// past them).
+    async fn positions(
+        &self,
+        broadcasts: &[Broadcast],
+        source: Source,
+    ) -> HashMap<(usize, usize), Position> {
+        let mut positions = HashMap::new();
+        if !self.history.enabled() || !matches!(source, Source::Redis) {
+            return positions;
         }
+        let mut by_topic: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+        for (index, broadcast) in broadcasts.iter().enumerate() {
+            for (slot, (topic, _)) in broadcast.topics.iter().enumerate() {
+                by_topic.entry(topic).or_default().push((index, slot));
+            }
+        }
+        let calls = by_topic.into_iter().map(|(topic, slots)| async move {
+            let items: Vec<AppendItem> = slots
+                .iter()
+                .map(|&(index, slot)| AppendItem {
+                    dedup: &broadcasts[index].dedup,
+                    event: &broadcasts[index].topics[slot].1,
+                    payload: &broadcasts[index].raw,
+                })
+                .collect();
+            (topic, slots, self.history.append_batch(topic, &items).await)
+        });
+        for (topic, slots, result) in futures_util::future::join_all(calls).await {
+            match result {
+                Ok(assigned) => {
+                    metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "ok")
+                        .increment(assigned.len() as u64);
+                    positions.extend(slots.into_iter().zip(assigned));
+                }
+                Err(error) => {
+                    metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "failed")
+                        .increment(slots.len() as u64);
+                    tracing::warn!(%error, topic = %LogSafe(topic), "broadcasts delivered without a history position");
+                }
+            }
+        }
+        positions
     }
 }

@@ -22,7 +22,7 @@ use fred::types::Builder;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Pipeline, Source};
+use super::{Incoming, Pipeline, Source};
 
 pub const CHANNEL_PATTERN: &str = "prostaff:events:*";
 pub const CHANNEL_PREFIX: &str = "prostaff:events:";
@@ -34,6 +34,26 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// the connection, so a half-open link is replaced within about 5 s.
 pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Messages handed to the pipeline at once at most (a burst is split into batches this big).
+const MAX_BATCH: usize = 256;
+
+/// A pub/sub message as the pipeline's input: queue updates by their channel, envelopes otherwise.
+fn incoming(message: fred::types::Message) -> Incoming {
+    let raw = message.value.into_bytes().unwrap_or_default();
+    match message
+        .channel
+        .strip_prefix(crate::inhouse::store::QUEUE_CHANNEL_PREFIX)
+    {
+        Some(org_id) => Incoming::QueueUpdate {
+            org_id: org_id.to_string(),
+            raw,
+        },
+        None => Incoming::Envelope {
+            raw,
+            channel: message.channel.to_string(),
+        },
+    }
+}
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -247,21 +267,42 @@ impl RedisLink {
                         Err(_) => break Err("redis unresponsive (ping timed out)".to_string()),
                     }
                 }
-                message = messages.recv() => match message {
-                    Ok(message) => {
-                        let raw = message.value.into_bytes().unwrap_or_default();
-                        match message.channel.strip_prefix(crate::inhouse::store::QUEUE_CHANNEL_PREFIX) {
-                            Some(org_id) => pipeline.queue_update(org_id, raw).await,
-                            None => pipeline.ingest(raw, Source::Redis, &message.channel).await,
+                message = messages.recv() => {
+                    // Take whatever else is already waiting too: one batch costs one history
+                    // call per topic instead of one round trip per message.
+                    let mut batch = Vec::new();
+                    let mut next = Some(message);
+                    let mut closed = false;
+                    while let Some(message) = next.take() {
+                        match message {
+                            Ok(message) => batch.push(incoming(message)),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                                tracing::warn!(missed, "redis subscriber lagged; events dropped");
+                                metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => "redis", "outcome" => "subscriber_lagged")
+                                    .increment(missed);
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => closed = true,
+                        }
+                        if batch.len() < MAX_BATCH && !closed {
+                            next = match messages.try_recv() {
+                                Ok(message) => Some(Ok(message)),
+                                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(missed)) => {
+                                    Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)))
+                                }
+                                Err(tokio::sync::broadcast::error::TryRecvError::Closed) => {
+                                    Some(Err(tokio::sync::broadcast::error::RecvError::Closed))
+                                }
+                                Err(tokio::sync::broadcast::error::TryRecvError::Empty) => None,
+                            };
                         }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "redis subscriber lagged; events dropped");
-                        metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => "redis", "outcome" => "subscriber_lagged")
-                            .increment(missed);
+                    if !batch.is_empty() {
+                        pipeline.ingest_batch(batch, Source::Redis).await;
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break Err("subscriber channel closed".to_string()),
-                },
+                    if closed {
+                        break Err("subscriber channel closed".to_string());
+                    }
+                }
                 _ = &mut sub_task => break Err("subscriber connection closed".to_string()),
                 _ = &mut cmd_task => break Err("command connection closed".to_string()),
             }
