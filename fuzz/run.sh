@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for a bounded time (default 60 s each). Not part of CI.
+# Runs every fuzz target for a bounded time (default 60 s each; `run.sh 600 "envelope token"`
+# runs only those two). Not part of CI.
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). On a stable toolchain RUSTC_BOOTSTRAP=1 lets
 # cargo-fuzz use the sanitizer flags it needs.
 # Crashes land in fuzz/artifacts/<target>/; copy them to fuzz/regressions/<target>/ so the
@@ -9,7 +10,8 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET="${1:-60}"
 export RUSTC_BOOTSTRAP=1
 failed=()
-for target in phoenix_frames envelope token; do
+TARGETS="${2:-phoenix_frames envelope token}"
+for target in $TARGETS; do
   mkdir -p "fuzz/corpus/$target" "fuzz/regressions/$target"
   cp -n fuzz/regressions/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true
   echo "== $target (${SECONDS_PER_TARGET}s)"
