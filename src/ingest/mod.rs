@@ -139,7 +139,8 @@ impl Pipeline {
                         .topics
                         .into_iter()
                         .map(|topic| {
-                            let event = router::event_name(&topic, &envelope.event_type).to_string();
+                            let event =
+                                router::event_name(&topic, &envelope.event_type).to_string();
                             (topic, event)
                         })
                         .collect();
