@@ -4,7 +4,9 @@ use libfuzzer_sys::fuzz_target;
 use prostaff_events::phoenix::codec::{decode_binary, decode_text, Vsn};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((selector, rest)) = data.split_first() else { return };
+    let Some((selector, rest)) = data.split_first() else {
+        return;
+    };
     match selector % 3 {
         0 => {
             if let Ok(text) = std::str::from_utf8(rest) {

@@ -15,11 +15,17 @@ fuzz_target!(|data: &[u8]| {
         let _ = prostaff_events::auth::token_from_subprotocol(text);
         if let Some(position) = prostaff_events::history::Position::parse(text) {
             // A parsed position prints as text that parses back to it.
-            assert_eq!(prostaff_events::history::Position::parse(&position.to_string()), Some(position));
+            assert_eq!(
+                prostaff_events::history::Position::parse(&position.to_string()),
+                Some(position)
+            );
         }
         if let Ok(positions) = prostaff_events::sse::parse_resume_token(text) {
             let again = prostaff_events::sse::resume_token(&positions);
-            assert_eq!(prostaff_events::sse::parse_resume_token(&again).unwrap(), positions);
+            assert_eq!(
+                prostaff_events::sse::parse_resume_token(&again).unwrap(),
+                positions
+            );
         }
     }
 });
