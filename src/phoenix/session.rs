@@ -678,11 +678,9 @@ impl Session {
         S: Sink<Message, Error = E> + Unpin,
     {
         let count = messages.len() as u64;
-        let mut written = 0u64;
         let write = async {
             for message in messages {
                 socket.feed(message).await?;
-                written += 1;
             }
             socket.flush().await
         };
@@ -701,8 +699,9 @@ impl Session {
             }
             Some(Ok(Err(_))) => Err(Ending::silent("write_error")),
             Some(Err(_)) => {
-                // Lost: what is still queued plus what this write had not handed over yet.
-                let lost = self.outbox.queued() as u64 + count.saturating_sub(written);
+                // Lost: what is still queued plus this whole write, whose flush never finished
+                // (some of it may have reached the client: an upper bound, never an undercount).
+                let lost = self.outbox.queued() as u64 + count;
                 metrics::counter!(m::BROADCASTS_DROPPED, "reason" => "write_timeout")
                     .increment(lost);
                 Err(Ending::closed(

@@ -407,3 +407,56 @@ async fn a_client_that_never_reads_is_disconnected_after_the_write_timeout() {
     let code = slow.close_code().await;
     assert!(code.is_none() || code == Some(1013), "{code:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_lost_in_a_timed_out_write_are_counted_as_dropped() {
+    const EVENTS: usize = 200;
+    let (redis, hub) = hub_with(|c| c.limits.write_timeout = Duration::from_millis(500)).await;
+    hub.wait_redis_ready().await;
+    let org = unique("org");
+    let mut slow = stalled_client(
+        &hub,
+        &user_token("slow", &org),
+        &format!("org_events:{org}"),
+    )
+    .await;
+    let dropped = |text: &str| {
+        metric_value(
+            text,
+            "prostaff_broadcasts_dropped_total",
+            &["reason=\"write_timeout\""],
+        )
+    };
+    let before = dropped(&hub.metrics().await);
+    let closes = metric_value(
+        &hub.metrics().await,
+        "prostaff_socket_closes_total",
+        &["reason=\"write_timeout\""],
+    );
+    // Fewer than one drain batch (256), so most of them sit in the write that times out.
+    flood(&redis, &org, "team_goal.missed", EVENTS, 60 * 1024).await;
+    eventually_metric(
+        &hub,
+        "prostaff_socket_closes_total",
+        "reason=\"write_timeout\"",
+        closes + 1.0,
+    )
+    .await;
+    let counted = dropped(&hub.metrics().await) - before;
+    // Whatever did reach the client, plus what was counted, covers every event published.
+    let mut received = 0;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(
+        Duration::from_secs(2),
+        futures_util::StreamExt::next(&mut slow.ws),
+    )
+    .await
+    {
+        if let Message::Text(text) = message {
+            received += usize::from(text.contains("team_goal.missed"));
+        }
+    }
+    assert!(
+        counted as usize + received >= EVENTS,
+        "{counted} counted + {received} received < {EVENTS} published: losses went uncounted"
+    );
+}
