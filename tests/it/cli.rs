@@ -28,6 +28,17 @@ fn bad_configuration_exits_64_naming_the_variable() {
         ),
         (vec![("PORT", "eighty")], "PORT"),
         (vec![("MAX_FRAME_BYTES", "0")], "MAX_FRAME_BYTES"),
+        (vec![("REDIS_URL", "redis://host:notaport/0")], "REDIS_URL"),
+        (
+            vec![
+                ("APP_ENV", "production"),
+                (
+                    "INTERNAL_JWT_SECRET",
+                    prostaff_events::config::DEV_INTERNAL_SECRET,
+                ),
+            ],
+            "INTERNAL_JWT_SECRET",
+        ),
     ];
     for (env, variable) in cases {
         let output = hub_command().envs(env.clone()).output().unwrap();
