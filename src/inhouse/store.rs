@@ -66,7 +66,7 @@ return 0
 /// What a lifecycle or reconcile op did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// State changed; the summary after the change (`None` once the queue is closed).
+    /// State changed; the summary after the change (with `status: "closed"` when it closed).
     Changed(Value),
     /// Nothing to do (already in that state).
     Unchanged,
