@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::interfaces::LuaInterface;
 use fred::types::scripts::Script;
 
 use crate::ingest::redis::{RedisLink, COMMAND_TIMEOUT};
@@ -306,21 +305,6 @@ impl History {
                 .collect()
         });
         Ok(Recovery { position, missed })
-    }
-
-    /// Deletes every key of `topic`'s history (tests and operators simulating a lost history).
-    pub async fn forget(&self, topic: &str) -> Result<(), HistoryError> {
-        let client = self.redis.commands().ok_or(HistoryError::Disconnected)?;
-        let (meta, stream) = keys(topic);
-        client
-            .eval::<i64, _, _, _>(
-                "return redis.call('DEL', KEYS[1], KEYS[2])",
-                vec![meta, stream],
-                Vec::<String>::new(),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| HistoryError::Failed(e.kind().to_str().to_string()))
     }
 }
 

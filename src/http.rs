@@ -373,31 +373,16 @@ async fn realtime_stream(
         Some(Ok(resume)) => resume,
         Some(Err(refused)) => return refusal(refused),
     };
-    let previous = app.connections.fetch_add(1, Ordering::AcqRel);
-    let permit = ConnectionPermit(app.connections.clone());
-    if app
-        .config
-        .limits
-        .max_connections
-        .is_some_and(|max| previous >= max)
-    {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many connections")
-            .into_response();
-    }
-    let Some(identity_permit) = IdentityPermit::acquire(
-        &app.per_identity,
-        identity_key(&authenticated.identity),
-        app.config.limits.max_connections_per_identity,
-    ) else {
-        return ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections for this identity",
-        )
-        .into_response();
+    let permits = match ConnectionPermits::acquire(&app, &authenticated.identity) {
+        Ok(permits) => permits,
+        Err(full) => {
+            metrics::counter!(m::SOCKET_CONNECTS, "outcome" => full.reason()).increment(1);
+            return ApiError::new(full.status(), "too many connections").into_response();
+        }
     };
     let (body, task) = sse::open(app.session_deps.clone(), authenticated, topics, resume).await;
     app.sessions.spawn(async move {
-        let _permits = (permit, identity_permit);
+        let _permits = permits;
         task.await;
     });
     body.into_response()
@@ -457,6 +442,63 @@ impl Drop for IdentityPermit {
             *count = count.saturating_sub(1);
         }
         self.counts.remove_if(&self.key, |_, count| *count == 0);
+    }
+}
+
+/// Which connection cap refused a socket or stream.
+#[derive(Debug, Clone, Copy)]
+enum ConnectionsFull {
+    /// `MAX_CONNECTIONS` (503: the client retries, likely elsewhere).
+    Instance,
+    /// `MAX_CONNECTIONS_PER_IDENTITY` (429).
+    Identity,
+}
+
+impl ConnectionsFull {
+    fn reason(self) -> &'static str {
+        match self {
+            ConnectionsFull::Instance => "too_many_connections",
+            ConnectionsFull::Identity => "too_many_connections_per_identity",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            ConnectionsFull::Instance => StatusCode::SERVICE_UNAVAILABLE,
+            ConnectionsFull::Identity => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+}
+
+/// The slots a socket or an SSE stream holds for its whole life: one of `MAX_CONNECTIONS` and
+/// one of its identity's `MAX_CONNECTIONS_PER_IDENTITY`. Both are given back on drop.
+struct ConnectionPermits {
+    _instance: ConnectionPermit,
+    _identity: IdentityPermit,
+}
+
+impl ConnectionPermits {
+    fn acquire(app: &App, identity: &Identity) -> Result<ConnectionPermits, ConnectionsFull> {
+        let previous = app.connections.fetch_add(1, Ordering::AcqRel);
+        let instance = ConnectionPermit(app.connections.clone());
+        if app
+            .config
+            .limits
+            .max_connections
+            .is_some_and(|max| previous >= max)
+        {
+            return Err(ConnectionsFull::Instance);
+        }
+        let identity = IdentityPermit::acquire(
+            &app.per_identity,
+            identity_key(identity),
+            app.config.limits.max_connections_per_identity,
+        )
+        .ok_or(ConnectionsFull::Identity)?;
+        Ok(ConnectionPermits {
+            _instance: instance,
+            _identity: identity,
+        })
     }
 }
 
@@ -523,29 +565,9 @@ async fn socket(
         Some(Err(error)) => return refuse(error.reason(), StatusCode::FORBIDDEN),
         None => return refuse("missing_token", StatusCode::FORBIDDEN),
     };
-    let previous = app.connections.fetch_add(1, Ordering::AcqRel);
-    let permit = ConnectionPermit(app.connections.clone());
-    if app
-        .config
-        .limits
-        .max_connections
-        .is_some_and(|max| previous >= max)
-    {
-        drop(permit);
-        return refuse("too_many_connections", StatusCode::SERVICE_UNAVAILABLE);
-    }
-    let identity_permit = match IdentityPermit::acquire(
-        &app.per_identity,
-        identity_key(&authenticated.identity),
-        app.config.limits.max_connections_per_identity,
-    ) {
-        Some(permit) => permit,
-        None => {
-            return refuse(
-                "too_many_connections_per_identity",
-                StatusCode::TOO_MANY_REQUESTS,
-            )
-        }
+    let permits = match ConnectionPermits::acquire(&app, &authenticated.identity) {
+        Ok(permits) => permits,
+        Err(full) => return refuse(full.reason(), full.status()),
     };
 
     let limits = &app.config.limits;
@@ -567,7 +589,7 @@ async fn socket(
         .on_upgrade(move |socket| {
             sessions.track_future(
                 async move {
-                    let _permits = (permit, identity_permit);
+                    let _permits = permits;
                     session::run(socket, deps, vsn, authenticated).await;
                 }
                 .instrument(span),

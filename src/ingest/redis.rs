@@ -83,22 +83,18 @@ impl RedisLink {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.publisher().is_some()
+        self.commands().is_some()
     }
 
-    /// The command connection, present only while Redis is connected.
-    fn publisher(&self) -> Option<Client> {
-        self.publisher.read().expect("publisher lock").clone()
-    }
-
-    /// The command connection for scripts (the queue store), present only while connected.
+    /// The command connection (PUBLISH, PING, the queue and history scripts), present only
+    /// while Redis is connected.
     pub fn commands(&self) -> Option<Client> {
-        self.publisher()
+        self.publisher.read().expect("publisher lock").clone()
     }
 
     /// PINGs Redis through the command connection.
     pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
-        let client = self.publisher().ok_or("disconnected")?;
+        let client = self.commands().ok_or("disconnected")?;
         match tokio::time::timeout(timeout, client.ping::<String>(None)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(format!("ping failed: {}", error.kind().to_str())),
@@ -108,7 +104,7 @@ impl RedisLink {
 
     /// PUBLISHes an envelope on `prostaff:events:{org_id}`.
     pub async fn publish(&self, org_id: &str, envelope: Bytes) -> Result<(), PublishError> {
-        let client = self.publisher().ok_or(PublishError::Disconnected)?;
+        let client = self.commands().ok_or(PublishError::Disconnected)?;
         let channel = format!("{CHANNEL_PREFIX}{org_id}");
         match tokio::time::timeout(
             COMMAND_TIMEOUT,

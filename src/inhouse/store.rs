@@ -290,30 +290,32 @@ impl QueueStore {
     /// `"<fence>:<deadline_ms>"` from the script → `ZADD iq:deadlines`. Close ops return a bare
     /// fence instead, whose index entry is removed.
     async fn index_deadline(&self, org_id: &str, index: &str) -> Result<(), StoreError> {
-        let client = self.client()?;
-        let result = match index.split_once(':') {
+        match index.split_once(':') {
             Some((fence, deadline_ms)) => {
                 let score: f64 = deadline_ms.parse().unwrap_or(0.0);
-                let member = format!("{fence}:{org_id}");
-                client
-                    .eval::<i64, _, _, _>(
-                        "return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])",
-                        vec![DEADLINES_KEY],
-                        vec![score.to_string(), member],
-                    )
-                    .await
+                self.edit_index(
+                    "return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])",
+                    vec![score.to_string(), format!("{fence}:{org_id}")],
+                )
+                .await
             }
-            None => {
-                client
-                    .eval::<i64, _, _, _>(
-                        "return redis.call('ZREM', KEYS[1], ARGV[1])",
-                        vec![DEADLINES_KEY],
-                        vec![format!("{index}:{org_id}")],
-                    )
-                    .await
-            }
-        };
-        result
+            None => self.unindex(&format!("{index}:{org_id}")).await,
+        }
+    }
+
+    async fn unindex(&self, member: &str) -> Result<(), StoreError> {
+        self.edit_index(
+            "return redis.call('ZREM', KEYS[1], ARGV[1])",
+            vec![member.to_string()],
+        )
+        .await
+    }
+
+    /// One command on the deadline index (a plain `EVAL`: the features stay lean).
+    async fn edit_index(&self, lua: &str, args: Vec<String>) -> Result<(), StoreError> {
+        self.client()?
+            .eval::<i64, _, _, _>(lua, vec![DEADLINES_KEY], args)
+            .await
             .map(|_| ())
             .map_err(|e| StoreError::Failed(e.kind().to_str().to_string()))
     }
@@ -416,15 +418,7 @@ impl QueueStore {
             Some("early") => return Ok(Expiry::Early),
             _ => Expiry::Stale,
         };
-        let client = self.client()?;
-        client
-            .eval::<i64, _, _, _>(
-                "return redis.call('ZREM', KEYS[1], ARGV[1])",
-                vec![DEADLINES_KEY],
-                vec![deadline.member()],
-            )
-            .await
-            .map_err(|e| StoreError::Failed(e.kind().to_str().to_string()))?;
+        self.unindex(&deadline.member()).await?;
         Ok(expiry)
     }
 

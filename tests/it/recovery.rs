@@ -54,6 +54,22 @@ async fn broadcasts(phx: &mut Phx, topic: &str, count: usize) -> Vec<Value> {
     frames
 }
 
+/// A member of `org_events:{org}` on `hub` that saw event 0 (published once `hubs` hubs listen),
+/// and that event's position.
+async fn saw_first_event(
+    hub: &TestHub,
+    redis: &RedisServer,
+    org: &str,
+    hubs: i64,
+) -> (Phx, Position) {
+    let topic = format!("org_events:{org}");
+    let mut phx = Phx::connect(hub, &user_token("u1", org)).await;
+    join_since(&mut phx, &topic, None).await;
+    publish_range(redis, org, 0..1, hubs).await;
+    let position = position_of(&broadcasts(&mut phx, &topic, 1).await[0]);
+    (phx, position)
+}
+
 async fn join_since(phx: &mut Phx, topic: &str, since: Option<&Position>) -> Value {
     let params = match since {
         Some(p) => json!({"since": p.to_string()}),
@@ -112,10 +128,7 @@ async fn a_client_that_missed_ten_events_recovers_them_on_the_other_hub() {
     let (a, b) = two_hubs(&redis, 300).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
-    let mut on_a = Phx::connect(&a, &user_token("u1", &org)).await;
-    join_since(&mut on_a, &topic, None).await;
-    publish_range(&redis, &org, 0..1, 2).await;
-    let last_seen = position_of(&broadcasts(&mut on_a, &topic, 1).await[0]);
+    let (on_a, last_seen) = saw_first_event(&a, &redis, &org, 2).await;
     drop(on_a);
 
     publish_range(&redis, &org, 1..11, 2).await;
@@ -160,10 +173,7 @@ async fn recovery_while_events_keep_coming_has_no_gap_and_no_duplicate() {
     let (a, b) = two_hubs(&redis, 1000).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
-    let mut on_a = Phx::connect(&a, &user_token("u1", &org)).await;
-    join_since(&mut on_a, &topic, None).await;
-    publish_range(&redis, &org, 0..1, 2).await;
-    let since = position_of(&broadcasts(&mut on_a, &topic, 1).await[0]);
+    let (_on_a, since) = saw_first_event(&a, &redis, &org, 2).await;
     // Publish 300 events from another task while the client rejoins on B in the middle.
     let url = redis.url();
     let port: u16 = url
@@ -210,10 +220,7 @@ async fn more_than_history_size_missed_is_not_recovered() {
     let (a, b) = two_hubs(&redis, 5).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
-    let mut on_a = Phx::connect(&a, &user_token("u1", &org)).await;
-    join_since(&mut on_a, &topic, None).await;
-    publish_range(&redis, &org, 0..1, 2).await;
-    let since = position_of(&broadcasts(&mut on_a, &topic, 1).await[0]);
+    let (mut on_a, since) = saw_first_event(&a, &redis, &org, 2).await;
     publish_range(&redis, &org, 1..8, 2).await;
     broadcasts(&mut on_a, &topic, 7).await;
 
