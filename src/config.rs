@@ -63,6 +63,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "METRICS_BIND_ADDR", default: "", meaning: "when set (ip:port), /metrics is served only on this separate listener" },
     Setting { name: "HISTORY_SIZE", default: "300", meaning: "broadcasts kept per topic in Redis for recovery (0 turns history and positions off)" },
     Setting { name: "HISTORY_TTL_MS", default: "600000", meaning: "a topic's history expires after this long without a broadcast" },
+    Setting { name: "PRESENCE_FAMILIES", default: "inhouse,org_events", meaning: "topic families with presence (`presence_state`/`presence_diff`); any of notifications, tournament, inhouse, org_events; empty turns presence off" },
+    Setting { name: "PRESENCE_TTL_MS", default: "30000", meaning: "members of a hub that stopped renewing its presence lease (a crash) leave everywhere after this long" },
+    Setting { name: "PRESENCE_MAX_MEMBERS", default: "5000", meaning: "sockets shown in one topic's presence across all hubs; later ones stay joined but are not shown" },
     Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
 ];
 
@@ -178,6 +181,7 @@ pub struct Config {
     /// Broadcasts kept per topic; 0 turns history off.
     pub history_size: usize,
     pub history_ttl: Duration,
+    pub presence: crate::presence::PresenceConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -322,6 +326,19 @@ impl Config {
                 )
             })?),
         };
+        let presence_families = get("PRESENCE_FAMILIES")
+            .unwrap_or_else(|| "inhouse,org_events".to_string())
+            .split(',')
+            .map(str::trim)
+            .filter(|family| !family.is_empty())
+            .map(|family| match family {
+                "notifications" | "tournament" | "inhouse" | "org_events" => Ok(family.to_string()),
+                other => Err(invalid(
+                    "PRESENCE_FAMILIES",
+                    format!("unknown topic family {other:?}"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let max_connections_per_identity: usize =
             parse_or(&get, "MAX_CONNECTIONS_PER_IDENTITY", 100)?;
 
@@ -406,6 +423,11 @@ impl Config {
             metrics_bind_addr,
             history_size: parse_or(&get, "HISTORY_SIZE", 300)?,
             history_ttl: Duration::from_millis(parse_positive(&get, "HISTORY_TTL_MS", 600_000)?),
+            presence: crate::presence::PresenceConfig {
+                families: presence_families,
+                ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS", 30_000)?),
+                max_members: parse_positive(&get, "PRESENCE_MAX_MEMBERS", 5_000)?,
+            },
         })
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::types::scripts::Script;
 
-use crate::ingest::redis::{RedisLink, COMMAND_TIMEOUT};
+use crate::ingest::redis::{RedisLink, ScriptError};
 
 /// Where a broadcast sits in its topic's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,20 +207,14 @@ impl History {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Vec<String>, HistoryError> {
-        let client = self.redis.commands().ok_or(HistoryError::Disconnected)?;
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(
-            COMMAND_TIMEOUT,
-            script.evalsha_with_reload::<Vec<String>, _, _>(&client, keys, args),
-        )
-        .await;
+        let result = self.redis.eval(script, keys, args).await;
         metrics::histogram!(crate::metrics::HISTORY_SCRIPT_SECONDS)
             .record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(values)) => Ok(values),
-            Ok(Err(error)) => Err(HistoryError::Failed(error.kind().to_str().to_string())),
-            Err(_) => Err(HistoryError::Failed("timeout".into())),
-        }
+        result.map_err(|error| match error {
+            ScriptError::Disconnected => HistoryError::Disconnected,
+            ScriptError::Failed(reason) => HistoryError::Failed(reason),
+        })
     }
 
     /// Appends broadcasts of one topic, in order, each once per `dedup` key across every

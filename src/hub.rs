@@ -241,6 +241,10 @@ impl Hub {
             .remove_if(topic, |_, subscribers| subscribers.is_empty());
     }
 
+    pub fn has_subscribers(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
     pub fn topic_count(&self) -> usize {
         self.topics.len()
     }

@@ -12,6 +12,7 @@
 //! - [`hub`]: the topic map and per-socket outboxes; frames are encoded once and shared.
 //! - [`phoenix`]: the wire protocol and the per-socket session loop.
 //! - [`channels`]: topic families: join authorization, join replies, queue actions.
+//! - [`presence`]: who is online per topic (phoenix.js `Presence` format), shared in Redis.
 //! - [`inhouse`]: in-house queues: state in Redis (one script per transition), the deadline
 //!   watcher, the reconciler.
 //! - [`limits`], [`logsafe`]: length caps on untrusted names; untrusted text in logs.
@@ -37,6 +38,7 @@ pub mod limits;
 pub mod logsafe;
 pub mod metrics;
 pub mod phoenix;
+pub mod presence;
 pub mod rails;
 pub mod router;
 pub mod sse;
@@ -73,6 +75,8 @@ pub async fn run(
         metrics.clone(),
     ));
     let redis = RedisLink::new(&config.redis_url);
+    // Taken before the link runs, so that no connect (the first included) goes unseen.
+    let (reconciler_connects, presence_connects) = (redis.connects(), redis.connects());
     let inhouse = Arc::new(Inhouse::new(QueueStore::new(
         redis.clone(),
         config.rate_limit_max,
@@ -83,10 +87,16 @@ pub async fn run(
         config.history_size,
         config.history_ttl,
     ));
+    let presence = Arc::new(presence::Presence::new(
+        redis.clone(),
+        hub.clone(),
+        config.presence.clone(),
+    ));
     let pipeline = Arc::new(Pipeline {
         hub: hub.clone(),
         inhouse: inhouse.clone(),
         history: history.clone(),
+        presence: presence.clone(),
     });
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
 
@@ -103,7 +113,7 @@ pub async fn run(
             rails: rails.clone(),
             retry_delays: config.reconciler_retry_delays.clone(),
             interval: config.reconcile_interval,
-            redis_connected: redis.connected.clone(),
+            redis_connected: reconciler_connects,
         }
         .run(background.child_token()),
     );
@@ -112,6 +122,11 @@ pub async fn run(
         background.child_token(),
     ));
     background_tasks.spawn(metrics::upkeep(background.child_token()));
+    background_tasks.spawn(
+        presence
+            .clone()
+            .run(presence_connects, background.child_token()),
+    );
 
     let grace = config.shutdown_grace;
     let hard_stop = CancellationToken::new();
@@ -121,6 +136,7 @@ pub async fn run(
             hub: hub.clone(),
             inhouse,
             history,
+            presence: presence.clone(),
             limits: config.limits.clone(),
             metrics,
             hard_stop: hard_stop.clone(),
@@ -201,6 +217,8 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_millis(300), app.sessions.wait()).await;
     }
     stop_accepting.cancel();
+    // Every session has untracked its presence: publish those leaves before going.
+    let _ = tokio::time::timeout(Duration::from_millis(500), presence.shutdown()).await;
     background.cancel();
     background_tasks.close();
     let _ = tokio::time::timeout(Duration::from_millis(200), background_tasks.wait()).await;

@@ -34,6 +34,11 @@ pub const RECOVERIES: &str = "prostaff_recoveries_total";
 pub const SSE_STREAMS: &str = "prostaff_sse_streams";
 pub const INHOUSE_EXPIRIES: &str = "prostaff_inhouse_expiries_total";
 pub const RECONCILES: &str = "prostaff_reconcile_total";
+pub const PRESENCE_TRACKED: &str = "prostaff_presence_tracked";
+pub const PRESENCE_DIFFS: &str = "prostaff_presence_diffs_total";
+pub const PRESENCE_EXPIRED: &str = "prostaff_presence_expired_total";
+pub const PRESENCE_REFUSED: &str = "prostaff_presence_refused_total";
+pub const PRESENCE_RESYNCS: &str = "prostaff_presence_state_resyncs_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -131,6 +136,26 @@ fn describe() {
         "broadcasts given a history position, by outcome (ok, or why they went without one)"
     );
     describe_gauge!(SSE_STREAMS, "Server-Sent Events streams currently open");
+    describe_gauge!(
+        PRESENCE_TRACKED,
+        "presence metas (one per socket and topic) this instance tracks"
+    );
+    describe_counter!(
+        PRESENCE_DIFFS,
+        "presence diff batches: written (one script call per topic per interval), failed (resynced later), delivered (received from Redis and fanned out)"
+    );
+    describe_counter!(
+        PRESENCE_EXPIRED,
+        "presence metas removed because their instance stopped renewing its lease"
+    );
+    describe_counter!(
+        PRESENCE_REFUSED,
+        "sockets not shown in presence, by reason (topic_full: PRESENCE_MAX_MEMBERS reached)"
+    );
+    describe_counter!(
+        PRESENCE_RESYNCS,
+        "presence_state pushed again to a socket that lost broadcasts on a presence topic"
+    );
     describe_counter!(
         RECOVERIES,
         "joins with `since`, by outcome (recovered, not_recovered, unavailable)"

@@ -17,6 +17,7 @@ use crate::history::{self, AppendItem, History, Position};
 use crate::hub::Hub;
 use crate::inhouse::Inhouse;
 use crate::logsafe::LogSafe;
+use crate::presence::Presence;
 use crate::router;
 
 /// Where an event came from (a metric label).
@@ -43,6 +44,9 @@ pub enum Incoming {
     Envelope { raw: Bytes, channel: String },
     /// A `queue_update` that `queue.lua` published on `prostaff:inhouse:{org}`.
     QueueUpdate { org_id: String, raw: Bytes },
+    /// A `presence_diff` that the presence script published on `prostaff:presence:{topic}`:
+    /// delivered as is, without a history position (presence is state, not a stream).
+    PresenceDiff { topic: String, raw: Bytes },
 }
 
 /// One broadcast to make: the same raw bytes on each of its topics.
@@ -65,6 +69,7 @@ pub struct Pipeline {
     pub hub: Arc<Hub>,
     pub inhouse: Arc<Inhouse>,
     pub history: Arc<History>,
+    pub presence: Arc<Presence>,
 }
 
 impl Pipeline {
@@ -82,7 +87,17 @@ impl Pipeline {
     pub async fn ingest_batch(&self, batch: Vec<Incoming>, source: Source) {
         let broadcasts: Vec<Broadcast> = batch
             .into_iter()
-            .filter_map(|incoming| self.prepare(incoming, source))
+            .filter_map(|incoming| match incoming {
+                Incoming::PresenceDiff { topic, raw } => {
+                    self.presence.on_diff(&topic, &raw);
+                    let sockets = self.hub.publish_at(&topic, "presence_diff", raw, None);
+                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "delivered")
+                        .increment(1);
+                    tracing::trace!(topic = %LogSafe(&topic), sockets, "presence diff delivered");
+                    None
+                }
+                incoming => self.prepare(incoming, source),
+            })
             .collect();
         let positions = self.positions(&broadcasts, source).await;
         for (index, broadcast) in broadcasts.into_iter().enumerate() {
@@ -125,6 +140,7 @@ impl Pipeline {
                 envelope: None,
                 unrouted: false,
             }),
+            Incoming::PresenceDiff { .. } => None,
             Incoming::Envelope { raw, channel } => match envelope::decode(raw) {
                 Ok(envelope) => {
                     let route = router::route(&envelope);

@@ -1,5 +1,5 @@
-//! The Redis link: one subscriber connection (`PSUBSCRIBE prostaff:events:*` for envelopes and
-//! `prostaff:inhouse:*` for queue updates) and one command connection (PUBLISH for the HTTP
+//! The Redis link: one subscriber connection (`PSUBSCRIBE prostaff:events:*` for envelopes,
+//! `prostaff:inhouse:*` for queue updates, `prostaff:presence:*` for presence diffs) and one command connection (PUBLISH for the HTTP
 //! paths, PING for readiness, the queue scripts), managed by a single loop.
 //!
 //! The loop owns reconnection: connect both, subscribe, read until either connection ends or
@@ -18,8 +18,9 @@ use bytes::Bytes;
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::config::Config as FredConfig;
+use fred::types::scripts::Script;
 use fred::types::Builder;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Incoming, Pipeline, Source};
@@ -37,9 +38,19 @@ pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Messages handed to the pipeline at once at most (a burst is split into batches this big).
 const MAX_BATCH: usize = 256;
 
-/// A pub/sub message as the pipeline's input: queue updates by their channel, envelopes otherwise.
+/// A pub/sub message as the pipeline's input: queue updates and presence diffs by their
+/// channel, envelopes otherwise.
 fn incoming(message: fred::types::Message) -> Incoming {
     let raw = message.value.into_bytes().unwrap_or_default();
+    if let Some(topic) = message
+        .channel
+        .strip_prefix(crate::presence::CHANNEL_PREFIX)
+    {
+        return Incoming::PresenceDiff {
+            topic: topic.to_string(),
+            raw,
+        };
+    }
     match message
         .channel
         .strip_prefix(crate::inhouse::store::QUEUE_CHANNEL_PREFIX)
@@ -61,8 +72,17 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub struct RedisLink {
     url: String,
     publisher: RwLock<Option<Client>>,
-    /// Notified (one permit) after each successful connect, the first one included.
-    pub connected: Arc<Notify>,
+    /// Counts successful connects, the first one included: subscribers catch up after each.
+    connects: watch::Sender<u64>,
+}
+
+/// A script call that did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    #[error("redis is not connected")]
+    Disconnected,
+    #[error("redis script failed: {0}")]
+    Failed(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +98,34 @@ impl RedisLink {
         Arc::new(RedisLink {
             url: url.to_string(),
             publisher: RwLock::new(None),
-            connected: Arc::new(Notify::new()),
+            connects: watch::Sender::new(0),
         })
+    }
+
+    /// A receiver that sees every later connect (the first one included).
+    pub fn connects(&self) -> watch::Receiver<u64> {
+        self.connects.subscribe()
+    }
+
+    /// Runs `script` (EVALSHA, loading it on `NOSCRIPT`) within [`COMMAND_TIMEOUT`]; the script
+    /// must answer with an array of strings.
+    pub async fn eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<String>, ScriptError> {
+        let client = self.commands().ok_or(ScriptError::Disconnected)?;
+        match tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            script.evalsha_with_reload::<Vec<String>, _, _>(&client, keys, args),
+        )
+        .await
+        {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(error)) => Err(ScriptError::Failed(error.kind().to_str().to_string())),
+            Err(_) => Err(ScriptError::Failed("timeout".into())),
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -212,7 +258,11 @@ impl RedisLink {
             let sub_task = subscriber.init().await?;
             let cmd_task = commands.init().await?;
             subscriber
-                .psubscribe(vec![CHANNEL_PATTERN, QUEUE_CHANNEL_PATTERN])
+                .psubscribe(vec![
+                    CHANNEL_PATTERN,
+                    QUEUE_CHANNEL_PATTERN,
+                    crate::presence::CHANNEL_PATTERN,
+                ])
                 .await?;
             Ok::<_, fred::error::Error>((sub_task, cmd_task))
         };
@@ -241,7 +291,7 @@ impl RedisLink {
             );
         }
         // Every connect, the first included: a hub that booted without Redis reconciles too.
-        self.connected.notify_one();
+        self.connects.send_modify(|count| *count += 1);
         *ever_connected = true;
 
         let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);

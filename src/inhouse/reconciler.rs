@@ -11,7 +11,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -46,8 +45,8 @@ pub struct Reconciler {
     pub rails: RailsClient,
     pub retry_delays: Vec<Duration>,
     pub interval: Option<Duration>,
-    /// Notified by the Redis link after each successful connect.
-    pub redis_connected: Arc<Notify>,
+    /// Changes after each successful Redis connect.
+    pub redis_connected: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Reconciler {
@@ -100,7 +99,7 @@ impl Reconciler {
     }
 
     /// Startup reconcile with retries, then periodic and connect-triggered runs.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut delays = self.retry_delays.iter();
         loop {
             match self.reconcile_once().await {
@@ -129,7 +128,10 @@ impl Reconciler {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick(), if self.interval.is_some() => {}
-                _ = self.redis_connected.notified() => {
+                changed = self.redis_connected.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
                     tracing::info!("redis connected; reconciling queues");
                 }
             }

@@ -23,7 +23,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{EntrySummary, QueueError, QueueSpec, QueueStatus};
-use crate::ingest::redis::RedisLink;
+use crate::ingest::redis::{RedisLink, ScriptError};
 
 /// Channel prefix of `queue_update` messages (`prostaff:inhouse:{org_id}`).
 pub const QUEUE_CHANNEL_PREFIX: &str = "prostaff:inhouse:";
@@ -178,23 +178,17 @@ impl QueueStore {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
-        let client = self.client()?;
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            crate::ingest::redis::COMMAND_TIMEOUT,
-            script.evalsha_with_reload::<Vec<String>, _, _>(&client, keys, args),
-        )
-        .await;
+        let result = self.redis.eval(script, keys, args).await;
         metrics::histogram!(crate::metrics::INHOUSE_SCRIPT_SECONDS, "op" => label)
             .record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(values)) => Ok(values),
-            Ok(Err(error)) => {
-                tracing::warn!(op = label, error = %error.kind().to_str(), "queue script failed");
-                Err(StoreError::Failed(error.kind().to_str().to_string()))
+        result.map_err(|error| match error {
+            ScriptError::Disconnected => StoreError::Disconnected,
+            ScriptError::Failed(reason) => {
+                tracing::warn!(op = label, error = %reason, "queue script failed");
+                StoreError::Failed(reason)
             }
-            Err(_) => Err(StoreError::Failed("timeout".into())),
-        }
+        })
     }
 
     async fn queue_op(

@@ -28,6 +28,7 @@ use crate::inhouse::Inhouse;
 use crate::limits::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES};
 use crate::logsafe::LogSafe;
 use crate::metrics::{self as m, Metrics};
+use crate::presence::Presence;
 
 /// WebSocket close codes used by the hub. Never 1000: phoenix.js 1.8.0–1.8.15 does not
 /// reconnect after it.
@@ -45,6 +46,7 @@ pub struct SessionDeps {
     pub hub: Arc<Hub>,
     pub inhouse: Arc<Inhouse>,
     pub history: Arc<History>,
+    pub presence: Arc<Presence>,
     pub limits: Limits,
     pub metrics: Metrics,
     /// Cancelled at the end of the shutdown grace period: a session stuck in a write gives up
@@ -58,6 +60,9 @@ struct Joined {
     /// The last position this channel has seen: broadcasts at or before it (same epoch) are not
     /// sent again (recovery overlap, a re-published event).
     seen: Option<Position>,
+    /// Present on a presence topic: whether this channel gets `presence_state`, and the
+    /// socket's own `phx_ref` there when its identity is tracked.
+    presence: Option<Option<String>>,
 }
 
 /// Why the session ended (metric label) and the close frame to send, if any.
@@ -251,6 +256,9 @@ impl Session {
     fn finish(self, reason: &'static str) {
         for (topic, joined) in &self.channels {
             self.deps.hub.unsubscribe(topic, self.id);
+            if let Some(Some(phx_ref)) = &joined.presence {
+                self.deps.presence.untrack(topic, phx_ref);
+            }
             metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label()).decrement(1.0);
         }
         self.deps.hub.unregister_socket(self.id);
@@ -461,14 +469,23 @@ impl Session {
         let (seen, missed) = self
             .join_history(topic, since.as_ref(), &mut response)
             .await;
+        let presence = self
+            .deps
+            .presence
+            .covers(&family)
+            .then(|| self.deps.presence.track(topic, &self.auth.identity));
         let previous = self.channels.insert(
             topic.to_string(),
             Joined {
                 join_ref: join_ref.map(str::to_string),
                 family,
                 seen,
+                presence: presence.clone(),
             },
         );
+        if let Some(Some(phx_ref)) = previous.as_ref().and_then(|p| p.presence.as_ref()) {
+            self.deps.presence.untrack(topic, phx_ref);
+        }
         metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "ok").increment(1);
         self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &response);
         // The missed broadcasts follow the reply, before any live one.
@@ -482,11 +499,28 @@ impl Session {
             );
             self.pending.push(Message::Text(frame.text(self.vsn)));
         }
+        if presence.is_some() {
+            // After the reply, like Phoenix's `after_join`; diffs already on their way are
+            // buffered by phoenix.js until this state arrives, and re-applying them is harmless.
+            self.push_presence_state(join_ref, topic).await;
+        }
         tracing::debug!(socket = self.id, topic = %LogSafe(topic), "joined");
         if let Some(previous) = previous {
             // Duplicate join: the old channel is closed after the new join's reply.
             self.push_close(previous.join_ref.as_deref(), topic);
         }
+    }
+
+    async fn push_presence_state(&mut self, join_ref: Option<&str>, topic: &str) {
+        let state = self.deps.presence.state(topic).await;
+        self.pending.push(Message::Text(codec::encode_message(
+            self.vsn,
+            join_ref,
+            None,
+            topic,
+            "presence_state",
+            &state,
+        )));
     }
 
     /// Adds `position` (and, with `since`, `recovered`) to a join response; returns the
@@ -535,6 +569,9 @@ impl Session {
             Some(joined) if join_ref.is_none() || join_ref == joined.join_ref.as_deref() => {
                 let joined = self.channels.remove(topic).expect("present");
                 self.deps.hub.unsubscribe(topic, self.id);
+                if let Some(Some(phx_ref)) = &joined.presence {
+                    self.deps.presence.untrack(topic, phx_ref);
+                }
                 metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label())
                     .decrement(1.0);
                 let channel_ref = joined.join_ref.as_deref();
@@ -614,7 +651,15 @@ impl Session {
     {
         self.outbox.drain(256, drained);
         let mut messages = std::mem::take(&mut self.pending);
+        let mut resync: Vec<(Arc<str>, Option<String>)> = Vec::new();
         for (topic, count) in drained.dropped.drain(..) {
+            if let Some(joined) = self.channels.get(&*topic) {
+                if joined.presence.is_some() {
+                    // A lost `presence_diff` would leave the client's list wrong for good: send
+                    // the whole state again after what is queued (phoenix.js re-syncs on it).
+                    resync.push((topic.clone(), joined.join_ref.clone()));
+                }
+            }
             let payload = format!("{{\"count\":{count}}}");
             messages.push(Message::Text(codec::encode_message(
                 self.vsn,
@@ -651,6 +696,11 @@ impl Session {
             messages.push(Message::Text(frame.text(self.vsn)));
         }
         drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
+        for (topic, join_ref) in resync {
+            metrics::counter!(m::PRESENCE_RESYNCS).increment(1);
+            self.push_presence_state(join_ref.as_deref(), &topic).await;
+            messages.append(&mut self.pending);
+        }
         if !messages.is_empty() {
             self.write_all(socket, messages).await?;
         }

@@ -436,6 +436,20 @@ pub struct Phx {
     next_ref: u64,
     /// Frames read while waiting for something else.
     pub backlog: Vec<Value>,
+    /// When false (the default), `presence_state` and `presence_diff` frames are set aside in
+    /// `presence_frames` instead of being returned: tests about other behaviours read exact
+    /// frame sequences on topics that have presence.
+    pub presence: bool,
+    pub presence_frames: Vec<Value>,
+}
+
+/// The event name of a V2 (array) or V1 (object) frame.
+pub fn frame_event(frame: &Value) -> &str {
+    frame
+        .get(3)
+        .or_else(|| frame.get("event"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
 }
 
 impl Phx {
@@ -455,6 +469,8 @@ impl Phx {
             ws,
             next_ref: 0,
             backlog: Vec::new(),
+            presence: false,
+            presence_frames: Vec::new(),
         }
     }
 
@@ -485,7 +501,16 @@ impl Phx {
     async fn recv_socket(&mut self) -> Value {
         loop {
             match tokio::time::timeout(TIMEOUT, self.ws.next()).await {
-                Ok(Some(Ok(Message::Text(text)))) => return serde_json::from_str(&text).unwrap(),
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    if !self.presence
+                        && matches!(frame_event(&frame), "presence_state" | "presence_diff")
+                    {
+                        self.presence_frames.push(frame);
+                        continue;
+                    }
+                    return frame;
+                }
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
             }

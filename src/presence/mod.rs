@@ -1,0 +1,959 @@
+//! Presence: who is online on a topic, in the Phoenix wire format, shared by every instance
+//! through Redis.
+//!
+//! Each instance tracks its own sockets' metas locally and, every [`DIFF_INTERVAL`], writes the
+//! changes of each topic to Redis in one script call (`topic.lua`), which `PUBLISH`es **one**
+//! `presence_diff` per topic on `prostaff:presence:{topic}`. Every instance (this one included)
+//! delivers that diff to its own subscribers of the topic, so a storm of joins costs
+//! O(topics × instances) messages per interval, not one per socket.
+//!
+//! Liveness is per instance, not per entry: each instance keeps a lease in `pr:{i}:live`
+//! (refreshed every third of `PRESENCE_TTL_MS`) and a set of the topics it has members on. Every
+//! instance looks for expired leases every [`SWEEP_INTERVAL`]; the one that claims a dead
+//! instance removes its entries topic by topic (each removal publishes the `leaves`), so a
+//! crashed hub's members leave everywhere within the TTL plus about half a second, and steady
+//! state costs a few Redis calls per second per instance however many sockets are present.
+//!
+//! Entries are stamped with Redis's time when written; a sweep removes only entries written
+//! before its claim, so an instance that was presumed dead (a partition longer than the TTL) and
+//! re-announces itself (it resyncs every topic when its lease shows it was swept, and after every
+//! Redis reconnect) cannot lose its members to a sweep still in progress.
+//!
+//! Invariant: the hub's sockets never wait for Redis here except for the `presence_state` read
+//! at join; tracking and untracking are in-memory and O(1).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fred::interfaces::SetsInterface;
+use fred::types::scripts::Script;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Identity;
+use crate::channels::TopicFamily;
+use crate::hub::Hub;
+use crate::ingest::redis::{RedisLink, ScriptError, COMMAND_TIMEOUT};
+use crate::logsafe::LogSafe;
+
+/// Diffs of one topic are gathered this long on each instance before one is published.
+pub const DIFF_INTERVAL: Duration = Duration::from_millis(200);
+/// How often every instance looks for instances whose lease expired.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// A claim on a dead instance that was not finished within this long is taken over.
+const STALE_CLAIM: Duration = Duration::from_secs(10);
+/// Channel prefix of `presence_diff` messages (`prostaff:presence:{topic}`).
+pub const CHANNEL_PREFIX: &str = "prostaff:presence:";
+pub const CHANNEL_PATTERN: &str = "prostaff:presence:*";
+/// Topics flushed concurrently at most.
+const FLUSH_CONCURRENCY: usize = 32;
+
+const LIVE_KEY: &str = "pr:{i}:live";
+const CLAIMS_KEY: &str = "pr:{i}:claims";
+
+const TOPIC_SCRIPT: &str = include_str!("topic.lua");
+
+/// Renews this instance's lease; returns "1" when it had been claimed as dead or swept (or never
+/// existed) and everything it tracks must be announced again. Clears such a claim: a sweep still
+/// running removes only entries written before it, and the resync rewrites every entry.
+const HEARTBEAT_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local swept = '0'
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 1 or not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  swept = '1'
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {swept}
+"#;
+
+/// Claims instances whose lease expired (or whose claim went stale): returns pairs
+/// (instance, claimed_at ms).
+const FIND_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for _, inst in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 10)) do
+  local claimed = redis.call('HGET', KEYS[2], inst)
+  if not claimed or now - tonumber(claimed) > tonumber(ARGV[1]) then
+    redis.call('HSET', KEYS[2], inst, now)
+    out[#out + 1] = inst
+    out[#out + 1] = tostring(now)
+  end
+end
+return out
+"#;
+
+/// Ends a claim; forgets the instance unless it renewed its lease since the claim.
+const BURY_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[3])
+  return {'1'}
+end
+return {'0'}
+"#;
+
+/// Ends this instance's lease now (clean shutdown): the next sweep by any instance removes
+/// whatever it could not withdraw itself, and forgets it.
+const WITHDRAW_SCRIPT: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
+return {'1'}
+"#;
+
+fn topic_key(topic: &str) -> String {
+    format!("pr:{{{topic}}}:h")
+}
+
+fn topics_key(instance: &str) -> String {
+    format!("pr:{{i}}:t:{instance}")
+}
+
+fn channel(topic: &str) -> String {
+    format!("{CHANNEL_PREFIX}{topic}")
+}
+
+/// The Presence key of an identity (`user:{id}`, `player:{id}`); internal services are not
+/// tracked.
+pub fn presence_key(identity: &Identity) -> Option<String> {
+    match identity {
+        Identity::User { user_id, .. } => Some(format!("user:{user_id}")),
+        Identity::Player { player_id, .. } => Some(format!("player:{player_id}")),
+        Identity::Internal => None,
+    }
+}
+
+/// One tracked socket on a topic: the key (as JSON) and the meta (as JSON).
+#[derive(Debug, Clone)]
+struct Member {
+    key: Box<str>,
+    meta: Box<str>,
+}
+
+#[derive(Debug, Default)]
+struct LocalTopic {
+    members: HashMap<Box<str>, Member>,
+    /// Refs tracked since the last flush.
+    joins: Vec<Box<str>>,
+    /// Refs untracked since the last flush (that had been flushed as joins, or may have been).
+    leaves: Vec<Box<str>>,
+    /// Send everything this instance tracks here instead of the changes (after a failure, a
+    /// reconnect, or a sweep of this instance).
+    resync: bool,
+}
+
+impl LocalTopic {
+    fn dirty(&self) -> bool {
+        self.resync || !self.joins.is_empty() || !self.leaves.is_empty()
+    }
+}
+
+/// What one flush sends for one topic.
+enum Batch {
+    Changes {
+        leaves: Vec<Box<str>>,
+        joins: Vec<(Box<str>, Member)>,
+    },
+    Sync(Vec<(Box<str>, Member)>),
+}
+
+/// One topic's presence as this instance knows it: a snapshot read once from Redis, then every
+/// diff in the order Redis published them (diffs that arrive during the read are buffered and
+/// applied after it; joins and leaves are idempotent by `phx_ref`, so overlap is harmless).
+#[derive(Debug)]
+struct Mirror {
+    /// `None` while the snapshot is being read.
+    members: Option<HashMap<Box<str>, Member>>,
+    buffered: Vec<Bytes>,
+    loaded: Arc<tokio::sync::Notify>,
+}
+
+#[derive(serde::Deserialize)]
+struct Diff<'a> {
+    #[serde(borrow)]
+    joins: HashMap<String, Metas<'a>>,
+    #[serde(borrow)]
+    leaves: HashMap<String, Metas<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Metas<'a> {
+    #[serde(borrow)]
+    metas: Vec<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct MetaRef {
+    phx_ref: String,
+}
+
+/// Applies a published diff to a member map; `false` when it does not parse.
+fn apply_diff(members: &mut HashMap<Box<str>, Member>, raw: &[u8]) -> bool {
+    let Ok(diff) = serde_json::from_slice::<Diff>(raw) else {
+        return false;
+    };
+    for metas in diff.leaves.values() {
+        for meta in &metas.metas {
+            if let Ok(meta) = serde_json::from_str::<MetaRef>(meta.get()) {
+                members.remove(meta.phx_ref.as_str());
+            }
+        }
+    }
+    for (key, metas) in &diff.joins {
+        let key: Box<str> = serde_json::to_string(key)
+            .expect("a string serializes")
+            .into();
+        for meta in &metas.metas {
+            if let Ok(meta_ref) = serde_json::from_str::<MetaRef>(meta.get()) {
+                members.insert(
+                    meta_ref.phx_ref.into(),
+                    Member {
+                        key: key.clone(),
+                        meta: meta.get().into(),
+                    },
+                );
+            }
+        }
+    }
+    true
+}
+
+/// Parses the `state` op's flat `ref, value, …` list into a member map.
+fn parse_stored(flat: &[String]) -> HashMap<Box<str>, Member> {
+    let mut members = HashMap::with_capacity(flat.len() / 2);
+    for pair in flat.chunks_exact(2) {
+        let Some((_, rest)) = pair[1].split_once('|') else {
+            continue;
+        };
+        let Some((key, meta)) = rest.split_once('\n') else {
+            continue;
+        };
+        members.insert(
+            pair[0].as_str().into(),
+            Member {
+                key: key.into(),
+                meta: meta.into(),
+            },
+        );
+    }
+    members
+}
+
+/// Presence settings.
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// Topic families with presence (labels: `inhouse`, `org_events`, …); empty turns it off.
+    pub families: Vec<String>,
+    pub ttl: Duration,
+    /// Metas (sockets) tracked per topic at most, across instances.
+    pub max_members: usize,
+}
+
+/// This instance's presence tracker.
+pub struct Presence {
+    redis: Arc<RedisLink>,
+    config: PresenceConfig,
+    instance: String,
+    next_ref: AtomicU64,
+    topics: Mutex<HashMap<Arc<str>, LocalTopic>>,
+    /// Every instance's members of the topics this instance has subscribers on, kept current
+    /// by the diffs every instance receives: joins read `presence_state` here, not in Redis.
+    mirrors: Mutex<HashMap<Arc<str>, Mirror>>,
+    hub: Arc<Hub>,
+    /// One flush at a time (the loop's and the final one at shutdown), so a topic's changes
+    /// reach Redis in the order they were made.
+    flushing: tokio::sync::Mutex<()>,
+    topic_script: Script,
+    heartbeat_script: Script,
+    find_script: Script,
+    bury_script: Script,
+    withdraw_script: Script,
+}
+
+impl Presence {
+    pub fn new(redis: Arc<RedisLink>, hub: Arc<Hub>, config: PresenceConfig) -> Self {
+        Presence {
+            redis,
+            config,
+            // Random per process: a restarted hub is a new instance, and its old one is swept.
+            instance: format!("{:012x}", fastrand::u64(..) >> 16),
+            next_ref: AtomicU64::new(1),
+            topics: Mutex::new(HashMap::new()),
+            mirrors: Mutex::new(HashMap::new()),
+            hub,
+            flushing: tokio::sync::Mutex::new(()),
+            topic_script: Script::from_lua(TOPIC_SCRIPT),
+            heartbeat_script: Script::from_lua(HEARTBEAT_SCRIPT),
+            find_script: Script::from_lua(FIND_SCRIPT),
+            bury_script: Script::from_lua(BURY_SCRIPT),
+            withdraw_script: Script::from_lua(WITHDRAW_SCRIPT),
+        }
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether joins of this family get presence.
+    pub fn covers(&self, family: &TopicFamily) -> bool {
+        self.config
+            .families
+            .iter()
+            .any(|label| label == family.label())
+    }
+
+    /// Tracks a socket on `topic`; returns its `phx_ref`, or `None` for an untracked identity.
+    pub fn track(&self, topic: &str, identity: &Identity) -> Option<String> {
+        let key = presence_key(identity)?;
+        let phx_ref = format!(
+            "{}-{:x}",
+            self.instance,
+            self.next_ref.fetch_add(1, Ordering::Relaxed)
+        );
+        let online_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let meta = serde_json::json!({
+            "phx_ref": phx_ref,
+            "online_at": online_at,
+            "kind": identity.kind(),
+        });
+        let member = Member {
+            key: serde_json::to_string(&key)
+                .expect("a string serializes")
+                .into(),
+            meta: meta.to_string().into(),
+        };
+        let mut topics = self.topics.lock().expect("presence lock");
+        let local = match topics.get_mut(topic) {
+            Some(local) => local,
+            None => topics.entry(Arc::from(topic)).or_default(),
+        };
+        let ref_key: Box<str> = phx_ref.as_str().into();
+        local.members.insert(ref_key.clone(), member);
+        local.joins.push(ref_key);
+        metrics::gauge!(crate::metrics::PRESENCE_TRACKED).increment(1.0);
+        Some(phx_ref)
+    }
+
+    /// Stops tracking `phx_ref` on `topic` (leave, duplicate join, socket closed).
+    pub fn untrack(&self, topic: &str, phx_ref: &str) {
+        let mut topics = self.topics.lock().expect("presence lock");
+        let Some(local) = topics.get_mut(topic) else {
+            return;
+        };
+        if local.members.remove(phx_ref).is_none() {
+            return;
+        }
+        metrics::gauge!(crate::metrics::PRESENCE_TRACKED).decrement(1.0);
+        if let Some(index) = local.joins.iter().position(|r| &**r == phx_ref) {
+            // Never announced: nobody needs to hear it left.
+            local.joins.swap_remove(index);
+        } else {
+            local.leaves.push(phx_ref.into());
+        }
+    }
+
+    /// The `presence_state` payload for `topic`: the mirror (read from Redis on first use),
+    /// with this instance's own changes not flushed yet applied on top. When Redis cannot
+    /// answer, this instance's own members.
+    pub async fn state(&self, topic: &str) -> Bytes {
+        let mut entries = self.mirrored(topic).await.unwrap_or_default();
+        {
+            let topics = self.topics.lock().expect("presence lock");
+            if let Some(local) = topics.get(topic) {
+                // Our own view of our own members is ahead of the mirror by one flush.
+                entries.retain(|phx_ref, _| {
+                    !phx_ref.starts_with(&self.instance) || local.members.contains_key(&**phx_ref)
+                });
+                for (phx_ref, member) in &local.members {
+                    if !entries.contains_key(phx_ref) {
+                        entries.insert(phx_ref.clone(), member.clone());
+                    }
+                }
+            }
+        }
+        Bytes::from(encode_state(entries.values()))
+    }
+
+    /// A copy of the topic's mirror, loading it first if needed; `None` when Redis cannot
+    /// answer.
+    async fn mirrored(&self, topic: &str) -> Option<HashMap<Box<str>, Member>> {
+        loop {
+            let loaded = {
+                let mut mirrors = self.mirrors.lock().expect("mirror lock");
+                match mirrors.get(topic) {
+                    Some(Mirror {
+                        members: Some(members),
+                        ..
+                    }) => return Some(members.clone()),
+                    Some(mirror) => Some(mirror.loaded.clone()),
+                    None => {
+                        mirrors.insert(
+                            Arc::from(topic),
+                            Mirror {
+                                members: None,
+                                buffered: Vec::new(),
+                                loaded: Arc::default(),
+                            },
+                        );
+                        None
+                    }
+                }
+            };
+            match loaded {
+                // Someone else is reading the snapshot: wait for it (bounded), then look again.
+                Some(loaded) => {
+                    let notified = loaded.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if self.is_loading(topic) {
+                        let _ = tokio::time::timeout(COMMAND_TIMEOUT, notified).await;
+                    }
+                    if self.is_loading(topic) {
+                        return None;
+                    }
+                }
+                None => return self.load(topic).await,
+            }
+        }
+    }
+
+    fn is_loading(&self, topic: &str) -> bool {
+        self.mirrors
+            .lock()
+            .expect("mirror lock")
+            .get(topic)
+            .is_some_and(|mirror| mirror.members.is_none())
+    }
+
+    async fn load(&self, topic: &str) -> Option<HashMap<Box<str>, Member>> {
+        let stored = self
+            .redis
+            .eval(
+                &self.topic_script,
+                vec![topic_key(topic)],
+                vec!["state".into(), channel(topic)],
+            )
+            .await;
+        let mut mirrors = self.mirrors.lock().expect("mirror lock");
+        // Gone when a reconnect cleared the mirrors meanwhile: the caller tries again later.
+        let mirror = mirrors.get_mut(topic)?;
+        let loaded = mirror.loaded.clone();
+        let result = match stored {
+            Ok(flat) => {
+                let mut members = parse_stored(&flat);
+                for diff in mirror.buffered.drain(..) {
+                    apply_diff(&mut members, &diff);
+                }
+                mirror.members = Some(members.clone());
+                Some(members)
+            }
+            Err(error) => {
+                tracing::warn!(topic = %LogSafe(topic), %error, "presence state unavailable");
+                mirrors.remove(topic);
+                None
+            }
+        };
+        loaded.notify_waiters();
+        result
+    }
+
+    /// A diff published on `prostaff:presence:{topic}`: applied to the mirror (before the hub
+    /// delivers it, so a socket joining meanwhile finds it in the state or gets the diff).
+    pub fn on_diff(&self, topic: &str, raw: &Bytes) {
+        let mut mirrors = self.mirrors.lock().expect("mirror lock");
+        let Some(mirror) = mirrors.get_mut(topic) else {
+            return;
+        };
+        match &mut mirror.members {
+            None => mirror.buffered.push(raw.clone()),
+            Some(members) => {
+                if !apply_diff(members, raw) {
+                    tracing::warn!(topic = %LogSafe(topic), "undecodable presence diff");
+                }
+            }
+        }
+    }
+
+    /// Forgets the mirrors of topics nobody on this instance listens to any more.
+    fn evict_mirrors(&self) {
+        self.mirrors
+            .lock()
+            .expect("mirror lock")
+            .retain(|topic, mirror| mirror.members.is_none() || self.hub.has_subscribers(topic));
+    }
+
+    /// After Redis came back: the diffs of the outage are lost, so every mirror is read again
+    /// and every local subscriber gets a fresh `presence_state` (phoenix.js re-syncs on it).
+    async fn refresh_mirrors(&self) {
+        let topics: Vec<Arc<str>> = {
+            let mut mirrors = self.mirrors.lock().expect("mirror lock");
+            let topics = mirrors.keys().cloned().collect();
+            mirrors.clear();
+            topics
+        };
+        for topic in topics {
+            if !self.hub.has_subscribers(&topic) {
+                continue;
+            }
+            let state = self.state(&topic).await;
+            self.hub.publish_at(&topic, "presence_state", state, None);
+        }
+    }
+
+    /// Runs the flushes, the lease and the sweeps until `shutdown`; then withdraws this
+    /// instance (after the sessions have untracked everything, see [`Presence::shutdown`]).
+    pub async fn run(
+        self: Arc<Self>,
+        mut connected: watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        if self.config.families.is_empty() {
+            return;
+        }
+        let mut flush = tokio::time::interval(DIFF_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat =
+            tokio::time::interval((self.config.ttl / 3).max(Duration::from_millis(100)));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = flush.tick() => {
+                    self.flush().await;
+                    self.evict_mirrors();
+                }
+                _ = heartbeat.tick() => self.heartbeat().await,
+                _ = sweep.tick() => self.sweep().await,
+                changed = connected.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Whatever happened while Redis was away (it may even be a new, empty
+                    // Redis), announce everything again.
+                    self.resync_all();
+                    self.heartbeat().await;
+                    self.flush().await;
+                    self.refresh_mirrors().await;
+                }
+            }
+        }
+    }
+
+    /// At shutdown, after the sessions ended: publishes their leaves and ends the lease (any
+    /// instance then sweeps what could not be published).
+    pub async fn shutdown(&self) {
+        if self.config.families.is_empty() {
+            return;
+        }
+        self.flush().await;
+        let _ = self
+            .redis
+            .eval(
+                &self.withdraw_script,
+                vec![LIVE_KEY.into()],
+                vec![self.instance.clone()],
+            )
+            .await;
+    }
+
+    fn resync_all(&self) {
+        let mut topics = self.topics.lock().expect("presence lock");
+        for local in topics.values_mut() {
+            local.resync = true;
+        }
+    }
+
+    async fn heartbeat(&self) {
+        let result = self
+            .redis
+            .eval(
+                &self.heartbeat_script,
+                vec![LIVE_KEY.into(), CLAIMS_KEY.into()],
+                vec![
+                    self.instance.clone(),
+                    self.config.ttl.as_millis().to_string(),
+                ],
+            )
+            .await;
+        if let Ok(reply) = result {
+            if reply.first().map(String::as_str) == Some("1") {
+                let swept = self.topics.lock().expect("presence lock").len();
+                if swept > 0 {
+                    tracing::warn!(
+                        topics = swept,
+                        "this instance's presence lease had lapsed; announcing its members again"
+                    );
+                }
+                self.resync_all();
+            }
+        }
+    }
+
+    /// Writes each changed topic's joins and leaves (or its full list) in one script call.
+    pub async fn flush(&self) {
+        let _one_at_a_time = self.flushing.lock().await;
+        let batches: Vec<(Arc<str>, Batch)> = {
+            let mut topics = self.topics.lock().expect("presence lock");
+            let mut batches = Vec::new();
+            topics.retain(|topic, local| {
+                if local.dirty() {
+                    let batch = if std::mem::take(&mut local.resync) {
+                        local.joins.clear();
+                        local.leaves.clear();
+                        Batch::Sync(
+                            local
+                                .members
+                                .iter()
+                                .map(|(r, m)| (r.clone(), m.clone()))
+                                .collect(),
+                        )
+                    } else {
+                        let joins = std::mem::take(&mut local.joins)
+                            .into_iter()
+                            .filter_map(|r| local.members.get(&r).cloned().map(|m| (r, m)))
+                            .collect();
+                        Batch::Changes {
+                            leaves: std::mem::take(&mut local.leaves),
+                            joins,
+                        }
+                    };
+                    batches.push((topic.clone(), batch));
+                    true
+                } else {
+                    // Nothing tracked and nothing to tell: forget the topic.
+                    !local.members.is_empty()
+                }
+            });
+            batches
+        };
+        if batches.is_empty() {
+            return;
+        }
+        let Some(client) = self.redis.commands() else {
+            self.failed(batches.into_iter().map(|(topic, _)| topic));
+            return;
+        };
+        // The topics this instance has members on, before any entry is written there: a sweep
+        // of this instance must find every topic it touched.
+        let announced: Vec<String> = batches
+            .iter()
+            .filter(|(_, batch)| match batch {
+                Batch::Changes { joins, .. } => !joins.is_empty(),
+                Batch::Sync(members) => !members.is_empty(),
+            })
+            .map(|(topic, _)| topic.to_string())
+            .collect();
+        if !announced.is_empty() {
+            let added = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                client.sadd::<i64, _, _>(topics_key(&self.instance), announced),
+            )
+            .await;
+            if !matches!(added, Ok(Ok(_))) {
+                self.failed(batches.into_iter().map(|(topic, _)| topic));
+                return;
+            }
+        }
+        use futures_util::StreamExt;
+        let results =
+            futures_util::stream::iter(batches.into_iter().map(|(topic, batch)| async move {
+                let result = self.write(&topic, batch).await;
+                (topic, result)
+            }))
+            .buffer_unordered(FLUSH_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut failed = Vec::new();
+        for (topic, result) in results {
+            match result {
+                Ok(refused) => {
+                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "written")
+                        .increment(1);
+                    self.refuse(&topic, &refused);
+                }
+                Err(error) => {
+                    tracing::warn!(topic = %LogSafe(&topic), %error, "presence flush failed; will resync");
+                    failed.push(topic);
+                }
+            }
+        }
+        self.failed(failed.into_iter());
+    }
+
+    async fn write(&self, topic: &str, batch: Batch) -> Result<Vec<String>, ScriptError> {
+        let cap = self.config.max_members.to_string();
+        let args = match batch {
+            Batch::Changes { leaves, joins } => {
+                let mut args = Vec::with_capacity(4 + leaves.len() + 3 * joins.len());
+                args.extend(["flush".to_string(), channel(topic), cap]);
+                args.push(leaves.len().to_string());
+                args.extend(leaves.into_iter().map(String::from));
+                push_members(&mut args, joins);
+                args
+            }
+            Batch::Sync(members) => {
+                let mut args = Vec::with_capacity(4 + 3 * members.len());
+                args.extend(["sync".to_string(), channel(topic), cap]);
+                args.push(self.instance.clone());
+                push_members(&mut args, members);
+                args
+            }
+        };
+        self.redis
+            .eval(&self.topic_script, vec![topic_key(topic)], args)
+            .await
+    }
+
+    /// Members refused by the per-topic cap stay joined to the channel but are not shown.
+    fn refuse(&self, topic: &str, refused: &[String]) {
+        if refused.is_empty() {
+            return;
+        }
+        metrics::counter!(crate::metrics::PRESENCE_REFUSED, "reason" => "topic_full")
+            .increment(refused.len() as u64);
+        tracing::warn!(topic = %LogSafe(topic), refused = refused.len(), cap = self.config.max_members, "presence cap reached; members not shown");
+        let mut topics = self.topics.lock().expect("presence lock");
+        if let Some(local) = topics.get_mut(topic) {
+            for phx_ref in refused {
+                if local.members.remove(phx_ref.as_str()).is_some() {
+                    metrics::gauge!(crate::metrics::PRESENCE_TRACKED).decrement(1.0);
+                }
+            }
+        }
+    }
+
+    fn failed(&self, topics: impl Iterator<Item = Arc<str>>) {
+        let mut local = self.topics.lock().expect("presence lock");
+        for topic in topics {
+            metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "failed").increment(1);
+            if let Some(local) = local.get_mut(&topic) {
+                local.resync = true;
+            }
+        }
+    }
+
+    /// Claims instances whose lease expired and removes their members, topic by topic.
+    async fn sweep(&self) {
+        let Ok(found) = self
+            .redis
+            .eval(
+                &self.find_script,
+                vec![LIVE_KEY.into(), CLAIMS_KEY.into()],
+                vec![STALE_CLAIM.as_millis().to_string()],
+            )
+            .await
+        else {
+            return;
+        };
+        for pair in found.chunks_exact(2) {
+            let (dead, claimed_at) = (&pair[0], &pair[1]);
+            if *dead == self.instance {
+                // Our own lease lapsed (Redis was away): the next heartbeat clears the claim and
+                // announces everything again.
+                continue;
+            }
+            let Some(client) = self.redis.commands() else {
+                return;
+            };
+            let topics: Vec<String> = match tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                client.smembers::<Vec<String>, _>(topics_key(dead)),
+            )
+            .await
+            {
+                Ok(Ok(topics)) => topics,
+                _ => return,
+            };
+            let mut gone = 0u64;
+            for topic in &topics {
+                match self
+                    .redis
+                    .eval(
+                        &self.topic_script,
+                        vec![topic_key(topic)],
+                        vec![
+                            "sweep".into(),
+                            channel(topic),
+                            dead.clone(),
+                            claimed_at.clone(),
+                        ],
+                    )
+                    .await
+                {
+                    Ok(reply) => {
+                        gone += reply.first().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    }
+                    // The claim goes stale and is taken over later.
+                    Err(_) => return,
+                }
+            }
+            let _ = self
+                .redis
+                .eval(
+                    &self.bury_script,
+                    vec![LIVE_KEY.into(), CLAIMS_KEY.into(), topics_key(dead)],
+                    vec![dead.clone(), claimed_at.clone()],
+                )
+                .await;
+            metrics::counter!(crate::metrics::PRESENCE_EXPIRED).increment(gone);
+            tracing::info!(
+                instance = %LogSafe(dead),
+                topics = topics.len(),
+                members = gone,
+                "presence of an expired instance removed"
+            );
+        }
+    }
+}
+
+fn push_members(args: &mut Vec<String>, members: Vec<(Box<str>, Member)>) {
+    for (phx_ref, member) in members {
+        args.push(phx_ref.into());
+        args.push(member.key.into());
+        args.push(member.meta.into());
+    }
+}
+
+/// `{key: {"metas": [meta, …]}, …}` from members whose keys and metas are already JSON.
+fn encode_state<'a>(members: impl Iterator<Item = &'a Member>) -> String {
+    let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut count = 0;
+    for member in members {
+        count += 1;
+        match index.get(&*member.key) {
+            Some(&i) => by_key[i].1.push(&member.meta),
+            None => {
+                index.insert(&member.key, by_key.len());
+                by_key.push((&member.key, vec![&member.meta]));
+            }
+        }
+    }
+    let mut out = String::with_capacity(2 + count * 96);
+    out.push('{');
+    for (i, (key, metas)) in by_key.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push_str(":{\"metas\":[");
+        out.push_str(&metas.join(","));
+        out.push_str("]}");
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(key: &str, meta: &str) -> Member {
+        Member {
+            key: serde_json::to_string(key).unwrap().into(),
+            meta: meta.into(),
+        }
+    }
+
+    #[test]
+    fn state_groups_metas_by_key() {
+        let entries = [
+            ("a-1".to_string(), member("user:1", r#"{"phx_ref":"a-1"}"#)),
+            (
+                "b-1".to_string(),
+                member("player:2", r#"{"phx_ref":"b-1"}"#),
+            ),
+            ("a-2".to_string(), member("user:1", r#"{"phx_ref":"a-2"}"#)),
+        ];
+        let state: serde_json::Value =
+            serde_json::from_str(&encode_state(entries.iter().map(|(_, m)| m))).unwrap();
+        assert_eq!(
+            state,
+            serde_json::json!({
+                "user:1": {"metas": [{"phx_ref": "a-1"}, {"phx_ref": "a-2"}]},
+                "player:2": {"metas": [{"phx_ref": "b-1"}]},
+            })
+        );
+        assert_eq!(encode_state(std::iter::empty()), "{}");
+    }
+
+    #[test]
+    fn diffs_apply_idempotently_by_ref() {
+        let mut members = HashMap::new();
+        let join =
+            br#"{"joins":{"user:1":{"metas":[{"phx_ref":"a-1","kind":"user"}]}},"leaves":{}}"#;
+        assert!(apply_diff(&mut members, join));
+        assert!(apply_diff(&mut members, join), "a join seen twice");
+        assert_eq!(members.len(), 1);
+        assert_eq!(&*members["a-1"].key, "\"user:1\"");
+        assert_eq!(&*members["a-1"].meta, r#"{"phx_ref":"a-1","kind":"user"}"#);
+        let leave = br#"{"joins":{},"leaves":{"user:1":{"metas":[{"phx_ref":"a-1"}]}}}"#;
+        assert!(apply_diff(&mut members, leave));
+        assert!(apply_diff(&mut members, leave), "a leave of nothing");
+        assert!(members.is_empty());
+        assert!(!apply_diff(&mut members, b"not json"));
+    }
+
+    #[test]
+    fn stored_values_parse_back() {
+        let flat = vec![
+            "a-1".to_string(),
+            "1700000000000|\"user:1\"\n{\"phx_ref\":\"a-1\"}".to_string(),
+            "bad".to_string(),
+            "no separator".to_string(),
+        ];
+        let members = parse_stored(&flat);
+        assert_eq!(members.len(), 1);
+        assert_eq!(&*members["a-1"].key, "\"user:1\"");
+        assert_eq!(&*members["a-1"].meta, "{\"phx_ref\":\"a-1\"}");
+    }
+
+    #[test]
+    fn keys_escape_and_internal_is_untracked() {
+        let user = Identity::User {
+            user_id: "a\"\nb".into(),
+            org_id: "o".into(),
+        };
+        let key = presence_key(&user).unwrap();
+        let json = serde_json::to_string(&key).unwrap();
+        assert!(!json.contains('\n'), "the stored form splits on a newline");
+        assert_eq!(presence_key(&Identity::Internal), None);
+    }
+
+    #[test]
+    fn an_unflushed_join_that_leaves_is_never_announced() {
+        let presence = Presence::new(
+            RedisLink::new("redis://127.0.0.1:1"),
+            Arc::new(Hub::new(8, crate::metrics::Metrics::detached())),
+            PresenceConfig {
+                families: vec!["inhouse".into()],
+                ttl: Duration::from_secs(30),
+                max_members: 10,
+            },
+        );
+        let user = Identity::User {
+            user_id: "1".into(),
+            org_id: "o".into(),
+        };
+        let a = presence.track("inhouse:o", &user).unwrap();
+        let b = presence.track("inhouse:o", &user).unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with(presence.instance()));
+        presence.untrack("inhouse:o", &a);
+        let topics = presence.topics.lock().unwrap();
+        let local = &topics["inhouse:o"];
+        assert_eq!(local.joins.len(), 1);
+        assert!(local.leaves.is_empty());
+        assert_eq!(local.members.len(), 1);
+    }
+}

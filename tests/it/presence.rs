@@ -1,0 +1,439 @@
+//! Presence across hubs: `presence_state` on join, batched `presence_diff`s, tabs as metas,
+//! leaves on `phx_leave` and close, a SIGKILLed hub's members leaving within the TTL, Redis
+//! losing its data, the member cap, and a reconnect storm.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+/// What phoenix.js's `Presence` would hold: key → the `phx_ref`s of its metas.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct View(BTreeMap<String, BTreeSet<String>>);
+
+impl View {
+    fn refs(entry: &Value) -> BTreeSet<String> {
+        entry["metas"]
+            .as_array()
+            .expect("metas")
+            .iter()
+            .map(|meta| meta["phx_ref"].as_str().expect("phx_ref").to_string())
+            .collect()
+    }
+
+    /// Applies a `presence_state` or `presence_diff` frame (V2); false for other frames.
+    fn apply(&mut self, frame: &Value) -> bool {
+        match frame_event(frame) {
+            "presence_state" => {
+                self.0 = frame[4]
+                    .as_object()
+                    .expect("state object")
+                    .iter()
+                    .map(|(key, entry)| (key.clone(), View::refs(entry)))
+                    .collect();
+                true
+            }
+            "presence_diff" => {
+                for (key, entry) in frame[4]["joins"].as_object().expect("joins") {
+                    self.0
+                        .entry(key.clone())
+                        .or_default()
+                        .extend(View::refs(entry));
+                }
+                for (key, entry) in frame[4]["leaves"].as_object().expect("leaves") {
+                    if let Some(refs) = self.0.get_mut(key) {
+                        for r in View::refs(entry) {
+                            refs.remove(&r);
+                        }
+                        if refs.is_empty() {
+                            self.0.remove(key);
+                        }
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+
+    fn metas(&self, key: &str) -> usize {
+        self.0.get(key).map_or(0, BTreeSet::len)
+    }
+}
+
+/// A client that keeps its presence view up to date.
+struct Member {
+    phx: Phx,
+    view: View,
+}
+
+impl Member {
+    async fn join(url: &str, topic: &str) -> Member {
+        let mut phx = Phx::connect_url(url).await;
+        phx.presence = true;
+        phx.join_ok(topic).await;
+        let mut member = Member {
+            phx,
+            view: View::default(),
+        };
+        let state = member
+            .phx
+            .recv_matching(|f| frame_event(f) == "presence_state")
+            .await;
+        member.view.apply(&state);
+        member
+    }
+
+    /// Reads presence frames until `condition` holds (panics after the support timeout).
+    async fn until(&mut self, what: &str, condition: impl Fn(&View) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !condition(&self.view) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: presence is {:?}",
+                self.view
+            );
+            let frame = self
+                .phx
+                .recv_matching(|f| matches!(frame_event(f), "presence_state" | "presence_diff"))
+                .await;
+            self.view.apply(&frame);
+        }
+    }
+}
+
+fn ws(hub: &TestHub, token: &str) -> String {
+    hub.ws_url(&format!("vsn=2.0.0&token={token}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_on_two_hubs_see_each_other_and_tabs_are_metas() {
+    let redis = RedisServer::start();
+    let a = TestHub::with_redis(&redis).await;
+    let b = TestHub::with_redis(&redis).await;
+    a.wait_redis_ready().await;
+    b.wait_redis_ready().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+
+    let mut alice = Member::join(&ws(&a, &user_token("alice", &org)), &topic).await;
+    // Her own meta is in her state at once (this hub's changes are merged before the flush).
+    assert_eq!(alice.view.keys(), ["user:alice"]);
+
+    let mut bob = Member::join(&ws(&b, &player_token("bob", &org)), &topic).await;
+    bob.until("bob sees alice and himself", |v| {
+        v.keys() == ["player:bob", "user:alice"]
+    })
+    .await;
+    alice
+        .until("alice sees bob", |v| {
+            v.keys() == ["player:bob", "user:alice"]
+        })
+        .await;
+
+    // A second tab of alice (on the other hub) is a second meta of the same key.
+    let mut alice_tab = Member::join(&ws(&b, &user_token("alice", &org)), &topic).await;
+    alice_tab
+        .until("the new tab sees both of alice's metas", |v| {
+            v.metas("user:alice") == 2
+        })
+        .await;
+    bob.until("bob sees two metas for alice", |v| {
+        v.metas("user:alice") == 2 && v.0.len() == 2
+    })
+    .await;
+
+    // phx_leave of the tab removes that meta only, everywhere.
+    let leave = alice_tab.phx.next_ref();
+    alice_tab
+        .phx
+        .send(json!(["1", leave, topic, "phx_leave", {}]))
+        .await;
+    bob.until("bob sees one meta for alice again", |v| {
+        v.metas("user:alice") == 1
+    })
+    .await;
+    alice
+        .until("alice sees her single meta", |v| v.metas("user:alice") == 1)
+        .await;
+
+    // Closing bob's socket cleanly makes him leave on the other hub (well before the TTL).
+    bob.phx.ws.close(None).await.unwrap();
+    alice
+        .until("alice sees bob leave", |v| v.keys() == ["user:alice"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metas_carry_the_ref_kind_and_online_at_and_internal_services_are_not_tracked() {
+    let redis = RedisServer::start();
+    let hub = TestHub::with_redis(&redis).await;
+    hub.wait_redis_ready().await;
+    let org = unique("org");
+    let topic = format!("inhouse:{org}");
+
+    let mut service = Member::join(&ws(&hub, &internal_token()), &topic).await;
+    assert!(
+        service.view.0.is_empty(),
+        "an internal service is not tracked"
+    );
+    let _player = Member::join(&ws(&hub, &player_token("p1", &org)), &topic).await;
+    service
+        .until("the service sees the player", |v| v.keys() == ["player:p1"])
+        .await;
+
+    let mut late = Phx::connect(&hub, &user_token("u1", &org)).await;
+    late.presence = true;
+    late.join_ok(&topic).await;
+    let state = late
+        .recv_matching(|f| frame_event(f) == "presence_state")
+        .await;
+    let metas = &state[4]["player:p1"]["metas"];
+    assert_eq!(metas.as_array().unwrap().len(), 1, "{state}");
+    let meta = metas[0].as_object().unwrap();
+    let mut fields: Vec<&str> = meta.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["kind", "online_at", "phx_ref"]);
+    assert_eq!(meta["kind"], "player");
+    assert!(meta["online_at"].as_u64().unwrap() > 1_700_000_000_000);
+    assert_eq!(
+        state[0],
+        Value::String("1".into()),
+        "pushed with the join ref"
+    );
+    assert!(
+        state[4].get("internal").is_none() && state[4].as_object().unwrap().len() == 2,
+        "the service is absent, the player and the joiner present: {state}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_the_families_setting() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
+    config.presence.families = vec!["tournament".into()];
+    let hub = TestHub::start(config).await;
+    hub.wait_redis_ready().await;
+    let org = unique("org");
+
+    let mut phx = Phx::connect(&hub, &user_token("u1", &org)).await;
+    phx.presence = true;
+    phx.join_ok("tournament:t1").await;
+    let state = phx.recv().await;
+    assert_eq!(frame_event(&state), "presence_state", "{state}");
+    assert_eq!(View::refs(&state[4]["user:u1"]).len(), 1);
+
+    // org_events has no presence here: the next frame after its reply is the heartbeat reply.
+    phx.join_ok(&format!("org_events:{org}")).await;
+    let r = phx.next_ref();
+    phx.send(json!([null, r, "phoenix", "heartbeat", {}])).await;
+    let next = phx.recv().await;
+    assert_eq!(
+        next[3], "phx_reply",
+        "no presence_state on org_events: {next}"
+    );
+    assert_eq!(next[1], Value::String(r));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hub_s_members_leave_on_the_other_hub_within_the_ttl() {
+    const TTL_MS: u64 = 2000;
+    let redis = RedisServer::start();
+    let doomed = BinaryHub::start(&redis.url(), &[("PRESENCE_TTL_MS", "2000")]).await;
+    doomed.wait_redis_ready().await;
+    let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
+    config.presence.ttl = Duration::from_millis(TTL_MS);
+    let survivor = TestHub::start(config).await;
+    survivor.wait_redis_ready().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+
+    let _ghost = Member::join(&doomed.ws_url(&user_token("ghost", &org)), &topic).await;
+    let mut watcher = Member::join(&ws(&survivor, &user_token("watcher", &org)), &topic).await;
+    watcher
+        .until("the watcher sees the member of the other hub", |v| {
+            v.keys() == ["user:ghost", "user:watcher"]
+        })
+        .await;
+
+    doomed.kill().await;
+    let killed_at = Instant::now();
+    watcher
+        .until("the dead hub's member leaves", |v| {
+            v.keys() == ["user:watcher"]
+        })
+        .await;
+    let took = killed_at.elapsed();
+    println!("leave after SIGKILL arrived in {took:?} (PRESENCE_TTL_MS={TTL_MS})");
+    assert!(
+        took <= Duration::from_millis(TTL_MS + 1000),
+        "the leave took {took:?}, more than the TTL + 1 s"
+    );
+    let metrics = survivor.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "prostaff_presence_expired_total", &[]),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_announced_again_when_redis_comes_back_empty() {
+    let mut redis = RedisServer::start();
+    let hub = TestHub::with_redis(&redis).await;
+    hub.wait_redis_ready().await;
+    let org = unique("org");
+    let topic = format!("inhouse:{org}");
+    let mut first = Member::join(&ws(&hub, &user_token("first", &org)), &topic).await;
+    first
+        .until("the member is written", |v| v.keys() == ["user:first"])
+        .await;
+    // Let the flush reach Redis, then lose everything Redis had.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.stop();
+    redis.spawn();
+    hub.wait_redis_ready().await;
+
+    let second = TestHub::with_redis(&redis).await;
+    second.wait_redis_ready().await;
+    let mut late = Member::join(&ws(&second, &user_token("late", &org)), &topic).await;
+    late.until("the member of the first hub is known again", |v| {
+        v.keys() == ["user:first", "user:late"]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_cap_bounds_presence_state() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
+    config.presence.max_members = 2;
+    let hub = TestHub::start(config).await;
+    hub.wait_redis_ready().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+
+    let mut one = Member::join(&ws(&hub, &user_token("one", &org)), &topic).await;
+    let _two = Member::join(&ws(&hub, &user_token("two", &org)), &topic).await;
+    one.until("two members shown", |v| v.0.len() == 2).await;
+    let mut three = Member::join(&ws(&hub, &user_token("three", &org)), &topic).await;
+    eventually("the third member is refused", || async {
+        metric_value(
+            &hub.metrics().await,
+            "prostaff_presence_refused_total",
+            &["reason=\"topic_full\""],
+        ) >= 1.0
+    })
+    .await;
+    // Still joined: events reach the refused member.
+    let late = Member::join(&ws(&hub, &internal_token()), &topic).await;
+    assert_eq!(late.view.keys(), ["user:one", "user:two"]);
+    publish_event(
+        &redis,
+        &org,
+        json!({"type": "match.updated", "org_id": org, "user_id": "u1", "payload": {}}),
+        1,
+    )
+    .await;
+    three.phx.event(&topic, "match.updated").await;
+    assert_eq!(one.view.0.len(), 2);
+}
+
+/// 2,000 sockets (half on each hub) join one org topic at once: every one of them converges to
+/// the same 2,000 keys, and the presence messages each socket receives stay bounded by the
+/// number of diff intervals the storm spanned, not by the number of sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_joins_converges_with_batched_diffs() {
+    const SOCKETS: usize = 2000;
+    let redis = RedisServer::start();
+    let hubs = [
+        TestHub::with_redis(&redis).await,
+        TestHub::with_redis(&redis).await,
+    ];
+    for hub in &hubs {
+        hub.wait_redis_ready().await;
+    }
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+
+    let started = Instant::now();
+    let (joined_tx, mut joined_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..SOCKETS {
+        let url = ws(&hubs[i % 2], &user_token(&format!("u{i}"), &org));
+        let topic = topic.clone();
+        let joined_tx = joined_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+                .await
+                .expect("upgrade");
+            use futures_util::SinkExt;
+            socket
+                .send(Message::Text(
+                    json!(["1", "1", topic, "phx_join", {}]).to_string().into(),
+                ))
+                .await
+                .unwrap();
+            let _ = joined_tx.send(());
+            let mut view = View::default();
+            let mut presence_messages = 0usize;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while view.0.len() < SOCKETS {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let frame = match tokio::time::timeout(left, socket.next()).await {
+                    Ok(Some(Ok(Message::Text(text)))) => {
+                        serde_json::from_str::<Value>(&text).unwrap()
+                    }
+                    Ok(Some(Ok(_))) => continue,
+                    other => panic!("socket {i} ended at {} keys: {other:?}", view.0.len()),
+                };
+                if view.apply(&frame) {
+                    presence_messages += 1;
+                }
+            }
+            (presence_messages, view)
+        }));
+    }
+    drop(joined_tx);
+    let mut joins = 0;
+    while joined_rx.recv().await.is_some() {
+        joins += 1;
+    }
+    let storm = started.elapsed();
+    assert_eq!(joins, SOCKETS);
+
+    let mut counts = Vec::new();
+    let mut first_view: Option<View> = None;
+    for task in tasks {
+        let (count, view) = task.await.expect("socket task");
+        counts.push(count);
+        match &first_view {
+            None => first_view = Some(view),
+            Some(first) => assert_eq!(first, &view, "every member holds the same list"),
+        }
+    }
+    let converged = started.elapsed();
+    counts.sort_unstable();
+    let max = *counts.last().unwrap();
+    let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+    println!(
+        "presence storm: {SOCKETS} sockets on 2 hubs joined in {storm:?}, all converged after \
+         {converged:?}; presence messages per socket: mean {mean:.1}, median {}, max {max}",
+        counts[counts.len() / 2]
+    );
+    // One state plus at most one diff per hub per interval while changes kept coming.
+    let intervals = (converged.as_millis() / 200) as usize + 2;
+    let bound = 1 + 2 * intervals;
+    assert!(
+        max <= bound,
+        "a socket got {max} presence messages; batching allows at most {bound} over {converged:?}"
+    );
+    assert!(max < SOCKETS / 10, "diffs are batched, not one per join");
+}
