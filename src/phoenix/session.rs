@@ -512,15 +512,25 @@ impl Session {
     }
 
     async fn push_presence_state(&mut self, join_ref: Option<&str>, topic: &str) {
-        let state = self.deps.presence.state(topic).await;
+        let view = self.deps.presence.state(topic).await;
         self.pending.push(Message::Text(codec::encode_message(
             self.vsn,
             join_ref,
             None,
             topic,
             "presence_state",
-            &state,
+            &view.state,
         )));
+        if let Some(diff) = view.pending {
+            self.pending.push(Message::Text(codec::encode_message(
+                self.vsn,
+                join_ref,
+                None,
+                topic,
+                "presence_diff",
+                &diff,
+            )));
+        }
     }
 
     /// Adds `position` (and, with `since`, `recovered`) to a join response; returns the

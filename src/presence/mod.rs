@@ -140,8 +140,8 @@ struct LocalTopic {
     members: HashMap<Box<str>, Member>,
     /// Refs tracked since the last flush.
     joins: Vec<Box<str>>,
-    /// Refs untracked since the last flush (that had been flushed as joins, or may have been).
-    leaves: Vec<Box<str>>,
+    /// Members untracked since the last flush (that had been flushed as joins, or may have been).
+    leaves: Vec<(Box<str>, Member)>,
     /// Send everything this instance tracks here instead of the changes (after a failure, a
     /// reconnect, or a sweep of this instance).
     resync: bool,
@@ -169,6 +169,9 @@ enum Batch {
 struct Mirror {
     /// `None` while the snapshot is being read.
     members: Option<HashMap<Box<str>, Member>>,
+    /// The members encoded as a `presence_state` payload, shared by every join until the next
+    /// diff (a reconnect storm encodes the state once per diff interval, not once per join).
+    encoded: Option<Bytes>,
     buffered: Vec<Bytes>,
     loaded: Arc<tokio::sync::Notify>,
 }
@@ -242,6 +245,14 @@ fn parse_stored(flat: &[String]) -> HashMap<Box<str>, Member> {
         );
     }
     members
+}
+
+/// The presence a joiner is sent: a `presence_state` and, when this instance has changes not
+/// flushed yet, a `presence_diff` with them.
+#[derive(Debug, Clone)]
+pub struct StateView {
+    pub state: Bytes,
+    pub pending: Option<Bytes>,
 }
 
 /// Presence settings.
@@ -348,57 +359,75 @@ impl Presence {
         let Some(local) = topics.get_mut(topic) else {
             return;
         };
-        if local.members.remove(phx_ref).is_none() {
+        let Some(member) = local.members.remove(phx_ref) else {
             return;
-        }
+        };
         metrics::gauge!(crate::metrics::PRESENCE_TRACKED).decrement(1.0);
         if let Some(index) = local.joins.iter().position(|r| &**r == phx_ref) {
             // Never announced: nobody needs to hear it left.
             local.joins.swap_remove(index);
         } else {
-            local.leaves.push(phx_ref.into());
+            local.leaves.push((phx_ref.into(), member));
         }
     }
 
-    /// The `presence_state` payload for `topic`: the mirror (read from Redis on first use),
-    /// with this instance's own changes not flushed yet applied on top. When Redis cannot
-    /// answer, this instance's own members.
-    pub async fn state(&self, topic: &str) -> Bytes {
-        let mut entries = self.mirrored(topic).await.unwrap_or_default();
-        {
-            let topics = self.topics.lock().expect("presence lock");
-            if let Some(local) = topics.get(topic) {
-                // Our own view of our own members is ahead of the mirror by one flush.
-                entries.retain(|phx_ref, _| {
-                    !phx_ref.starts_with(&self.instance) || local.members.contains_key(&**phx_ref)
-                });
-                for (phx_ref, member) in &local.members {
-                    if !entries.contains_key(phx_ref) {
-                        entries.insert(phx_ref.clone(), member.clone());
-                    }
-                }
-            }
+    /// What a joiner of `topic` is sent: the state every instance agrees on (from the mirror,
+    /// read from Redis on first use) and, as a diff, this instance's own changes not flushed
+    /// yet (the joiner's own meta among them). When Redis cannot answer, this instance's own
+    /// members as the state.
+    pub async fn state(&self, topic: &str) -> StateView {
+        let shared = self.mirrored_state(topic).await;
+        let topics = self.topics.lock().expect("presence lock");
+        let local = topics.get(topic);
+        match shared {
+            Some(state) => StateView {
+                state,
+                pending: local
+                    .filter(|l| !l.joins.is_empty() || !l.leaves.is_empty())
+                    .map(|local| {
+                        let joins = local.joins.iter().filter_map(|r| local.members.get(r));
+                        let leaves = local.leaves.iter().map(|(_, m)| m);
+                        Bytes::from(format!(
+                            "{{\"joins\":{},\"leaves\":{}}}",
+                            encode_state(joins),
+                            encode_state(leaves)
+                        ))
+                    }),
+            },
+            None => StateView {
+                state: Bytes::from(encode_state(
+                    local.into_iter().flat_map(|l| l.members.values()),
+                )),
+                pending: None,
+            },
         }
-        Bytes::from(encode_state(entries.values()))
     }
 
-    /// A copy of the topic's mirror, loading it first if needed; `None` when Redis cannot
-    /// answer.
-    async fn mirrored(&self, topic: &str) -> Option<HashMap<Box<str>, Member>> {
+    /// The topic's mirror encoded as a state, loading it first if needed; `None` when Redis
+    /// cannot answer.
+    async fn mirrored_state(&self, topic: &str) -> Option<Bytes> {
         loop {
             let loaded = {
                 let mut mirrors = self.mirrors.lock().expect("mirror lock");
-                match mirrors.get(topic) {
+                match mirrors.get_mut(topic) {
                     Some(Mirror {
                         members: Some(members),
+                        encoded,
                         ..
-                    }) => return Some(members.clone()),
+                    }) => {
+                        return Some(
+                            encoded
+                                .get_or_insert_with(|| Bytes::from(encode_state(members.values())))
+                                .clone(),
+                        )
+                    }
                     Some(mirror) => Some(mirror.loaded.clone()),
                     None => {
                         mirrors.insert(
                             Arc::from(topic),
                             Mirror {
                                 members: None,
+                                encoded: None,
                                 buffered: Vec::new(),
                                 loaded: Arc::default(),
                             },
@@ -420,7 +449,11 @@ impl Presence {
                         return None;
                     }
                 }
-                None => return self.load(topic).await,
+                None => {
+                    if !self.load(topic).await {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -433,7 +466,8 @@ impl Presence {
             .is_some_and(|mirror| mirror.members.is_none())
     }
 
-    async fn load(&self, topic: &str) -> Option<HashMap<Box<str>, Member>> {
+    /// Reads the snapshot into the (loading) mirror; false when Redis cannot answer.
+    async fn load(&self, topic: &str) -> bool {
         let stored = self
             .redis
             .eval(
@@ -444,7 +478,9 @@ impl Presence {
             .await;
         let mut mirrors = self.mirrors.lock().expect("mirror lock");
         // Gone when a reconnect cleared the mirrors meanwhile: the caller tries again later.
-        let mirror = mirrors.get_mut(topic)?;
+        let Some(mirror) = mirrors.get_mut(topic) else {
+            return false;
+        };
         let loaded = mirror.loaded.clone();
         let result = match stored {
             Ok(flat) => {
@@ -452,13 +488,13 @@ impl Presence {
                 for diff in mirror.buffered.drain(..) {
                     apply_diff(&mut members, &diff);
                 }
-                mirror.members = Some(members.clone());
-                Some(members)
+                mirror.members = Some(members);
+                true
             }
             Err(error) => {
                 tracing::warn!(topic = %LogSafe(topic), %error, "presence state unavailable");
                 mirrors.remove(topic);
-                None
+                false
             }
         };
         loaded.notify_waiters();
@@ -475,6 +511,7 @@ impl Presence {
         match &mut mirror.members {
             None => mirror.buffered.push(raw.clone()),
             Some(members) => {
+                mirror.encoded = None;
                 if !apply_diff(members, raw) {
                     tracing::warn!(topic = %LogSafe(topic), "undecodable presence diff");
                 }
@@ -503,8 +540,9 @@ impl Presence {
             if !self.hub.has_subscribers(&topic) {
                 continue;
             }
-            let state = self.state(&topic).await;
-            self.hub.publish_at(&topic, "presence_state", state, None);
+            if let Some(state) = self.mirrored_state(&topic).await {
+                self.hub.publish_at(&topic, "presence_state", state, None);
+            }
         }
     }
 
@@ -623,7 +661,10 @@ impl Presence {
                             .filter_map(|r| local.members.get(&r).cloned().map(|m| (r, m)))
                             .collect();
                         Batch::Changes {
-                            leaves: std::mem::take(&mut local.leaves),
+                            leaves: std::mem::take(&mut local.leaves)
+                                .into_iter()
+                                .map(|(r, _)| r)
+                                .collect(),
                             joins,
                         }
                     };
@@ -806,6 +847,11 @@ impl Presence {
                 )
                 .await;
             metrics::counter!(crate::metrics::PRESENCE_EXPIRED).increment(gone);
+            if gone == 0 {
+                // A clean shutdown ends its lease this way after publishing its own leaves.
+                tracing::debug!(instance = %LogSafe(dead), "ended presence lease collected");
+                continue;
+            }
             tracing::info!(
                 instance = %LogSafe(dead),
                 topics = topics.len(),

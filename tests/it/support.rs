@@ -602,8 +602,28 @@ impl Phx {
     }
 
     /// True when nothing arrives for `quiet`.
+    /// True when no frame arrives for `quiet` (presence frames are set aside as by `recv`
+    /// unless `presence` is on).
     pub async fn silent_for(&mut self, quiet: Duration) -> bool {
-        self.backlog.is_empty() && tokio::time::timeout(quiet, self.ws.next()).await.is_err()
+        if !self.backlog.is_empty() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + quiet;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return true,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    if self.presence
+                        || !matches!(frame_event(&frame), "presence_state" | "presence_diff")
+                    {
+                        return false;
+                    }
+                    self.presence_frames.push(frame);
+                }
+                Ok(_) => return false,
+            }
+        }
     }
 }
 

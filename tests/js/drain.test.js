@@ -4,34 +4,9 @@
 "use strict";
 const { test } = require("node:test");
 const assert = require("node:assert/strict");
-const { spawn } = require("node:child_process");
 const h = require("./lib/harness");
 
-async function startHub(port) {
-  const child = spawn(process.env.HUB_BIN, [], {
-    env: {
-      ...process.env,
-      PORT: String(port),
-      BIND_ADDR: "127.0.0.1",
-      INTERNAL_JWT_SECRET: h.SECRET(),
-      REDIS_URL: process.env.REDIS_URL,
-      RAILS_API_URL: "http://127.0.0.1:9",
-      RECONCILER_RETRY_DELAYS_MS: "10",
-      SHUTDOWN_GRACE_MS: "3000",
-      RUST_LOG: "warn",
-    },
-    stdio: ["ignore", "ignore", "inherit"],
-  });
-  child.exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve({ code, signal })));
-  await h.waitFor("hub /health", async () => {
-    try {
-      return (await fetch(`http://127.0.0.1:${port}/health`)).ok;
-    } catch {
-      return false;
-    }
-  }, 10000);
-  return child;
-}
+const startHub = (port) => h.startHub(port, { SHUTDOWN_GRACE_MS: "3000" });
 
 for (const version of ["phoenix", "phoenix-1.8.12"]) {
   test(`14. drain closes with 1012 and ${version} reconnects to the restarted hub`, async () => {

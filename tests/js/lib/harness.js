@@ -148,6 +148,38 @@ function freePort() {
   });
 }
 
+/**
+ * Starts another hub (the real binary, `HUB_BIN`) on `port` against the suite's Redis, with
+ * `extraEnv` on top of the test settings; resolves once it serves /health. `child.exited`
+ * resolves with its exit.
+ */
+async function startHub(port, extraEnv = {}) {
+  const { spawn } = require("node:child_process");
+  const child = spawn(env("HUB_BIN"), [], {
+    env: {
+      ...process.env,
+      PORT: String(port),
+      BIND_ADDR: "127.0.0.1",
+      INTERNAL_JWT_SECRET: SECRET(),
+      REDIS_URL: env("REDIS_URL"),
+      RAILS_API_URL: "http://127.0.0.1:9",
+      RECONCILER_RETRY_DELAYS_MS: "10",
+      RUST_LOG: "warn",
+      ...extraEnv,
+    },
+    stdio: ["ignore", "ignore", "inherit"],
+  });
+  child.exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve({ code, signal })));
+  await waitFor("hub /health", async () => {
+    try {
+      return (await fetch(`http://127.0.0.1:${port}/health`)).ok;
+    } catch {
+      return false;
+    }
+  }, 10000);
+  return child;
+}
+
 function disconnect(...sockets) {
   return Promise.all(sockets.map((socket) => new Promise((resolve) => socket.disconnect(resolve, 4000))));
 }
@@ -155,4 +187,5 @@ function disconnect(...sockets) {
 module.exports = {
   HUB_HTTP, HUB_SOCKET, SECRET, sign, now, userToken, playerToken, internalToken, unique,
   connect, join, push, nextEvent, waitFor, sleep, publish, upgradeStatus, freePort, disconnect,
+  startHub,
 };
