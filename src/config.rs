@@ -63,7 +63,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "METRICS_BIND_ADDR", default: "", meaning: "when set (ip:port), /metrics is served only on this separate listener" },
     Setting { name: "HISTORY_SIZE", default: "300", meaning: "broadcasts kept per topic in Redis for recovery (0 turns history and positions off)" },
     Setting { name: "HISTORY_TTL_MS", default: "600000", meaning: "a topic's history expires after this long without a broadcast" },
-    Setting { name: "PRESENCE_FAMILIES", default: "inhouse,org_events", meaning: "topic families with presence (`presence_state`/`presence_diff`); any of notifications, tournament, inhouse, org_events; empty turns presence off" },
+    Setting { name: "PRESENCE_FAMILIES", default: "inhouse,org_events", meaning: "topic families with presence (`presence_state`/`presence_diff`); any of notifications, tournament, inhouse, org_events; `none` turns presence off" },
     Setting { name: "PRESENCE_TTL_MS", default: "30000", meaning: "members of a hub that stopped renewing its presence lease (a crash) leave everywhere after this long" },
     Setting { name: "PRESENCE_MAX_MEMBERS", default: "5000", meaning: "sockets shown in one topic's presence across all hubs; later ones stay joined but are not shown" },
     Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
@@ -329,6 +329,7 @@ impl Config {
         let presence_families = get("PRESENCE_FAMILIES")
             .unwrap_or_else(|| "inhouse,org_events".to_string())
             .split(',')
+            .filter(|family| family.trim() != "none")
             .map(str::trim)
             .filter(|family| !family.is_empty())
             .map(|family| match family {
@@ -557,6 +558,29 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn presence_settings() {
+        let defaults = config(&[]).unwrap().presence;
+        assert_eq!(defaults.families, ["inhouse", "org_events"]);
+        assert_eq!(defaults.ttl, Duration::from_secs(30));
+        assert_eq!(defaults.max_members, 5000);
+        let off = config(&[("PRESENCE_FAMILIES", "none")]).unwrap().presence;
+        assert!(off.families.is_empty());
+        let custom = config(&[
+            ("PRESENCE_FAMILIES", " tournament , inhouse"),
+            ("PRESENCE_TTL_MS", "2000"),
+            ("PRESENCE_MAX_MEMBERS", "7"),
+        ])
+        .unwrap()
+        .presence;
+        assert_eq!(custom.families, ["tournament", "inhouse"]);
+        assert_eq!(custom.ttl, Duration::from_secs(2));
+        assert_eq!(custom.max_members, 7);
+        let error = config(&[("PRESENCE_FAMILIES", "inhouse,lobby")]).unwrap_err();
+        assert!(error.to_string().contains("PRESENCE_FAMILIES"), "{error}");
+        assert!(config(&[("PRESENCE_TTL_MS", "0")]).is_err());
     }
 
     #[test]

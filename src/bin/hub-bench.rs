@@ -3,7 +3,8 @@
 //! Scenarios:
 //! - `connections`: open N Phoenix sockets (spread over many 127.0.x.y source addresses), each
 //!   joined to `org_events:{org}` and `notifications:{user}`; report connect rate, errors, the
-//!   hub's RSS per connection and its CPU while the sockets idle and heart-beat.
+//!   hub's RSS per connection and its CPU while the sockets idle and heart-beat (and, with
+//!   `--redis`, the commands/s the hub costs Redis meanwhile).
 //! - `fanout`: N subscribers on one topic; publish with Redis PUBLISH at a rate or flat out;
 //!   report delivered msgs/s and publish→receive latency (same clock: the bench's).
 //! - `spread`: N subscribers over K orgs; events spread over the orgs.
@@ -97,6 +98,10 @@ struct ConnectionsArgs {
     /// Distinct orgs the sockets belong to.
     #[arg(long, default_value_t = 100)]
     orgs: usize,
+    /// The hub's Redis: when given, its commands/s during the hold are reported (the steady
+    /// cost of presence leases, sweeps and liveness pings).
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -452,9 +457,11 @@ async fn connections(args: ConnectionsArgs, json_out: bool) {
             }
         }));
     }
+    let redis_start = redis_commands(args.redis.as_deref()).await;
     let cpu_start = proc_sample(common.hub_pid);
     tokio::time::sleep(hold).await;
     let cpu_end = proc_sample(common.hub_pid);
+    let redis_end = redis_commands(args.redis.as_deref()).await;
     for holder in &holders {
         holder.abort();
     }
@@ -498,7 +505,27 @@ async fn connections(args: ConnectionsArgs, json_out: bool) {
             json!(100.0 * seconds / hold.as_secs_f64()),
         ));
     }
+    if let (Some(start), Some(end)) = (redis_start, redis_end) {
+        // Minus the two INFO calls of this measurement.
+        let commands = end.saturating_sub(start).saturating_sub(1);
+        rows.push((
+            "redis commands/s during hold",
+            json!(commands as f64 / hold.as_secs_f64()),
+        ));
+    }
     report(json_out, "connections", rows);
+}
+
+/// `total_commands_processed` from `INFO stats` of the Redis at `url`.
+async fn redis_commands(url: Option<&str>) -> Option<u64> {
+    let config = fred::types::config::Config::from_url(url?).ok()?;
+    let client = fred::types::Builder::from_config(config).build().ok()?;
+    client.init().await.ok()?;
+    let info: String = client.info(Some(fred::types::InfoKind::Stats)).await.ok()?;
+    let _ = client.quit().await;
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 fn nofile_limit() -> String {
