@@ -556,6 +556,8 @@ impl Presence {
         if self.config.families.is_empty() {
             return;
         }
+        // The lease first: entries written before it exists could not be swept.
+        self.heartbeat().await;
         let mut flush = tokio::time::interval(DIFF_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat =
