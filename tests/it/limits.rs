@@ -257,7 +257,7 @@ async fn bad_http_input_is_4xx_json_never_5xx() {
 }
 
 /// Opens a socket with a tiny receive buffer that joins `topic` and then stops reading.
-async fn stalled_client(hub: &TestHub, token: &str, topic: &str) -> Phx {
+pub async fn stalled_client(hub: &TestHub, token: &str, topic: &str) -> Phx {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(hub.addr).await.unwrap();
@@ -273,7 +273,7 @@ async fn stalled_client(hub: &TestHub, token: &str, topic: &str) -> Phx {
 
 /// Publishes `count` events of `padding` bytes on `org`'s channel, pacing the publisher a little so
 /// the test measures the hub rather than a burst from one Redis connection per event.
-async fn flood(redis: &RedisServer, org: &str, event_type: &str, count: usize, padding: usize) {
+pub async fn flood(redis: &RedisServer, org: &str, event_type: &str, count: usize, padding: usize) {
     let padding = "p".repeat(padding);
     let mut connection = redis.connection();
     for seq in 0..count {

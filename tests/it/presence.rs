@@ -502,3 +502,55 @@ async fn a_storm_of_joins_converges_with_batched_diffs() {
     );
     assert!(max < SOCKETS / 10, "diffs are batched, not one per join");
 }
+
+/// A client that fell behind and lost broadcasts on a presence topic may have lost a
+/// `presence_diff`: after the `events_dropped` notice it gets a whole `presence_state` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_lost_broadcasts_gets_the_presence_state_again() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
+    config.limits.outbound_buffer_frames = 4;
+    config.limits.write_timeout = Duration::from_secs(120);
+    let hub = TestHub::start(config).await;
+    hub.wait_redis_ready().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+
+    let mut slow = crate::limits::stalled_client(&hub, &user_token("slow", &org), &topic).await;
+    let resyncs_before = metric_value(
+        &hub.metrics().await,
+        "prostaff_presence_state_resyncs_total",
+        &[],
+    );
+    // Someone joins while the slow client is not reading, then a flood overflows its outbox.
+    let _other = Member::join(&ws(&hub, &user_token("other", &org)), &topic).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    crate::limits::flood(&redis, &org, "team_goal.missed", 300, 8 * 1024).await;
+
+    slow.presence = true;
+    let dropped = slow
+        .recv_matching(|f| f[2] == topic.as_str() && f[3] == "events_dropped")
+        .await;
+    assert!(dropped[4]["count"].as_u64().unwrap() > 0);
+    // The fresh state comes after the notice and has both members.
+    let backlog_before: Vec<Value> = std::mem::take(&mut slow.backlog);
+    let state = slow
+        .recv_matching(|f| f[2] == topic.as_str() && f[3] == "presence_state")
+        .await;
+    let mut view = View::default();
+    view.apply(&state);
+    for frame in &slow.backlog {
+        view.apply(frame);
+    }
+    assert!(
+        view.keys() == ["user:other", "user:slow"],
+        "state after the drop: {state} (frames before the notice: {})",
+        backlog_before.len()
+    );
+    let resyncs = metric_value(
+        &hub.metrics().await,
+        "prostaff_presence_state_resyncs_total",
+        &[],
+    );
+    assert!(resyncs > resyncs_before, "the resync is counted");
+}
