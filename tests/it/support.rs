@@ -348,6 +348,11 @@ impl TestHub {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The V2 socket URL with `token`.
+    pub fn socket_url(&self, token: &str) -> String {
+        self.ws_url(&format!("vsn=2.0.0&token={token}"))
+    }
+
     pub fn ws_url(&self, query: &str) -> String {
         format!("ws://{}/socket/websocket?{}", self.addr, query)
     }
@@ -454,7 +459,7 @@ pub fn frame_event(frame: &Value) -> &str {
 
 impl Phx {
     pub async fn connect(hub: &TestHub, token: &str) -> Phx {
-        Phx::connect_url(&hub.ws_url(&format!("vsn=2.0.0&token={token}"))).await
+        Phx::connect_url(&hub.socket_url(token)).await
     }
 
     pub async fn connect_url(url: &str) -> Phx {
