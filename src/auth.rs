@@ -24,6 +24,9 @@ pub enum Identity {
     },
     /// A service token (`type: "internal"`, `iss: "prostaff-api"`); may join and act anywhere.
     Internal,
+    /// The status page's own socket (`type: "admin"`, `iss: "prostaff-events"`, minted by
+    /// `/admin`): may join `admin:status` only.
+    Admin,
 }
 
 impl Identity {
@@ -31,7 +34,7 @@ impl Identity {
     pub fn org_id(&self) -> Option<&str> {
         match self {
             Identity::User { org_id, .. } | Identity::Player { org_id, .. } => Some(org_id),
-            Identity::Internal => None,
+            Identity::Internal | Identity::Admin => None,
         }
     }
 
@@ -41,6 +44,7 @@ impl Identity {
             Identity::User { .. } => "user",
             Identity::Player { .. } => "player",
             Identity::Internal => "internal",
+            Identity::Admin => "admin",
         }
     }
 }
@@ -200,7 +204,8 @@ impl TokenVerifier {
             None => None,
         };
         let identity = identity_from_claims(claims)?;
-        if scope == KeyScope::RailsUsers && identity == Identity::Internal {
+        if scope == KeyScope::RailsUsers && matches!(identity, Identity::Internal | Identity::Admin)
+        {
             return Err(AuthError::IdentityNotAllowedForKey);
         }
         Ok(Authenticated {
@@ -236,6 +241,9 @@ pub fn identity_from_claims(claims: &Map<String, Value>) -> Result<Identity, Aut
     if text("type") == Some("internal") && text("iss") == Some("prostaff-api") {
         return Ok(Identity::Internal);
     }
+    if text("type") == Some("admin") && text("iss") == Some(ADMIN_ISSUER) {
+        return Ok(Identity::Admin);
+    }
     if text("entity_type") == Some("player") {
         if let (Some(player_id), Some(org_id)) = (
             claim_id(claims, "player_id"),
@@ -270,6 +278,18 @@ pub fn mint(secret: &str, claims: &Value) -> String {
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("HS256 encoding of a JSON object cannot fail")
+}
+
+/// Issuer of the status page's socket tokens.
+pub const ADMIN_ISSUER: &str = "prostaff-events";
+
+/// A token for the status page's socket: it may join `admin:status` and nothing else.
+pub fn mint_admin_token(secret: &str, ttl_s: u64) -> String {
+    let iat = unix_now();
+    mint(
+        secret,
+        &serde_json::json!({"type": "admin", "iss": ADMIN_ISSUER, "iat": iat, "exp": iat + ttl_s}),
+    )
 }
 
 /// The token the hub sends to Rails (`iss: prostaff-events`, one minute of life).
@@ -459,6 +479,21 @@ mod tests {
                 .unwrap()
                 .identity,
             Identity::Internal
+        );
+        // Nor an admin one: admin tokens are the hub's own, minted with the internal secret.
+        let admin_claims = json!({"type": "admin", "iss": ADMIN_ISSUER});
+        assert_eq!(
+            verifier()
+                .verify(&mint("rails-secret", &admin_claims))
+                .unwrap_err(),
+            AuthError::IdentityNotAllowedForKey
+        );
+        assert_eq!(
+            verifier()
+                .verify(&mint_admin_token(SECRET, 60))
+                .unwrap()
+                .identity,
+            Identity::Admin
         );
         // Rails user and player tokens still work.
         let player = json!({"entity_type": "player", "player_id": 1, "organization_id": 2});

@@ -13,10 +13,20 @@ use crate::logsafe::LogSafe;
 /// The four topic families of DESIGN.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicFamily {
-    Notifications { user_id: String },
-    Tournament { tournament_id: String },
-    Inhouse { org_id: String },
-    OrgEvents { org_id: String },
+    Notifications {
+        user_id: String,
+    },
+    Tournament {
+        tournament_id: String,
+    },
+    Inhouse {
+        org_id: String,
+    },
+    OrgEvents {
+        org_id: String,
+    },
+    /// `admin:status`: the status page's live figures, for admin and internal identities.
+    Admin,
 }
 
 impl TopicFamily {
@@ -32,6 +42,7 @@ impl TopicFamily {
             "tournament" => TopicFamily::Tournament { tournament_id: id },
             "inhouse" => TopicFamily::Inhouse { org_id: id },
             "org_events" => TopicFamily::OrgEvents { org_id: id },
+            "admin" if id == "status" => TopicFamily::Admin,
             _ => return None,
         })
     }
@@ -43,6 +54,7 @@ impl TopicFamily {
             TopicFamily::Tournament { .. } => "tournament",
             TopicFamily::Inhouse { .. } => "inhouse",
             TopicFamily::OrgEvents { .. } => "org_events",
+            TopicFamily::Admin => "admin",
         }
     }
 
@@ -50,7 +62,11 @@ impl TopicFamily {
     /// tournaments are open to any authenticated identity; internal services may join anything.
     pub fn may_join(&self, identity: &Identity) -> bool {
         match (self, identity) {
+            (TopicFamily::Admin, identity) => {
+                matches!(identity, Identity::Internal | Identity::Admin)
+            }
             (_, Identity::Internal) => true,
+            (_, Identity::Admin) => false,
             (TopicFamily::Tournament { .. }, _) => true,
             (TopicFamily::Notifications { user_id }, Identity::User { user_id: own, .. }) => {
                 user_id == own
@@ -201,6 +217,7 @@ mod tests {
         );
         assert_eq!(TopicFamily::parse("inhouse:"), None);
         assert_eq!(TopicFamily::parse("rooms:1"), None);
+        assert_eq!(TopicFamily::parse("admin:other"), None);
         assert_eq!(TopicFamily::parse("phoenix"), None);
     }
 
@@ -223,6 +240,13 @@ mod tests {
             ("org_events:o1", player("o1"), true),
             ("org_events:o2", player("o1"), false),
             ("org_events:o3", Identity::Internal, true),
+            ("admin:status", Identity::Admin, true),
+            ("admin:status", Identity::Internal, true),
+            ("admin:status", user("u1", "o1"), false),
+            ("admin:status", player("o1"), false),
+            ("tournament:9", Identity::Admin, false),
+            ("org_events:o1", Identity::Admin, false),
+            ("notifications:u1", Identity::Admin, false),
         ];
         for (topic, identity, allowed) in cases {
             let family = TopicFamily::parse(topic).unwrap();

@@ -66,6 +66,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "PRESENCE_FAMILIES", default: "inhouse,org_events", meaning: "topic families with presence (`presence_state`/`presence_diff`); any of notifications, tournament, inhouse, org_events; `none` turns presence off" },
     Setting { name: "PRESENCE_TTL_MS", default: "30000", meaning: "members of a hub that stopped renewing its presence lease (a crash) leave everywhere after this long" },
     Setting { name: "PRESENCE_MAX_MEMBERS", default: "5000", meaning: "sockets shown in one topic's presence across all hubs; later ones stay joined but are not shown" },
+    Setting { name: "LONGPOLL_HOLD_MS", default: "10000", meaning: "how long a long-poll GET waits for messages before answering 204" },
+    Setting { name: "LONGPOLL_SESSION_TIMEOUT_MS", default: "20000", meaning: "a long-poll session with no request for this long ends (its channels leave)" },
+    Setting { name: "ADMIN_TOKEN", default: "", meaning: "when set (>= 32 bytes in production), opens GET /admin besides an internal JWT" },
     Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
 ];
 
@@ -182,6 +185,9 @@ pub struct Config {
     pub history_size: usize,
     pub history_ttl: Duration,
     pub presence: crate::presence::PresenceConfig,
+    pub longpoll: crate::longpoll::LongPollConfig,
+    /// Opens `/admin` (besides an internal JWT) when set.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +285,10 @@ impl Config {
         let scraper_api_key = get("SCRAPER_API_KEY").unwrap_or_default();
         if !scraper_api_key.is_empty() {
             check_production_secret(production, "SCRAPER_API_KEY", &scraper_api_key)?;
+        }
+        let admin_token = get("ADMIN_TOKEN");
+        if let Some(token) = &admin_token {
+            check_production_secret(production, "ADMIN_TOKEN", token)?;
         }
 
         let redis_url = normalize_redis_url(
@@ -429,6 +439,15 @@ impl Config {
                 ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS", 30_000)?),
                 max_members: parse_positive(&get, "PRESENCE_MAX_MEMBERS", 5_000)?,
             },
+            longpoll: crate::longpoll::LongPollConfig {
+                hold: Duration::from_millis(parse_positive(&get, "LONGPOLL_HOLD_MS", 10_000)?),
+                session_timeout: Duration::from_millis(parse_positive(
+                    &get,
+                    "LONGPOLL_SESSION_TIMEOUT_MS",
+                    20_000,
+                )?),
+            },
+            admin_token,
         })
     }
 }

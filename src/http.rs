@@ -1,5 +1,5 @@
 //! The axum router: health, readiness, metrics, the two publish routes, the Phoenix socket
-//! upgrade and the long-poll refusal; plus CORS, request ids, FORCE_SSL and HTTP metrics.
+//! upgrade and the long-poll transport; plus CORS, request ids, FORCE_SSL and HTTP metrics.
 //!
 //! Handlers stay thin: authentication lives in `auth`, envelopes in `ingest`, the socket
 //! protocol in `phoenix`. Errors leave as `{"error": …}` JSON with a 4xx status; internal details
@@ -47,6 +47,9 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     pub redis: Arc<RedisLink>,
     pub rails: RailsClient,
+    pub longpoll: Arc<crate::longpoll::LongPoll>,
+    /// The status page's rates and cached figures.
+    pub admin: crate::admin::Admin,
     pub verifier: TokenVerifier,
     pub session_deps: Arc<SessionDeps>,
     /// Set at the start of shutdown: readiness fails and new sockets are refused.
@@ -83,6 +86,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/socket/websocket", get(socket))
         .route("/api/realtime/stream", get(realtime_stream))
         .route("/socket/longpoll", any(longpoll))
+        .route("/admin", get(crate::admin::page))
+        .route("/admin/status", get(crate::admin::status_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -123,6 +128,7 @@ fn cors_layer(config: &Config) -> CorsLayer {
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
             header::HeaderName::from_static("x-api-key"),
+            header::HeaderName::from_static("x-phoenix-authtoken"),
         ])
         .expose_headers([header::HeaderName::from_static(X_REQUEST_ID)])
         .max_age(Duration::from_secs(3600))
@@ -324,7 +330,7 @@ async fn api_events(
     ))
 }
 
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -388,17 +394,119 @@ async fn realtime_stream(
     body.into_response()
 }
 
-/// Phoenix long-poll is not offered; the body is deliberately not JSON (protocol rule 7).
-async fn longpoll() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        )],
-        "long-poll transport is not supported; use the WebSocket transport",
+/// `/socket/longpoll` — the phoenix.js long-poll transport (see [`crate::longpoll`]). Every
+/// answer is HTTP 200 with the status in the JSON body, as phoenix.js reads it.
+async fn longpoll(
+    State(app): State<Arc<App>>,
+    method: Method,
+    Query(params): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    use crate::longpoll::{Answer, SessionToken, TOKEN_PREFIX};
+    // phoenix.js sends the socket params (maybe a JWT as `token`) and then its session token
+    // as a second `token`; session tokens have their own prefix.
+    let (session_tokens, auth_tokens): (Vec<&str>, Vec<&str>) = params
+        .iter()
+        .filter(|(key, _)| key == "token")
+        .map(|(_, value)| value.as_str())
+        .partition(|value| value.starts_with(TOKEN_PREFIX));
+    let session = session_tokens.last().map(|t| SessionToken::parse(t));
+    let answer = match (method, session) {
+        (Method::OPTIONS, _) => Answer::status(200),
+        (_, Some(None)) => {
+            metrics::counter!(m::LONGPOLL_REQUESTS, "op" => "any", "outcome" => "gone")
+                .increment(1);
+            Answer::status(410)
+        }
+        (Method::GET, Some(Some(token))) => app.longpoll.poll(&token).await,
+        (Method::GET, None) => {
+            longpoll_create(&app, &params, auth_tokens.first().copied(), &headers)
+        }
+        (Method::POST, Some(Some(token))) => {
+            let limit = app
+                .config
+                .limits
+                .max_frame_bytes
+                .saturating_mul(LONGPOLL_BATCH);
+            match axum::body::to_bytes(body, limit).await {
+                Ok(body) => app.longpoll.post(&token, body).await,
+                Err(_) => {
+                    metrics::counter!(m::INBOUND_REJECTED, "reason" => "longpoll_batch_too_big")
+                        .increment(1);
+                    Answer::status(413)
+                }
+            }
+        }
+        (Method::POST, None) => Answer::status(410),
+        _ => Answer::status(405),
+    };
+    Json(answer).into_response()
+}
+
+/// Messages phoenix.js puts in one long-poll POST at most (`MAX_LONGPOLL_BATCH_SIZE`): a POST
+/// may carry this many frames of `MAX_FRAME_BYTES`.
+const LONGPOLL_BATCH: usize = 100;
+
+/// A GET without a session token: authenticate like a WebSocket upgrade and start a session.
+fn longpoll_create(
+    app: &App,
+    params: &[(String, String)],
+    auth_token: Option<&str>,
+    headers: &HeaderMap,
+) -> crate::longpoll::Answer {
+    use crate::longpoll::Answer;
+    let refused = |outcome: &'static str, status: u16| {
+        metrics::counter!(m::LONGPOLL_REQUESTS, "op" => "create", "outcome" => outcome)
+            .increment(1);
+        metrics::counter!(m::SOCKET_CONNECTS, "outcome" => outcome).increment(1);
+        Answer::status(status)
+    };
+    // phoenix.js retries on 500 (and stops for good on 403).
+    if app.draining.load(Ordering::Acquire) {
+        return refused("draining", 500);
+    }
+    let vsn_param = params
+        .iter()
+        .find(|(key, _)| key == "vsn")
+        .map(|(_, value)| value.as_str());
+    let Some(vsn) = Vsn::from_param(vsn_param) else {
+        return refused("bad_vsn", 403);
+    };
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !app.config.origins.allows(origin.to_str().unwrap_or("")) {
+            return refused("bad_origin", 403);
+        }
+    }
+    let token = auth_token
+        .or_else(|| {
+            headers
+                .get("x-phoenix-authtoken")
+                .and_then(|v| v.to_str().ok())
+        })
+        .or_else(|| bearer_token(headers));
+    let authenticated = match token.map(|t| app.verifier.verify(t)) {
+        Some(Ok(authenticated)) => authenticated,
+        Some(Err(error)) => return refused(error.reason(), 403),
+        None => return refused("missing_token", 403),
+    };
+    let permits = match ConnectionPermits::acquire(app, &authenticated.identity) {
+        Ok(permits) => permits,
+        Err(full) => return refused(full.reason(), 500),
+    };
+    metrics::counter!(m::LONGPOLL_REQUESTS, "op" => "create", "outcome" => "ok").increment(1);
+    let span = tracing::info_span!(
+        "longpoll",
+        identity = authenticated.identity.kind(),
+        org = authenticated.identity.org_id().unwrap_or("-")
+    );
+    app.longpoll.create(
+        app.session_deps.clone(),
+        vsn,
+        authenticated,
+        (&app.sessions, span),
+        permits,
     )
-        .into_response()
 }
 
 /// The key `MAX_CONNECTIONS_PER_IDENTITY` counts under: one person, or all internal services.
@@ -407,6 +515,7 @@ fn identity_key(identity: &Identity) -> String {
         Identity::User { user_id, .. } => format!("user:{user_id}"),
         Identity::Player { player_id, .. } => format!("player:{player_id}"),
         Identity::Internal => "internal".to_string(),
+        Identity::Admin => "admin".to_string(),
     }
 }
 

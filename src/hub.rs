@@ -192,6 +192,10 @@ pub struct Hub {
     next_socket_id: AtomicU64,
     outbox_capacity: usize,
     metrics: Metrics,
+    /// Broadcasts that reached at least one subscriber, and broadcasts dropped for slow
+    /// consumers, since start (the status page turns them into rates).
+    broadcasts: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl Hub {
@@ -202,6 +206,8 @@ impl Hub {
             next_socket_id: AtomicU64::new(1),
             outbox_capacity,
             metrics,
+            broadcasts: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         }
     }
 
@@ -249,6 +255,26 @@ impl Hub {
         self.topics.len()
     }
 
+    /// The `limit` topics with the most subscribers here, largest first.
+    pub fn largest_topics(&self, limit: usize) -> Vec<(String, usize)> {
+        let mut topics: Vec<(String, usize)> = self
+            .topics
+            .iter()
+            .map(|entry| (entry.key().to_string(), entry.value().len()))
+            .collect();
+        topics.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        topics.truncate(limit);
+        topics
+    }
+
+    /// (broadcasts delivered, broadcasts dropped for slow consumers) since start.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.broadcasts.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+
     /// Broadcasts `payload` (valid JSON) as `event` on `topic`, without a history position.
     #[cfg(test)]
     pub fn publish(&self, topic: &str, event: &str, payload: Bytes) -> usize {
@@ -289,7 +315,9 @@ impl Hub {
             }
         }
         drop(subscribers);
+        self.broadcasts.fetch_add(1, Ordering::Relaxed);
         if dropped > 0 {
+            self.dropped.fetch_add(dropped, Ordering::Relaxed);
             self.metrics
                 .broadcasts_dropped_slow_consumer
                 .increment(dropped);

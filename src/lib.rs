@@ -19,12 +19,15 @@
 //! - [`ingest`]: the Redis link and the HTTP publish paths; the delivery pipeline.
 //! - [`rails`]: HTTP client to the Rails API.
 //! - [`http`]: the axum router and middleware.
+//! - [`longpoll`]: the phoenix.js long-poll transport; sessions reachable from any instance.
 //! - [`sse`]: the Server-Sent Events stream (`/api/realtime/stream`) with `Last-Event-ID`.
+//! - [`admin`]: the live status page (`/admin`) and its figures.
 //! - [`metrics`]: Prometheus recorder and metric names.
 //!
 //! [`run`] starts the whole hub on a listener and returns after a graceful drain, so tests
 //! start the real thing on port 0.
 
+pub mod admin;
 pub mod auth;
 pub mod channels;
 pub mod config;
@@ -36,6 +39,7 @@ pub mod ingest;
 pub mod inhouse;
 pub mod limits;
 pub mod logsafe;
+pub mod longpoll;
 pub mod metrics;
 pub mod phoenix;
 pub mod presence;
@@ -92,11 +96,16 @@ pub async fn run(
         hub.clone(),
         config.presence.clone(),
     ));
+    let longpoll = Arc::new(longpoll::LongPoll::new(
+        redis.clone(),
+        config.longpoll.clone(),
+    ));
     let pipeline = Arc::new(Pipeline {
         hub: hub.clone(),
         inhouse: inhouse.clone(),
         history: history.clone(),
         presence: presence.clone(),
+        longpoll: longpoll.clone(),
     });
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
 
@@ -122,6 +131,7 @@ pub async fn run(
         background.child_token(),
     ));
     background_tasks.spawn(metrics::upkeep(background.child_token()));
+    background_tasks.spawn(longpoll.clone().run(background.child_token()));
     background_tasks.spawn(
         presence
             .clone()
@@ -151,12 +161,15 @@ pub async fn run(
         pipeline,
         redis,
         rails,
+        longpoll,
+        admin: admin::Admin::default(),
         draining: AtomicBool::new(false),
         connections: Arc::new(AtomicUsize::new(0)),
         per_identity: Arc::default(),
         sessions: TaskTracker::new(),
     });
 
+    background_tasks.spawn(admin::run(app.clone(), background.child_token()));
     let stop_accepting = CancellationToken::new();
     if let Some(address) = metrics_bind_addr {
         let metrics_listener = TcpListener::bind(address).await?;

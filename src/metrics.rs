@@ -39,6 +39,9 @@ pub const PRESENCE_DIFFS: &str = "prostaff_presence_diffs_total";
 pub const PRESENCE_EXPIRED: &str = "prostaff_presence_expired_total";
 pub const PRESENCE_REFUSED: &str = "prostaff_presence_refused_total";
 pub const PRESENCE_RESYNCS: &str = "prostaff_presence_state_resyncs_total";
+pub const LONGPOLL_SESSIONS: &str = "prostaff_longpoll_sessions";
+pub const LONGPOLL_REQUESTS: &str = "prostaff_longpoll_requests_total";
+pub const LONGPOLL_EXPIRED: &str = "prostaff_longpoll_sessions_expired_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -155,6 +158,18 @@ fn describe() {
     describe_counter!(
         PRESENCE_RESYNCS,
         "presence_state pushed again to a socket that lost broadcasts on a presence topic"
+    );
+    describe_gauge!(
+        LONGPOLL_SESSIONS,
+        "long-poll sessions this instance runs (each is also counted as a socket)"
+    );
+    describe_counter!(
+        LONGPOLL_REQUESTS,
+        "long-poll requests by op (create, poll, post, routed) and outcome (ok, no_content, gone, forbidden, refused, error, undecodable)"
+    );
+    describe_counter!(
+        LONGPOLL_EXPIRED,
+        "long-poll sessions ended after LONGPOLL_SESSION_TIMEOUT_MS without a request"
     );
     describe_counter!(
         RECOVERIES,

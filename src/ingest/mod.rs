@@ -17,6 +17,7 @@ use crate::history::{self, AppendItem, History, Position};
 use crate::hub::Hub;
 use crate::inhouse::Inhouse;
 use crate::logsafe::LogSafe;
+use crate::longpoll::LongPoll;
 use crate::presence::Presence;
 use crate::router;
 
@@ -47,6 +48,9 @@ pub enum Incoming {
     /// A `presence_diff` that the presence script published on `prostaff:presence:{topic}`:
     /// delivered as is, without a history position (presence is state, not a stream).
     PresenceDiff { topic: String, raw: Bytes },
+    /// A long-poll request routed to this instance, or the answer to one it routed
+    /// (`prostaff:lp:{instance}`).
+    LongPoll { raw: Bytes },
 }
 
 /// One broadcast to make: the same raw bytes on each of its topics.
@@ -70,6 +74,7 @@ pub struct Pipeline {
     pub inhouse: Arc<Inhouse>,
     pub history: Arc<History>,
     pub presence: Arc<Presence>,
+    pub longpoll: Arc<LongPoll>,
 }
 
 impl Pipeline {
@@ -94,6 +99,10 @@ impl Pipeline {
                     metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "delivered")
                         .increment(1);
                     tracing::trace!(topic = %LogSafe(&topic), sockets, "presence diff delivered");
+                    None
+                }
+                Incoming::LongPoll { raw } => {
+                    self.longpoll.on_message(&raw);
                     None
                 }
                 incoming => self.prepare(incoming, source),
@@ -140,7 +149,7 @@ impl Pipeline {
                 envelope: None,
                 unrouted: false,
             }),
-            Incoming::PresenceDiff { .. } => None,
+            Incoming::PresenceDiff { .. } | Incoming::LongPoll { .. } => None,
             Incoming::Envelope { raw, channel } => match envelope::decode(raw) {
                 Ok(envelope) => {
                     let route = router::route(&envelope);

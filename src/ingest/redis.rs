@@ -1,5 +1,6 @@
 //! The Redis link: one subscriber connection (`PSUBSCRIBE prostaff:events:*` for envelopes,
-//! `prostaff:inhouse:*` for queue updates, `prostaff:presence:*` for presence diffs) and one command connection (PUBLISH for the HTTP
+//! `prostaff:inhouse:*` for queue updates, `prostaff:presence:*` for presence diffs,
+//! `prostaff:lp:{instance}` for long-poll requests routed to this instance) and one command connection (PUBLISH for the HTTP
 //! paths, PING for readiness, the queue scripts), managed by a single loop.
 //!
 //! The loop owns reconnection: connect both, subscribe, read until either connection ends or
@@ -42,6 +43,9 @@ const MAX_BATCH: usize = 256;
 /// channel, envelopes otherwise.
 fn incoming(message: fred::types::Message) -> Incoming {
     let raw = message.value.into_bytes().unwrap_or_default();
+    if message.channel.starts_with(crate::longpoll::CHANNEL_PREFIX) {
+        return Incoming::LongPoll { raw };
+    }
     if let Some(topic) = message
         .channel
         .strip_prefix(crate::presence::CHANNEL_PREFIX)
@@ -71,6 +75,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Shared view of the Redis link for readiness and the publish paths.
 pub struct RedisLink {
     url: String,
+    /// This hub instance's id (12 hex digits, random per process): presence leases and
+    /// long-poll session tokens name it.
+    instance: String,
     publisher: RwLock<Option<Client>>,
     /// Counts successful connects, the first one included: subscribers catch up after each.
     connects: watch::Sender<u64>,
@@ -97,9 +104,14 @@ impl RedisLink {
     pub fn new(url: &str) -> Arc<Self> {
         Arc::new(RedisLink {
             url: url.to_string(),
+            instance: format!("{:012x}", fastrand::u64(..) >> 16),
             publisher: RwLock::new(None),
             connects: watch::Sender::new(0),
         })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// A receiver that sees every later connect (the first one included).
@@ -150,15 +162,21 @@ impl RedisLink {
 
     /// PUBLISHes an envelope on `prostaff:events:{org_id}`.
     pub async fn publish(&self, org_id: &str, envelope: Bytes) -> Result<(), PublishError> {
+        self.publish_to(format!("{CHANNEL_PREFIX}{org_id}"), envelope)
+            .await
+            .map(|_| ())
+    }
+
+    /// PUBLISHes `payload` on `channel`; answers how many subscribers received it.
+    pub async fn publish_to(&self, channel: String, payload: Bytes) -> Result<i64, PublishError> {
         let client = self.commands().ok_or(PublishError::Disconnected)?;
-        let channel = format!("{CHANNEL_PREFIX}{org_id}");
         match tokio::time::timeout(
             COMMAND_TIMEOUT,
-            client.publish::<i64, _, _>(channel, envelope),
+            client.publish::<i64, _, _>(channel, payload),
         )
         .await
         {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(receivers)) => Ok(receivers),
             Ok(Err(error)) => Err(PublishError::Failed(error.kind().to_str().to_string())),
             Err(_) => Err(PublishError::Failed("timeout".into())),
         }
@@ -254,6 +272,7 @@ impl RedisLink {
         let subscriber = Self::build_client(config).map_err(|e| e.details().to_string())?;
         let commands = Self::build_client(config).map_err(|e| e.details().to_string())?;
         let mut messages = subscriber.message_rx();
+        let longpoll_channel = format!("{}{}", crate::longpoll::CHANNEL_PREFIX, self.instance);
         let connect = async {
             let sub_task = subscriber.init().await?;
             let cmd_task = commands.init().await?;
@@ -262,6 +281,8 @@ impl RedisLink {
                     CHANNEL_PATTERN,
                     QUEUE_CHANNEL_PATTERN,
                     crate::presence::CHANNEL_PATTERN,
+                    // A pattern without wildcards: this instance's channel only.
+                    longpoll_channel.as_str(),
                 ])
                 .await?;
             Ok::<_, fred::error::Error>((sub_task, cmd_task))

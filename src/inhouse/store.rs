@@ -57,6 +57,21 @@ end
 return ''
 "#;
 
+/// Up to `ARGV[1]` organisations with a queue key, found by SCAN (at most `ARGV[2]` SCAN steps,
+/// so a large keyspace costs a bounded amount of work). For the status page only.
+const QUEUE_ORGS_SCRIPT: &str = r#"
+local found, cursor, steps = {}, '0', 0
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', 'iq:{*}:q', 'COUNT', 1000)
+  cursor, steps = page[1], steps + 1
+  for _, key in ipairs(page[2]) do
+    found[#found + 1] = string.sub(key, 5, -4)
+    if #found >= tonumber(ARGV[1]) then return found end
+  end
+until cursor == '0' or steps >= tonumber(ARGV[2])
+return found
+"#;
+
 /// Releases the lock only when it still holds our token.
 const UNLOCK_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -126,6 +141,7 @@ pub struct QueueStore {
     deadlines_script: Script,
     lock_script: Script,
     unlock_script: Script,
+    queue_orgs_script: Script,
     rate_limit_max: u32,
     rate_limit_window: Duration,
 }
@@ -162,6 +178,7 @@ impl QueueStore {
             deadlines_script: Script::from_lua(DEADLINES_SCRIPT),
             lock_script: Script::from_lua(LOCK_SCRIPT),
             unlock_script: Script::from_lua(UNLOCK_SCRIPT),
+            queue_orgs_script: Script::from_lua(QUEUE_ORGS_SCRIPT),
             rate_limit_max,
             rate_limit_window,
         }
@@ -204,6 +221,18 @@ impl QueueStore {
         ];
         args.extend(extra);
         self.eval(&self.queue_script, op, keys(org_id), args).await
+    }
+
+    /// Organisations that have a queue in Redis (at most `limit`, bounded work): the status
+    /// page's list. Not for hot paths.
+    pub async fn queue_orgs(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.eval(
+            &self.queue_orgs_script,
+            "queue_orgs",
+            vec![],
+            vec![limit.to_string(), "50".to_string()],
+        )
+        .await
     }
 
     /// The org's active queue, or `None`.

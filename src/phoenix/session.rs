@@ -466,9 +466,13 @@ impl Session {
         let mut response = channels::join_response(&family, &self.deps.inhouse).await;
         // Read the position (and what was missed) only after subscribing: a broadcast appended
         // after this read is already on its way to the outbox, so nothing falls in between.
-        let (seen, missed) = self
-            .join_history(topic, since.as_ref(), &mut response)
-            .await;
+        let (seen, missed) = if family == TopicFamily::Admin {
+            // Live figures, not a stream: no history.
+            (None, Vec::new())
+        } else {
+            self.join_history(topic, since.as_ref(), &mut response)
+                .await
+        };
         let presence = self
             .deps
             .presence

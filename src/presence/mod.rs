@@ -124,7 +124,7 @@ pub fn presence_key(identity: &Identity) -> Option<String> {
     match identity {
         Identity::User { user_id, .. } => Some(format!("user:{user_id}")),
         Identity::Player { player_id, .. } => Some(format!("player:{player_id}")),
-        Identity::Internal => None,
+        Identity::Internal | Identity::Admin => None,
     }
 }
 
@@ -289,10 +289,10 @@ pub struct Presence {
 impl Presence {
     pub fn new(redis: Arc<RedisLink>, hub: Arc<Hub>, config: PresenceConfig) -> Self {
         Presence {
+            // Random per process: a restarted hub is a new instance, and its old one is swept.
+            instance: redis.instance().to_string(),
             redis,
             config,
-            // Random per process: a restarted hub is a new instance, and its old one is swept.
-            instance: format!("{:012x}", fastrand::u64(..) >> 16),
             next_ref: AtomicU64::new(1),
             topics: Mutex::new(HashMap::new()),
             mirrors: Mutex::new(HashMap::new()),

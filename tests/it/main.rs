@@ -9,6 +9,7 @@ mod ingest;
 mod inhouse;
 mod js;
 mod limits;
+mod longpoll;
 mod presence;
 mod recovery;
 mod shutdown;

@@ -401,24 +401,6 @@ async fn binary_pushes_are_decoded_and_answered() {
 }
 
 #[tokio::test]
-async fn longpoll_answers_without_json() {
-    let (_redis, hub) = hub().await;
-    for method in [reqwest::Method::GET, reqwest::Method::POST] {
-        let response = reqwest::Client::new()
-            .request(method, hub.http("/socket/longpoll?vsn=2.0.0"))
-            .send()
-            .await
-            .unwrap();
-        assert!(!response.status().is_success());
-        let body = response.text().await.unwrap();
-        assert!(
-            serde_json::from_str::<Value>(&body).is_err(),
-            "longpoll body must not be JSON: {body}"
-        );
-    }
-}
-
-#[tokio::test]
 async fn force_ssl_redirects_and_sets_hsts() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
