@@ -2,6 +2,7 @@
 //! per test on a free port, a fake Rails inside the test, and real WebSocket clients.
 //! One test binary so the crate links once.
 
+mod admin;
 mod cli;
 mod fuzz_regressions;
 mod hardening;
