@@ -3,6 +3,7 @@
 //! One test binary so the crate links once.
 
 mod admin;
+mod browser;
 mod cli;
 mod fuzz_regressions;
 mod hardening;
