@@ -75,7 +75,7 @@ async fn phoenix_js_suite() {
     assert_eq!(summary("cancelled"), 0);
     // Guard against a suite that silently runs nothing.
     assert!(
-        summary("pass") >= 26,
+        summary("pass") >= 27,
         "only {} phoenix.js tests ran",
         summary("pass")
     );
