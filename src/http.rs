@@ -414,8 +414,13 @@ async fn longpoll(
     let session = session_tokens.last().map(|t| SessionToken::parse(t));
     let answer = match (method, session) {
         (Method::OPTIONS, _) => Answer::status(200),
-        (_, Some(None)) => {
-            metrics::counter!(m::LONGPOLL_REQUESTS, "op" => "any", "outcome" => "gone")
+        (method, Some(None)) => {
+            let op = if method == Method::POST {
+                "post"
+            } else {
+                "poll"
+            };
+            metrics::counter!(m::LONGPOLL_REQUESTS, "op" => op, "outcome" => "malformed_token")
                 .increment(1);
             Answer::status(410)
         }

@@ -165,7 +165,7 @@ fn describe() {
     );
     describe_counter!(
         LONGPOLL_REQUESTS,
-        "long-poll requests by op (create, poll, post, routed) and outcome (ok, no_content, gone, forbidden, refused, error, undecodable)"
+        "long-poll requests by op (create, poll, post, routed) and outcome (ok, no_content, gone, malformed_token, error, undecodable; for create: ok or the refusal reason)"
     );
     describe_counter!(
         LONGPOLL_EXPIRED,
