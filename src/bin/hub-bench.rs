@@ -9,7 +9,12 @@
 //!   report delivered msgs/s and publish→receive latency (same clock: the bench's).
 //! - `spread`: N subscribers over K orgs; events spread over the orgs.
 //! - `redis-baseline`: the same N subscribers subscribed to Redis directly (RESP), same publisher.
-//! - `compare`: `redis-baseline` then `fanout` in one run, with the ratio.
+//! - `compare`: `redis-baseline`, then (with `--floor`) the same readers on the floor server,
+//!   then the hub, in one run, with the ratios and each process's CPU (`--hub-pid`,
+//!   `--floor-pid`, `--redis-pid`, and the bench's own, flagged when it is the bottleneck).
+//!   `--orgs K` spreads subscribers and events over K topics (K Redis channels for the baseline).
+//! - `floor-server`: the minimal fan-out server of issue 14 (see `hub_bench/floor.rs`), run as
+//!   its own process so it can be pinned and measured like the hub.
 //! - `queue`: in-house queue actions through the hub and its Redis scripts: C clients (one org
 //!   each) alternate `join_queue`/`leave_queue` and wait for each reply; reports actions/s and
 //!   p50/p99/max push→reply latency. Start the hub with a high `RATE_LIMIT_MAX`.
@@ -29,6 +34,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
+
+#[path = "hub_bench/floor.rs"]
+mod floor;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +59,15 @@ enum Scenario {
     RedisBaseline(FanoutArgs),
     Compare(FanoutArgs),
     Queue(QueueArgs),
+    FloorServer(FloorArgs),
+}
+
+#[derive(Args)]
+struct FloorArgs {
+    #[arg(long, default_value_t = 4800)]
+    port: u16,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
 }
 
 #[derive(Args, Clone)]
@@ -124,6 +141,16 @@ struct FanoutArgs {
     /// Payload padding in bytes.
     #[arg(long, default_value_t = 100)]
     payload_bytes: usize,
+    /// `compare`: the floor server's URL (`hub-bench floor-server`), measured between Redis and
+    /// the hub.
+    #[arg(long)]
+    floor: Option<String>,
+    /// PID of the floor server (its CPU is reported).
+    #[arg(long)]
+    floor_pid: Option<u32>,
+    /// PID of redis-server (its CPU is reported).
+    #[arg(long)]
+    redis_pid: Option<u32>,
 }
 
 fn epoch() -> Instant {
@@ -357,6 +384,56 @@ fn proc_sample(pid: Option<u32>) -> Option<ProcSample> {
 fn clock_ticks() -> f64 {
     // sysconf(_SC_CLK_TCK) is 100 on Linux x86_64.
     100.0
+}
+
+/// CPU used by some processes (and the bench itself) over one measured phase.
+struct CpuWatch {
+    started: Instant,
+    watched: Vec<(&'static str, u32, u64)>,
+}
+
+impl CpuWatch {
+    fn start(pids: &[(&'static str, Option<u32>)]) -> Self {
+        let mut watched: Vec<(&'static str, u32, u64)> = pids
+            .iter()
+            .filter_map(|(label, pid)| {
+                let pid = (*pid)?;
+                Some((*label, pid, proc_sample(Some(pid))?.cpu_ticks))
+            })
+            .collect();
+        let me = std::process::id();
+        if let Some(sample) = proc_sample(Some(me)) {
+            watched.push(("bench CPU % of a core", me, sample.cpu_ticks));
+        }
+        CpuWatch {
+            started: Instant::now(),
+            watched,
+        }
+    }
+
+    /// One row per process: percent of one core over the phase; and whether the bench itself
+    /// was saturated (then the figure is the generator's, a floor for the server).
+    fn rows(&self) -> Vec<(&'static str, Value)> {
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        let mut rows = Vec::new();
+        for (label, pid, before) in &self.watched {
+            let Some(after) = proc_sample(Some(*pid)) else {
+                continue;
+            };
+            let percent =
+                after.cpu_ticks.saturating_sub(*before) as f64 / clock_ticks() / seconds * 100.0;
+            rows.push((*label, json!(percent)));
+            if label.starts_with("bench") {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                let saturated = percent >= 90.0 * cores;
+                if saturated {
+                    eprintln!("hub-bench: the load generator was saturated ({percent:.0} % on {cores} core(s)): the figure is a floor");
+                }
+                rows.push(("bench saturated (figure is a floor)", json!(saturated)));
+            }
+        }
+        rows
+    }
 }
 
 /// Opens `count` sockets with bounded concurrency; returns them, the errors, and whether the
@@ -691,8 +768,16 @@ async fn wait_for_deliveries(receipts: &Receipts, expected: u64) {
     }
 }
 
-async fn hub_fanout(args: &FanoutArgs) -> FanoutResult {
-    let common = &args.common;
+/// Subscribers on `target` (the hub, or the floor server: both speak enough Phoenix for the
+/// readers); CPU of `pids` is measured while publishing and delivering.
+async fn hub_fanout(
+    args: &FanoutArgs,
+    target: &str,
+    pids: &[(&'static str, Option<u32>)],
+) -> FanoutResult {
+    let mut common = args.common.clone();
+    common.hub = target.to_string();
+    let common = &common;
     let orgs = args.orgs.max(1);
     let run = format!("{:x}", fastrand::u64(..));
     let org_name = |i: usize| format!("bench-{run}-{}", i % orgs);
@@ -763,16 +848,19 @@ async fn hub_fanout(args: &FanoutArgs) -> FanoutResult {
         .map(|seq| (0..subscribers).filter(|i| i % orgs == seq % orgs).count() as u64)
         .sum();
     let start_us = now_us();
+    let cpu = CpuWatch::start(pids);
     let span = publish_all(&client, args, |seq| {
         let org = org_name(seq);
         (format!("prostaff:events:{org}"), org)
     })
     .await;
     wait_for_deliveries(&receipts, expected).await;
+    let cpu_rows = cpu.rows();
     stop.cancel();
     let mut result = join_and_summarize(&receipts, expected, start_us, span, readers).await;
     result.rows.insert(0, ("subscribers", json!(subscribers)));
     result.rows.insert(1, ("orgs", json!(orgs)));
+    result.rows.extend(cpu_rows);
     let _ = client.quit().await;
     result
 }
@@ -791,10 +879,12 @@ async fn join_and_summarize(
 }
 
 /// The same subscribers, subscribed to Redis directly.
-async fn redis_fanout(args: &FanoutArgs) -> FanoutResult {
+async fn redis_fanout(args: &FanoutArgs, pids: &[(&'static str, Option<u32>)]) -> FanoutResult {
     let common = &args.common;
+    let orgs = args.orgs.max(1);
     let redis_addr = hub_addr(&args.redis.replace("redis://", "http://"));
-    let channel = format!("bench-baseline-{:x}", fastrand::u64(..));
+    let base = format!("bench-baseline-{:x}", fastrand::u64(..));
+    let channel_of = move |i: usize| format!("{base}-{}", i % orgs);
     let semaphore = Arc::new(Semaphore::new(common.connect_concurrency));
     let receipts = Arc::new(Receipts::default());
     let subscribed = Arc::new(AtomicUsize::new(0));
@@ -814,7 +904,7 @@ async fn redis_fanout(args: &FanoutArgs) -> FanoutResult {
                 continue;
             }
         };
-        let channel = channel.clone();
+        let channel = channel_of(i);
         let receipts = receipts.clone();
         let subscribed = subscribed.clone();
         let stop = stop.clone();
@@ -878,13 +968,22 @@ async fn redis_fanout(args: &FanoutArgs) -> FanoutResult {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let client = publisher(&args.redis).await;
-    let expected = (args.messages * subscribers) as u64;
+    let expected: u64 = (0..args.messages)
+        .map(|seq| (0..subscribers).filter(|i| i % orgs == seq % orgs).count() as u64)
+        .sum();
     let start_us = now_us();
-    let span = publish_all(&client, args, |_| (channel.clone(), "baseline".to_string())).await;
+    let cpu = CpuWatch::start(pids);
+    let span = publish_all(&client, args, |seq| {
+        (channel_of(seq), "baseline".to_string())
+    })
+    .await;
     wait_for_deliveries(&receipts, expected).await;
+    let cpu_rows = cpu.rows();
     stop.cancel();
     let mut result = join_and_summarize(&receipts, expected, start_us, span, readers).await;
     result.rows.insert(0, ("subscribers", json!(subscribers)));
+    result.rows.insert(1, ("channels", json!(orgs)));
+    result.rows.extend(cpu_rows);
     let _ = client.quit().await;
     result
 }
@@ -1017,6 +1116,68 @@ async fn queue_bench(args: QueueArgs, json_out: bool) {
     report(json_out, "queue actions (hub + Redis scripts)", rows);
 }
 
+/// Redis, then the floor server (when given), then the hub: the same readers, publisher and
+/// events in one run, with the ratios.
+async fn compare(args: FanoutArgs, json_out: bool) {
+    let redis_pid = ("redis CPU % of a core", args.redis_pid);
+    let baseline = redis_fanout(&args, &[redis_pid]).await;
+    report(json_out, "redis-baseline", baseline.rows.clone());
+    let floor = match &args.floor {
+        Some(url) => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pids = [("floor CPU % of a core", args.floor_pid), redis_pid];
+            let result = hub_fanout(&args, url, &pids).await;
+            report(json_out, "floor server", result.rows.clone());
+            Some(result)
+        }
+        None => None,
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pids = [("hub CPU % of a core", args.common.hub_pid), redis_pid];
+    let hub = hub_fanout(&args, &args.common.hub, &pids).await;
+    report(json_out, "hub", hub.rows.clone());
+    let latency = |result: &FanoutResult, key: &str| -> f64 {
+        result
+            .rows
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.as_f64())
+            .unwrap_or(0.0)
+    };
+    let mut rows = vec![
+        ("hub delivered msgs/s", json!(hub.rate)),
+        ("redis delivered msgs/s", json!(baseline.rate)),
+        ("hub / redis", json!(hub.rate / baseline.rate.max(1.0))),
+    ];
+    if let Some(floor) = &floor {
+        rows.push(("floor delivered msgs/s", json!(floor.rate)));
+        rows.push(("hub / floor", json!(hub.rate / floor.rate.max(1.0))));
+        rows.push(("floor / redis", json!(floor.rate / baseline.rate.max(1.0))));
+    }
+    for key in [
+        "latency p50 ms",
+        "latency p99 ms",
+        "latency max ms",
+        "first publish → last receipt s",
+    ] {
+        let (h, r) = (latency(&hub, key), latency(&baseline, key));
+        let f = floor
+            .as_ref()
+            .map(|f| format!(" / floor {:.1}", latency(f, key)))
+            .unwrap_or_default();
+        rows.push((key, json!(format!("hub {h:.1}{f} / redis {r:.1}"))));
+    }
+    rows.push(("hub complete", json!(hub.delivered == hub.expected)));
+    rows.push((
+        "redis complete",
+        json!(baseline.delivered == baseline.expected),
+    ));
+    if let Some(floor) = &floor {
+        rows.push(("floor complete", json!(floor.delivered == floor.expected)));
+    }
+    report(json_out, "ratios (same run)", rows);
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -1024,41 +1185,23 @@ async fn main() {
     match cli.scenario {
         Scenario::Connections(args) => connections(args, cli.json).await,
         Scenario::Queue(args) => queue_bench(args, cli.json).await,
+        Scenario::FloorServer(args) => floor::run(args.port, &args.redis).await,
         Scenario::Fanout(mut args) => {
             args.orgs = 1;
-            let result = hub_fanout(&args).await;
+            let pids = [("hub CPU % of a core", args.common.hub_pid)];
+            let result = hub_fanout(&args, &args.common.hub, &pids).await;
             report(cli.json, "fanout (hub)", result.rows);
         }
         Scenario::Spread(args) => {
-            let result = hub_fanout(&args).await;
+            let pids = [("hub CPU % of a core", args.common.hub_pid)];
+            let result = hub_fanout(&args, &args.common.hub, &pids).await;
             report(cli.json, "spread (hub)", result.rows);
         }
         Scenario::RedisBaseline(args) => {
-            let result = redis_fanout(&args).await;
+            let pids = [("redis CPU % of a core", args.redis_pid)];
+            let result = redis_fanout(&args, &pids).await;
             report(cli.json, "redis-baseline", result.rows);
         }
-        Scenario::Compare(mut args) => {
-            args.orgs = 1;
-            let baseline = redis_fanout(&args).await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let hub = hub_fanout(&args).await;
-            let ratio = hub.rate / baseline.rate.max(1.0);
-            report(cli.json, "redis-baseline", baseline.rows);
-            report(cli.json, "fanout (hub)", hub.rows);
-            report(
-                cli.json,
-                "ratio",
-                vec![
-                    ("hub delivered msgs/s", json!(hub.rate)),
-                    ("redis delivered msgs/s", json!(baseline.rate)),
-                    ("hub / redis", json!(ratio)),
-                    ("hub complete", json!(hub.delivered == hub.expected)),
-                    (
-                        "redis complete",
-                        json!(baseline.delivered == baseline.expected),
-                    ),
-                ],
-            );
-        }
+        Scenario::Compare(args) => compare(args, cli.json).await,
     }
 }

@@ -53,6 +53,62 @@ pub enum Incoming {
     LongPoll { raw: Bytes },
 }
 
+static UNROUTED_WARNINGS: LogLimiter = LogLimiter::new();
+
+/// Lets one log line per key through per second and counts the ones it held back, so a busy
+/// key cannot turn every event into a log write while a new key is still logged at once.
+pub struct LogLimiter {
+    /// key → (second of the last line let through, lines held back since).
+    seen: std::sync::Mutex<Option<HashMap<String, (u64, u64)>>>,
+}
+
+/// Keys remembered at most; past this the table starts over (a flood of distinct keys costs
+/// one line each, as without the limiter, but no memory).
+const LOG_LIMITER_KEYS: usize = 1024;
+
+impl LogLimiter {
+    pub const fn new() -> Self {
+        LogLimiter {
+            seen: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when this line may be logged.
+    pub fn admit(&self, key: &str) -> Option<u64> {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let second = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs();
+        self.admit_at(key, second)
+    }
+
+    fn admit_at(&self, key: &str, second: u64) -> Option<u64> {
+        let key: String = key.chars().take(64).collect();
+        let mut seen = self.seen.lock().expect("log limiter lock");
+        let seen = seen.get_or_insert_with(HashMap::new);
+        if let Some((last, held)) = seen.get_mut(&key) {
+            if *last == second {
+                *held += 1;
+                return None;
+            }
+            *last = second;
+            return Some(std::mem::take(held));
+        }
+        if seen.len() >= LOG_LIMITER_KEYS {
+            seen.clear();
+        }
+        seen.insert(key, (second, 0));
+        Some(0)
+    }
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// One broadcast to make: the same raw bytes on each of its topics.
 struct Broadcast {
     raw: Bytes,
@@ -154,11 +210,16 @@ impl Pipeline {
                 Ok(envelope) => {
                     let route = router::route(&envelope);
                     if route.unrouted {
-                        tracing::warn!(
-                            event_type = %LogSafe(&envelope.event_type),
-                            org = %LogSafe(&envelope.org_id),
-                            "Unrouted event"
-                        );
+                        // Counted always (`outcome="unrouted"`); logged at most once a second per
+                        // type, so a busy type cannot turn every event into a log write.
+                        if let Some(suppressed) = UNROUTED_WARNINGS.admit(&envelope.event_type) {
+                            tracing::warn!(
+                                event_type = %LogSafe(&envelope.event_type),
+                                org = %LogSafe(&envelope.org_id),
+                                suppressed,
+                                "Unrouted event"
+                            );
+                        }
                     }
                     let topics = route
                         .topics
@@ -236,5 +297,24 @@ impl Pipeline {
             }
         }
         positions
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::LogLimiter;
+
+    #[test]
+    fn one_line_per_second_and_the_rest_counted() {
+        let limiter = LogLimiter::new();
+        assert_eq!(limiter.admit_at("a.type", 7), Some(0));
+        for _ in 0..5 {
+            assert_eq!(limiter.admit_at("a.type", 7), None);
+        }
+        // Another key is not held back by the first one.
+        assert_eq!(limiter.admit_at("b.type", 7), Some(0));
+        // The next second lets one through, with the count of what was held back.
+        assert_eq!(limiter.admit_at("a.type", 8), Some(5));
+        assert_eq!(limiter.admit_at("a.type", 8), None);
     }
 }

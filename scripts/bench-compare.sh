@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One `hub-bench compare` run with the processes pinned: redis-server, the hub and the floor
+# server on core 0, the load generator on core 1 (the machine has two). Prints the bench's
+# tables; BENCHMARKS.md quotes them.
+#
+#   scripts/bench-compare.sh SUBSCRIBERS MESSAGES [RATE] [ORGS]
+#
+# RATE 0 (the default) publishes flat out (throughput); a rate measures latency. Extra hub
+# settings can be passed in the environment as HUB_ENV="NAME=value …".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUBSCRIBERS=${1:?subscribers}
+MESSAGES=${2:?messages}
+RATE=${3:-0}
+ORGS=${4:-1}
+REDIS_PORT=${REDIS_PORT:-6400}
+HUB_PORT=${HUB_PORT:-4700}
+FLOOR_PORT=${FLOOR_PORT:-4800}
+ulimit -n 20000
+cargo build --release -q --bins
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode no \
+  --maxclients 19500 --save "" --appendonly no --loglevel warning &
+REDIS_PID=$!; pids+=("$REDIS_PID")
+sleep 0.5
+# shellcheck disable=SC2086
+env PORT="$HUB_PORT" BIND_ADDR=127.0.0.1 REDIS_URL="redis://127.0.0.1:$REDIS_PORT" RUST_LOG=warn \
+  RECONCILE_INTERVAL_MS=0 ${HUB_ENV:-} taskset -c 0 ./target/release/prostaff-events &
+HUB_PID=$!; pids+=("$HUB_PID")
+taskset -c 0 ./target/release/hub-bench floor-server --port "$FLOOR_PORT" \
+  --redis "redis://127.0.0.1:$REDIS_PORT" &
+FLOOR_PID=$!; pids+=("$FLOOR_PID")
+for _ in $(seq 50); do
+  curl -sf "http://127.0.0.1:$HUB_PORT/health/ready" >/dev/null && break
+  sleep 0.2
+done
+
+taskset -c 1 ./target/release/hub-bench compare \
+  --hub "http://127.0.0.1:$HUB_PORT" --floor "http://127.0.0.1:$FLOOR_PORT" \
+  --redis "redis://127.0.0.1:$REDIS_PORT" \
+  --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --rate "$RATE" --orgs "$ORGS" \
+  --hub-pid "$HUB_PID" --floor-pid "$FLOOR_PID" --redis-pid "$REDIS_PID"
