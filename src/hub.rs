@@ -144,9 +144,19 @@ impl Outbox {
     }
 }
 
+fn same_topic(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
 impl OutboxState {
     fn count_queued(&mut self, topic: &Arc<str>, delta: isize) {
-        match self.queued_per_topic.iter().position(|(t, _)| t == topic) {
+        // Frames share their topic's `Arc` with the topic map, so a pointer comparison almost
+        // always decides; the string comparison is the fallback.
+        match self
+            .queued_per_topic
+            .iter()
+            .position(|(t, _)| same_topic(t, topic))
+        {
             Some(i) => {
                 let count = &mut self.queued_per_topic[i].1;
                 *count = count.saturating_add_signed(delta);
@@ -168,7 +178,7 @@ impl OutboxState {
         let Some(index) = self.frames.iter().position(|frame| {
             self.queued_per_topic
                 .iter()
-                .any(|(topic, count)| *count == busiest && *topic == frame.topic)
+                .any(|(topic, count)| *count == busiest && same_topic(topic, &frame.topic))
         }) else {
             return;
         };
@@ -177,7 +187,7 @@ impl OutboxState {
         match self
             .dropped
             .iter_mut()
-            .find(|(topic, _)| *topic == dropped.topic)
+            .find(|(topic, _)| same_topic(topic, &dropped.topic))
         {
             Some((_, count)) => *count += 1,
             None => self.dropped.push((dropped.topic.clone(), 1)),

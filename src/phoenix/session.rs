@@ -692,23 +692,33 @@ impl Session {
                     .record(first.published_at.elapsed().as_secs_f64());
             }
         }
+        // Consecutive frames usually share a topic: its channel is looked up once per run.
+        let mut current: Option<(Arc<str>, Option<&mut Joined>)> = None;
         for frame in drained.frames.drain(..) {
             if let Some(position) = &frame.position {
+                if !current
+                    .as_ref()
+                    .is_some_and(|(topic, _)| Arc::ptr_eq(topic, &frame.topic))
+                {
+                    // End the previous borrow before taking the next one.
+                    current.take();
+                    let joined = self.channels.get_mut(&*frame.topic);
+                    current = Some((frame.topic.clone(), joined));
+                }
                 // Skip what the channel has already seen (recovery overlap, a re-published
                 // event); remember the newest position otherwise.
-                if let Some(joined) = self.channels.get_mut(&*frame.topic) {
-                    if joined
-                        .seen
-                        .as_ref()
-                        .is_some_and(|seen| position.is_covered_by(seen))
-                    {
-                        continue;
+                if let Some((_, Some(joined))) = current.as_mut() {
+                    match joined.seen.as_mut() {
+                        Some(seen) if position.is_covered_by(seen) => continue,
+                        // Same epoch: move the offset, no allocation.
+                        Some(seen) if seen.epoch == position.epoch => seen.offset = position.offset,
+                        _ => joined.seen = Some(position.clone()),
                     }
-                    joined.seen = Some(position.clone());
                 }
             }
             messages.push(Message::Text(frame.text(self.vsn)));
         }
+        drop(current);
         drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
         for (topic, join_ref) in resync {
             metrics::counter!(m::PRESENCE_RESYNCS).increment(1);
