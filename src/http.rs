@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -39,7 +37,9 @@ use crate::logsafe::LogSafe;
 use crate::metrics as m;
 use crate::phoenix::codec::Vsn;
 use crate::phoenix::session::{self, SessionDeps};
+use crate::phoenix::ws::WsStream;
 use crate::rails::RailsClient;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// Everything the HTTP handlers share.
 pub struct App {
@@ -637,11 +637,21 @@ async fn socket(
     State(app): State<Arc<App>>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
-    let upgrade = match upgrade {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection.into_response(),
+    let Some(key) = websocket_key(&headers) else {
+        return ApiError::new(StatusCode::BAD_REQUEST, "not a WebSocket upgrade request")
+            .into_response();
+    };
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "connection cannot be upgraded",
+        )
+        .into_response();
     };
     if app.draining.load(Ordering::Acquire) {
         return refuse("draining", StatusCode::SERVICE_UNAVAILABLE);
@@ -684,31 +694,72 @@ async fn socket(
         Err(full) => return refuse(full.reason(), full.status()),
     };
 
-    let limits = &app.config.limits;
+    // Larger than MAX_FRAME_BYTES so the session itself sees (and closes with 1009) messages
+    // up to twice the limit; beyond that the reader refuses them before buffering them whole.
+    let max_message = app.config.limits.max_frame_bytes * 2 + 1024;
     let deps = app.session_deps.clone();
-    let sessions = app.sessions.clone();
     let span = tracing::info_span!(
         "socket",
         identity = authenticated.identity.kind(),
         org = authenticated.identity.org_id().unwrap_or("-")
     );
-    upgrade
-        .protocols(["phoenix"])
-        .read_buffer_size(1024)
-        // Frames queued together go out in one write; the buffer only grows on sockets that
-        // actually batch, so idle sockets stay small.
-        .write_buffer_size(4 * 1024)
-        .max_message_size(limits.max_frame_bytes * 2 + 1024)
-        .max_frame_size(limits.max_frame_bytes * 2 + 1024)
-        .on_upgrade(move |socket| {
-            sessions.track_future(
-                async move {
-                    let _permits = permits;
-                    session::run(socket, deps, vsn, authenticated).await;
+    tokio::spawn(
+        app.sessions.track_future(
+            async move {
+                let _permits = permits;
+                match on_upgrade.await {
+                    Ok(upgraded) => {
+                        let socket =
+                            WsStream::new(hyper_util::rt::TokioIo::new(upgraded), max_message);
+                        session::run(socket, deps, vsn, authenticated).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
-                .instrument(span),
-            )
+            }
+            .instrument(span),
+        ),
+    );
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if !offered.is_empty() {
+        response_headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("phoenix"),
+        );
+    }
+    response
+}
+
+/// The `Sec-WebSocket-Key` of a valid HTTP/1.1 WebSocket upgrade request (RFC 6455 §4.2.1).
+fn websocket_key(headers: &HeaderMap) -> Option<&str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
         })
+    };
+    if !has_token(header::CONNECTION, "upgrade")
+        || !has_token(header::UPGRADE, "websocket")
+        || headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .and_then(|v| v.to_str().ok())
+            != Some("13")
+    {
+        return None;
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)?
+        .to_str()
+        .ok()
+        .filter(|key| !key.is_empty())
 }
 
 async fn force_ssl(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
