@@ -191,7 +191,10 @@ where
                 let result = match incoming {
                     None => Err(Ending::silent("client_closed")),
                     Some(Err(error)) => Err(session.read_error(&error.to_string())),
-                    Some(Ok(message)) => session.on_message(message).await,
+                    // Boxed: joins and pushes await Redis (history, presence, queues), and
+                    // those futures would otherwise size every idle socket's task (see
+                    // `the_session_future_stays_small`).
+                    Some(Ok(message)) => Box::pin(session.on_message(message)).await,
                 };
                 if let Err(ending) = result {
                     break ending;
@@ -722,7 +725,7 @@ impl Session {
         drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
         for (topic, join_ref) in resync {
             metrics::counter!(m::PRESENCE_RESYNCS).increment(1);
-            self.push_presence_state(join_ref.as_deref(), &topic).await;
+            Box::pin(self.push_presence_state(join_ref.as_deref(), &topic)).await;
             messages.append(&mut self.pending);
         }
         if !messages.is_empty() {
@@ -789,6 +792,84 @@ impl Session {
                 close_code::GOING_AWAY,
                 "server going away",
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::redis::RedisLink;
+    use crate::inhouse::QueueStore;
+
+    /// Every socket's task holds one `run` future for its whole life: its size is per-socket
+    /// memory (issue 14: RSS per socket). Rarely taken paths (joins, pushes, presence resyncs)
+    /// are boxed so they do not size the idle state.
+    #[test]
+    fn the_session_future_stays_small() {
+        let redis = RedisLink::new("redis://127.0.0.1:1");
+        let hub = Arc::new(Hub::new(16, crate::metrics::Metrics::global()));
+        let deps = Arc::new(SessionDeps {
+            hub: hub.clone(),
+            inhouse: Arc::new(Inhouse::new(QueueStore::new(
+                redis.clone(),
+                10,
+                Duration::from_secs(60),
+            ))),
+            history: Arc::new(History::new(redis.clone(), 10, Duration::from_secs(60))),
+            presence: Arc::new(Presence::new(
+                redis,
+                hub,
+                crate::config::Config::development().presence,
+            )),
+            limits: Limits::default(),
+            metrics: crate::metrics::Metrics::global(),
+            hard_stop: CancellationToken::new(),
+        });
+        let auth = Authenticated {
+            identity: crate::auth::Identity::Internal,
+            expires_at: None,
+        };
+        let future = run(Box::pin(EmptySocket), deps, Vsn::V2, auth);
+        let size = std::mem::size_of_val(&future);
+        println!("session future: {size} bytes");
+        assert!(size <= 2048, "the session future is {size} bytes");
+    }
+
+    struct EmptySocket;
+
+    impl Stream for EmptySocket {
+        type Item = Result<Message, std::io::Error>;
+        fn poll_next(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(None)
+        }
+    }
+
+    impl Sink<Message> for EmptySocket {
+        type Error = std::io::Error;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn start_send(self: std::pin::Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
+            Ok(())
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
         }
     }
 }
