@@ -451,3 +451,31 @@ async fn a_session_that_stops_reading_is_closed_like_a_slow_websocket() {
     assert!(!frames.is_empty());
     assert!(frames.len() < 300, "the queue is bounded: {}", frames.len());
 }
+
+#[tokio::test]
+async fn an_oversized_post_batch_is_refused_and_the_session_survives() {
+    let redis = RedisServer::start();
+    let mut config = config(&redis);
+    // A batch may carry 100 frames of MAX_FRAME_BYTES: 100 × 200 bytes here.
+    config.limits.max_frame_bytes = 200;
+    let hub = TestHub::start(config).await;
+    hub.wait_redis_ready().await;
+    let org = unique("lpbig");
+    let mut lp = Lp::open(&hub.http(""), &user_token("u1", &org)).await;
+    let frame = json!([null, "big", "phoenix", "heartbeat", {"pad": "x".repeat(150)}]);
+    let answer = lp.post(&vec![frame; 200]).await;
+    assert_eq!(answer, json!({"status": 413}));
+    let rejected = metric_value(
+        &hub.metrics().await,
+        "prostaff_inbound_rejected_total",
+        &["reason=\"longpoll_batch_too_big\""],
+    );
+    assert!(rejected >= 1.0);
+    // The session is still there: a normal batch goes through and is answered.
+    let answer = lp
+        .post(&[json!([null, "ok", "phoenix", "heartbeat", {}])])
+        .await;
+    assert_eq!(answer, json!({"status": 200}));
+    let frames = lp.poll_until("the heartbeat reply", |f| f[1] == "ok").await;
+    assert_eq!(frames.last().unwrap()[4]["status"], "ok");
+}
