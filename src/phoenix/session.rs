@@ -99,6 +99,9 @@ struct Session {
     /// (phoenix.js rejoins all of them at once after a reconnect).
     control: TokenBucket,
     pending: Vec<Message>,
+    /// The outgoing batch of a flush, kept between flushes (small) so a delivery to an idle
+    /// socket allocates nothing: at 19k sockets per broadcast, allocator time showed.
+    scratch: Vec<Message>,
 }
 
 /// A token bucket: `rate` per second up to `burst`; `None` is unlimited.
@@ -168,6 +171,7 @@ where
         auth,
         channels: HashMap::new(),
         pending: Vec::new(),
+        scratch: Vec::new(),
     };
 
     let idle = tokio::time::sleep(limits.idle_timeout);
@@ -666,8 +670,10 @@ impl Session {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let messages = std::mem::take(&mut self.pending);
-        self.write_all(socket, messages).await
+        let mut messages = std::mem::take(&mut self.pending);
+        let result = self.write_all(socket, &mut messages).await;
+        self.pending = messages;
+        result
     }
 
     /// Writes whatever the outbox holds (drop notices first), or closes when asked to.
@@ -680,7 +686,8 @@ impl Session {
         S: Sink<Message, Error = E> + Unpin,
     {
         self.outbox.drain(256, drained);
-        let mut messages = std::mem::take(&mut self.pending);
+        let mut messages = std::mem::take(&mut self.scratch);
+        messages.append(&mut self.pending);
         let mut resync: Vec<(Arc<str>, Option<String>)> = Vec::new();
         for (topic, count) in drained.dropped.drain(..) {
             if let Some(joined) = self.channels.get(&*topic) {
@@ -742,8 +749,10 @@ impl Session {
             messages.append(&mut self.pending);
         }
         if !messages.is_empty() {
-            self.write_all(socket, messages).await?;
+            self.write_all(socket, &mut messages).await?;
         }
+        messages.shrink_to(4);
+        self.scratch = messages;
         match drained.closing.take() {
             Some(CloseReason::Restart) => Err(Ending::closed(
                 "server_restart",
@@ -762,14 +771,14 @@ impl Session {
     async fn write_all<S, E>(
         &mut self,
         socket: &mut S,
-        messages: Vec<Message>,
+        messages: &mut Vec<Message>,
     ) -> Result<(), Ending>
     where
         S: Sink<Message, Error = E> + Unpin,
     {
         let count = messages.len() as u64;
         let write = async {
-            for message in messages {
+            for message in messages.drain(..) {
                 socket.feed(message).await?;
             }
             socket.flush().await

@@ -51,6 +51,11 @@ pub struct WsStream<S> {
     partial: Option<(u8, BytesMut)>,
     close_sent: bool,
     eof: bool,
+    /// The read buffer was grown past its idle size for a large message: it is replaced by a
+    /// small one once empty (`capacity()` of an advanced view does not show the allocation).
+    read_grown: bool,
+    /// The last flush wrote more than [`RETAINED_WRITE_CAPACITY`]: the buffer is large.
+    write_grown: bool,
 }
 
 impl<S> WsStream<S> {
@@ -63,6 +68,8 @@ impl<S> WsStream<S> {
             partial: None,
             close_sent: false,
             eof: false,
+            read_grown: false,
+            write_grown: false,
         }
     }
 
@@ -133,6 +140,9 @@ impl<S> WsStream<S> {
         }
         let total = header + 4 + len as usize;
         if buf.len() < total {
+            if total > READ_CAPACITY {
+                self.read_grown = true;
+            }
             self.read.reserve(total - buf.len());
             return Ok(None);
         }
@@ -204,13 +214,18 @@ enum Parsed {
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Writes what is queued; gives back a large buffer afterwards.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let large = self.write.len() > RETAINED_WRITE_CAPACITY;
         while !self.write.is_empty() {
             let written = ready!(poll_write_buf(Pin::new(&mut self.io), cx, &mut self.write))?;
             if written == 0 {
                 return Poll::Ready(Err(WsError::Io(std::io::ErrorKind::WriteZero.into())));
             }
         }
-        if self.write.capacity() > RETAINED_WRITE_CAPACITY {
+        if large {
+            // Kept while large writes follow each other (a burst reuses it)…
+            self.write_grown = true;
+        } else if std::mem::take(&mut self.write_grown) {
+            // …and given back at the first small one (a lone `presence_state` is not kept).
             self.write = BytesMut::new();
         }
         Poll::Ready(Ok(()))
@@ -247,6 +262,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WsStream<S> {
                 Ok(None) if this.eof => return Poll::Ready(None),
                 Ok(None) => {}
             }
+            if this.read.is_empty() && std::mem::take(&mut this.read_grown) {
+                // A large message came and went: back to the idle size.
+                this.read = BytesMut::with_capacity(READ_CAPACITY);
+            }
             if this.read.capacity() - this.read.len() < 256 {
                 this.read.reserve(READ_CAPACITY);
             }
@@ -254,10 +273,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WsStream<S> {
                 Ok(0) => this.eof = true,
                 Ok(_) => {}
                 Err(error) => return Poll::Ready(Some(Err(error.into()))),
-            }
-            if this.read.is_empty() && this.read.capacity() > 4 * READ_CAPACITY {
-                // A large message came and went: back to the idle size.
-                this.read = BytesMut::with_capacity(READ_CAPACITY);
             }
         }
     }
@@ -396,9 +411,14 @@ mod tests {
                 .unwrap();
         }
         ws.flush().await.unwrap();
+        // A burst keeps the large buffer; the next small write gives it back. (Reserving
+        // reclaims the old allocation when it was kept: it must not have been.)
+        ws.send(Message::Text("small".into())).await.unwrap();
+        ws.write.reserve(16);
         assert!(
             ws.write.capacity() <= RETAINED_WRITE_CAPACITY,
-            "a large buffer is given back"
+            "a large buffer is given back: {}",
+            ws.write.capacity()
         );
         let mut pong = [0u8; 4];
         client.read_exact(&mut pong).await.unwrap();
@@ -416,6 +436,32 @@ mod tests {
             let mut body = vec![0u8; len];
             client.read_exact(&mut body).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_large_message_does_not_keep_a_large_read_buffer() {
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut ws = WsStream::new(server, 1 << 20);
+        let big = "z".repeat(100_000);
+        client
+            .write_all(&client_frame(true, 0x1, big.as_bytes()))
+            .await
+            .unwrap();
+        assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.len() == 100_000));
+        client
+            .write_all(&client_frame(true, 0x1, b"small"))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text("small".into())
+        );
+        ws.read.reserve(16);
+        assert!(
+            ws.read.capacity() <= 4 * READ_CAPACITY,
+            "the read buffer went back to its idle size: {}",
+            ws.read.capacity()
+        );
     }
 
     #[tokio::test]
