@@ -979,3 +979,72 @@ pub fn strip_position(mut frame: Value) -> Value {
     );
     frame
 }
+
+// ---------------------------------------------------------------------------------------------
+// Node test suites (`tests/js`, `tests/browser`)
+
+/// `tests/<name>` in the repository.
+pub fn node_suite_dir(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(name)
+}
+
+/// `npm ci` in `dir` when one of `packages` is not installed yet (a fresh checkout).
+pub fn ensure_node_modules(dir: &std::path::Path, packages: &[&str]) {
+    let installed = packages.iter().all(|p| {
+        dir.join("node_modules")
+            .join(p)
+            .join("package.json")
+            .exists()
+    });
+    if installed {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("npm is installed (Node.js 20)");
+    assert!(status.success(), "npm ci failed in {}", dir.display());
+}
+
+/// What a `node --test --test-reporter=spec` run printed.
+pub struct NodeRun {
+    stdout: String,
+}
+
+impl NodeRun {
+    /// A count from the run's summary (`ℹ pass 27`).
+    pub fn count(&self, label: &str) -> usize {
+        self.stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("ℹ {label} ")))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{label}` line in the node test summary"))
+    }
+}
+
+/// Runs `node --test --test-force-exit --test-reporter=spec <args>` in `dir` with `env`, shows
+/// its output and asserts that it succeeded.
+pub async fn run_node_tests(
+    suite: &str,
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, std::ffi::OsString)],
+) -> NodeRun {
+    let output = tokio::process::Command::new("node")
+        .args(["--test", "--test-force-exit", "--test-reporter=spec"])
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().map(|(name, value)| (*name, value)))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("node is installed");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{suite} failed (see output above)");
+    NodeRun { stdout }
+}
