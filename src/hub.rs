@@ -238,15 +238,16 @@ impl Hub {
         self.sockets.len()
     }
 
-    pub fn subscribe(&self, topic: &str, id: SocketId, outbox: &Arc<Outbox>) {
+    /// Subscribes socket `id` to `topic`; returns the topic's shared name (the `Arc` every
+    /// frame of the topic carries, so sessions can match frames by pointer).
+    pub fn subscribe(&self, topic: &str, id: SocketId, outbox: &Arc<Outbox>) -> Arc<str> {
         if let Some(mut subscribers) = self.topics.get_mut(topic) {
             subscribers.insert(id, outbox.clone());
-            return;
+            return subscribers.key().clone();
         }
-        self.topics
-            .entry(Arc::from(topic))
-            .or_default()
-            .insert(id, outbox.clone());
+        let mut subscribers = self.topics.entry(Arc::from(topic)).or_default();
+        subscribers.insert(id, outbox.clone());
+        subscribers.key().clone()
     }
 
     pub fn unsubscribe(&self, topic: &str, id: SocketId) {

@@ -8,7 +8,6 @@
 //! Generic over any `Stream + Sink` of axum WebSocket messages, so it can be driven without a
 //! network in tests.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,6 +64,60 @@ struct Joined {
     presence: Option<Option<String>>,
 }
 
+/// The channels a socket has joined. At most `MAX_CHANNELS_PER_SOCKET`, usually two or three:
+/// a scan beats a hash map in time and memory, and since each topic is the hub's shared `Arc`
+/// (the one every frame of the topic carries), the per-frame lookup compares pointers rather
+/// than hashing and comparing the name (measured: 3 % of the hub's time in a 19k fan-out).
+#[derive(Default)]
+struct Channels(Vec<(Arc<str>, Joined)>);
+
+impl Channels {
+    fn index(&self, topic: &str) -> Option<usize> {
+        self.0.iter().position(|(t, _)| &**t == topic)
+    }
+
+    fn get(&self, topic: &str) -> Option<&Joined> {
+        self.index(topic).map(|i| &self.0[i].1)
+    }
+
+    /// The channel of a frame's topic: by pointer first, by name as the fallback.
+    fn for_frame(&mut self, topic: &Arc<str>) -> Option<&mut Joined> {
+        let i = match self.0.iter().position(|(t, _)| Arc::ptr_eq(t, topic)) {
+            Some(i) => i,
+            None => self.index(topic)?,
+        };
+        Some(&mut self.0[i].1)
+    }
+
+    fn contains_key(&self, topic: &str) -> bool {
+        self.index(topic).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Adds or replaces the channel of `topic`; returns the replaced one.
+    fn insert(&mut self, topic: Arc<str>, joined: Joined) -> Option<Joined> {
+        match self.index(&topic) {
+            Some(i) => Some(std::mem::replace(&mut self.0[i].1, joined)),
+            None => {
+                self.0.push((topic, joined));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<Joined> {
+        let i = self.index(topic)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &Joined)> {
+        self.0.iter().map(|(t, j)| (&**t, j))
+    }
+}
+
 /// Why the session ended (metric label) and the close frame to send, if any.
 struct Ending {
     reason: &'static str,
@@ -92,7 +145,7 @@ struct Session {
     outbox: Arc<Outbox>,
     vsn: Vsn,
     auth: Authenticated,
-    channels: HashMap<String, Joined>,
+    channels: Channels,
     /// Client pushes (queue actions, unknown events): `MAX_PUSHES_PER_SECOND`, same burst.
     pushes: TokenBucket,
     /// Joins and leaves: their own budget, with a burst covering a rejoin of every channel
@@ -169,7 +222,7 @@ where
             (rate as f64, burst)
         })),
         auth,
-        channels: HashMap::new(),
+        channels: Channels::default(),
         pending: Vec::new(),
         scratch: Vec::new(),
     };
@@ -262,7 +315,7 @@ where
 
 impl Session {
     fn finish(self, reason: &'static str) {
-        for (topic, joined) in &self.channels {
+        for (topic, joined) in self.channels.iter() {
             self.deps.hub.unsubscribe(topic, self.id);
             if let Some(Some(phx_ref)) = &joined.presence {
                 self.deps.presence.untrack(topic, phx_ref);
@@ -478,9 +531,11 @@ impl Session {
             self.error_reply(join_ref, msg_ref, topic, "invalid_params");
             return;
         };
-        // Subscribe before building the reply so nothing published meanwhile is missed.
+        // Subscribe before building the reply so nothing published meanwhile is missed (a
+        // duplicate join is already subscribed; subscribing again is a no-op that returns the
+        // shared topic name).
+        let shared_topic = self.deps.hub.subscribe(topic, self.id, &self.outbox);
         if !duplicate {
-            self.deps.hub.subscribe(topic, self.id, &self.outbox);
             metrics::gauge!(m::CHANNELS_JOINED, "family" => label).increment(1.0);
         }
         let mut response = channels::join_response(&family, &self.deps.inhouse).await;
@@ -499,7 +554,7 @@ impl Session {
             .covers(&family)
             .then(|| self.deps.presence.track(topic, &self.auth.identity));
         let previous = self.channels.insert(
-            topic.to_string(),
+            shared_topic,
             Joined {
                 join_ref: join_ref.map(str::to_string),
                 family,
@@ -690,7 +745,7 @@ impl Session {
         messages.append(&mut self.pending);
         let mut resync: Vec<(Arc<str>, Option<String>)> = Vec::new();
         for (topic, count) in drained.dropped.drain(..) {
-            if let Some(joined) = self.channels.get(&*topic) {
+            if let Some(joined) = self.channels.get(&topic) {
                 if joined.presence.is_some() {
                     // A lost `presence_diff` would leave the client's list wrong for good: send
                     // the whole state again after what is queued (phoenix.js re-syncs on it).
@@ -725,7 +780,7 @@ impl Session {
                 {
                     // End the previous borrow before taking the next one.
                     current.take();
-                    let joined = self.channels.get_mut(&*frame.topic);
+                    let joined = self.channels.for_frame(&frame.topic);
                     current = Some((frame.topic.clone(), joined));
                 }
                 // Skip what the channel has already seen (recovery overlap, a re-published

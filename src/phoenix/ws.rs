@@ -24,8 +24,15 @@ use tokio_util::io::{poll_read_buf, poll_write_buf};
 /// Read buffer an idle socket keeps (Phoenix client frames are ~50–200 bytes; larger messages
 /// grow it on demand and it shrinks back after them).
 const READ_CAPACITY: usize = 1024;
-/// Write buffer capacity kept after a flush; more than this is given back.
+/// A flush larger than this is part of a burst: its buffer is kept while large flushes follow
+/// each other and given back at the first smaller one.
 const RETAINED_WRITE_CAPACITY: usize = 4 * 1024;
+/// Write buffer an idle socket may keep: a flush larger than this (a `presence_state`, a
+/// batch of broadcasts) gives its buffer back when it is not part of a burst. Without this,
+/// every socket kept the capacity of its join's `presence_state` (~3 KiB per socket measured
+/// with presence on, BENCHMARKS.md); one allocation per medium flush costs far less than the
+/// `write` it comes with.
+const IDLE_WRITE_CAPACITY: usize = 1024;
 /// Queued output that makes `poll_ready` flush before accepting more.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
 
@@ -214,7 +221,8 @@ enum Parsed {
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Writes what is queued; gives back a large buffer afterwards.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        let large = self.write.len() > RETAINED_WRITE_CAPACITY;
+        let len = self.write.len();
+        let large = len > RETAINED_WRITE_CAPACITY;
         while !self.write.is_empty() {
             let written = ready!(poll_write_buf(Pin::new(&mut self.io), cx, &mut self.write))?;
             if written == 0 {
@@ -224,8 +232,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         if large {
             // Kept while large writes follow each other (a burst reuses it)…
             self.write_grown = true;
-        } else if std::mem::take(&mut self.write_grown) {
-            // …and given back at the first small one (a lone `presence_state` is not kept).
+        } else if std::mem::take(&mut self.write_grown) || len > IDLE_WRITE_CAPACITY {
+            // …and given back at the first smaller one; a lone medium flush (a join's
+            // `presence_state`) gives it back at once.
             self.write = BytesMut::new();
         }
         Poll::Ready(Ok(()))
@@ -436,6 +445,28 @@ mod tests {
             let mut body = vec![0u8; len];
             client.read_exact(&mut body).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_medium_flush_does_not_keep_its_buffer() {
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut ws = WsStream::new(server, 1 << 20);
+        // A small flush keeps its (small) buffer…
+        ws.send(Message::Text("hb".into())).await.unwrap();
+        ws.write.reserve(16);
+        assert!(ws.write.capacity() > 0, "a small buffer is kept");
+        // …a join's presence_state-sized flush does not.
+        ws.send(Message::Text("s".repeat(3000).into()))
+            .await
+            .unwrap();
+        ws.write.reserve(16);
+        assert!(
+            ws.write.capacity() <= IDLE_WRITE_CAPACITY,
+            "a medium flush gives its buffer back: {}",
+            ws.write.capacity()
+        );
+        let mut received = vec![0u8; 4 + 4 + 3000];
+        client.read_exact(&mut received).await.unwrap();
     }
 
     #[tokio::test]

@@ -237,7 +237,7 @@ async fn more_than_history_size_missed_is_not_recovered() {
     );
     // Exactly HISTORY_SIZE missed is still recoverable.
     let recent = Position {
-        epoch: since.epoch.clone(),
+        epoch: since.epoch,
         offset: since.offset + 2,
     };
     let mut again = Phx::connect(&b, &user_token("u1", &org)).await;
@@ -259,7 +259,7 @@ async fn a_lost_history_or_a_wrong_epoch_is_not_recovered_and_bad_since_is_refus
     let since = position_of(&broadcasts(&mut phx, &topic, 3).await[0]);
 
     let other_epoch = Position {
-        epoch: "zzzz".into(),
+        epoch: prostaff_events::history::Epoch::new("zzzz").unwrap(),
         offset: since.offset,
     };
     let mut second = Phx::connect(&hub, &user_token("u1", &org)).await;

@@ -3,8 +3,8 @@
 //! prostaff:events:*`); each event framed once as a WebSocket text frame (header + the raw
 //! payload, shared by every client); one task per client that writes everything queued for it
 //! with one `write_all`. No auth, no limits, no history, no presence; the only routing is the
-//! channel → joined-topic lookup the `spread` scenario needs, and a fixed join reply so the
-//! bench's readers can connect to it exactly as they connect to the hub.
+//! channel → joined-topic lookup the `spread` scenario needs, and a fixed ok reply to joins and
+//! heartbeats so the bench's clients connect to it (and rest on it) exactly as on the hub.
 
 use std::sync::{Arc, Mutex};
 
@@ -41,27 +41,6 @@ fn text_frame(payload: &[u8]) -> Bytes {
     frame.freeze()
 }
 
-/// Reads one masked client frame's payload.
-async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).await?;
-    let len = match header[1] & 0x7f {
-        126 => stream.read_u16().await? as usize,
-        127 => stream.read_u64().await? as usize,
-        n => n as usize,
-    };
-    let mut mask = [0u8; 4];
-    if header[1] & 0x80 != 0 {
-        stream.read_exact(&mut mask).await?;
-    }
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await?;
-    for (i, byte) in payload.iter_mut().enumerate() {
-        *byte ^= mask[i % 4];
-    }
-    Ok(payload)
-}
-
 async fn serve_client(mut stream: TcpStream, topics: Arc<Topics>) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     // The upgrade request: read to the blank line, answer 101.
@@ -85,25 +64,14 @@ async fn serve_client(mut stream: TcpStream, topics: Arc<Topics>) -> std::io::Re
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     );
     stream.write_all(response.as_bytes()).await?;
-    // The join: `["1","1","org_events:<org>","phx_join",{}]` → a fixed ok reply.
-    let join = read_frame(&mut stream).await?;
-    let join: serde_json::Value = serde_json::from_slice(&join).unwrap_or_default();
-    let topic = join[2].as_str().unwrap_or("").to_string();
-    let reply = serde_json::json!(["1", "1", topic, "phx_reply", {"status": "ok", "response": {}}]);
-    stream
-        .write_all(&text_frame(reply.to_string().as_bytes()))
-        .await?;
     let client = Arc::new(Client {
         queue: Mutex::new(Vec::new()),
         wake: Notify::new(),
     });
-    topics
-        .entry(topic.clone())
-        .or_default()
-        .push(client.clone());
-
+    let mut joined: Vec<String> = Vec::new();
     let (mut read, mut write) = stream.into_split();
-    let mut sink = [0u8; 4096];
+    let mut inbound = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
     let mut buffer = Vec::with_capacity(16 * 1024);
     let result = loop {
         tokio::select! {
@@ -117,16 +85,89 @@ async fn serve_client(mut stream: TcpStream, topics: Arc<Topics>) -> std::io::Re
                     break Err(error);
                 }
             }
-            read = read.read(&mut sink) => match read {
+            read = read.read(&mut chunk) => match read {
                 Ok(0) | Err(_) => break Ok(()),
-                Ok(_) => {}
+                Ok(n) => {
+                    inbound.extend_from_slice(&chunk[..n]);
+                    // Joins and heartbeats get the minimal ok reply (the same as the hub's
+                    // for a heartbeat), so the floor also measures the cost of a client at
+                    // rest; anything else is read and ignored.
+                    let mut replies = Vec::new();
+                    while let Some((payload, used)) = parse_frame(&inbound) {
+                        inbound.drain(..used);
+                        if let Some((reply, topic)) = reply_to(&payload) {
+                            if let Some(topic) = topic {
+                                topics.entry(topic.clone()).or_default().push(client.clone());
+                                joined.push(topic);
+                            }
+                            replies.extend_from_slice(&text_frame(reply.as_bytes()));
+                        }
+                    }
+                    if !replies.is_empty() {
+                        if let Err(error) = write.write_all(&replies).await {
+                            break Err(error);
+                        }
+                    }
+                }
             },
         }
     };
-    if let Some(mut clients) = topics.get_mut(&topic) {
-        clients.retain(|c| !Arc::ptr_eq(c, &client));
+    for topic in joined {
+        if let Some(mut clients) = topics.get_mut(&topic) {
+            clients.retain(|c| !Arc::ptr_eq(c, &client));
+        }
     }
     result
+}
+
+/// One complete masked client frame at the start of `buf`: its unmasked payload and the bytes
+/// it used.
+fn parse_frame(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, mut at) = match buf[1] & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let mut mask = [0u8; 4];
+    if buf[1] & 0x80 != 0 {
+        mask.copy_from_slice(buf.get(at..at + 4)?);
+        at += 4;
+    }
+    let mut payload = buf.get(at..at + len)?.to_vec();
+    for (i, byte) in payload.iter_mut().enumerate() {
+        *byte ^= mask[i % 4];
+    }
+    Some((payload, at + len))
+}
+
+/// The ok reply to a join or a heartbeat (`[join_ref, ref, topic, event, payload]`), and the
+/// topic to subscribe for a join.
+fn reply_to(payload: &[u8]) -> Option<(String, Option<String>)> {
+    let message: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let topic = message[2].as_str()?.to_string();
+    let event = message[3].as_str()?;
+    let reply = serde_json::json!([
+        message[0],
+        message[1],
+        topic,
+        "phx_reply",
+        {"status": "ok", "response": {}}
+    ])
+    .to_string();
+    match event {
+        "phx_join" => Some((reply, Some(topic))),
+        "heartbeat" => Some((reply, None)),
+        _ => None,
+    }
 }
 
 /// Runs the floor server on `port` until killed.
