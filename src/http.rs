@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use dashmap::DashMap;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -708,11 +709,23 @@ async fn socket(
             async move {
                 let _permits = permits;
                 match on_upgrade.await {
-                    Ok(upgraded) => {
-                        let socket =
-                            WsStream::new(hyper_util::rt::TokioIo::new(upgraded), max_message);
-                        session::run(socket, deps, vsn, authenticated).await;
-                    }
+                    // The socket is served on the TCP stream itself when hyper gives it back
+                    // (always, with axum's TCP listener): no boxed I/O and adapter layers on
+                    // every read and write. Whatever hyper read past the request comes first.
+                    Ok(upgraded) => match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                        Ok(parts) => {
+                            let socket = WsStream::with_prefix(
+                                parts.io.into_inner(),
+                                &parts.read_buf,
+                                max_message,
+                            );
+                            session::run(socket, deps, vsn, authenticated).await;
+                        }
+                        Err(upgraded) => {
+                            let socket = WsStream::new(TokioIo::new(upgraded), max_message);
+                            session::run(socket, deps, vsn, authenticated).await;
+                        }
+                    },
                     Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
             }

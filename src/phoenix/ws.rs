@@ -80,6 +80,14 @@ impl<S> WsStream<S> {
         }
     }
 
+    /// A stream whose first bytes were already read by the HTTP server (a client that sent
+    /// frames right behind its upgrade request).
+    pub fn with_prefix(io: S, prefix: &[u8], max_message: usize) -> Self {
+        let mut ws = WsStream::new(io, max_message);
+        ws.read.extend_from_slice(prefix);
+        ws
+    }
+
     /// Appends one unmasked server frame.
     fn put_frame(&mut self, opcode: u8, payload: &[u8]) {
         let len = payload.len();
@@ -445,6 +453,25 @@ mod tests {
             let mut body = vec![0u8; len];
             client.read_exact(&mut body).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_the_upgrade_are_parsed_first() {
+        let (server, mut client) = tokio::io::duplex(1024);
+        let mut prefix = client_frame(true, 0x1, b"early");
+        // The prefix may end mid-frame: the rest arrives on the connection.
+        let late = client_frame(true, 0x1, b"late");
+        prefix.extend_from_slice(&late[..3]);
+        let mut ws = WsStream::with_prefix(server, &prefix, 1024);
+        client.write_all(&late[3..]).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text("early".into())
+        );
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text("late".into())
+        );
     }
 
     #[tokio::test]
