@@ -227,8 +227,12 @@ where
         scratch: Vec::new(),
     };
 
+    // The idle timer is not moved on every inbound message (a timer-wheel update per heartbeat
+    // for every socket): messages only record when they came, and when the timer fires early
+    // it is re-armed for what is left.
     let idle = tokio::time::sleep(limits.idle_timeout);
     tokio::pin!(idle);
+    let mut last_inbound = Instant::now();
     let expires_at = session.auth.expires_at;
     let expiry =
         tokio::time::sleep_until(expires_at.map(expiry_instant).unwrap_or_else(Instant::now));
@@ -244,7 +248,7 @@ where
                 }
             }
             incoming = socket.next() => {
-                idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+                last_inbound = Instant::now();
                 let result = match incoming {
                     None => Err(Ending::silent("client_closed")),
                     Some(Err(error)) => Err(session.read_error(&error.to_string())),
@@ -261,7 +265,14 @@ where
                     break ending;
                 }
             }
-            _ = &mut idle => break Ending::closed("idle_timeout", close_code::GOING_AWAY, "idle timeout"),
+            _ = &mut idle => {
+                let deadline = last_inbound + limits.idle_timeout;
+                if deadline > Instant::now() {
+                    idle.as_mut().reset(deadline);
+                    continue;
+                }
+                break Ending::closed("idle_timeout", close_code::GOING_AWAY, "idle timeout");
+            }
             _ = &mut expiry, if expires_at.is_some() => break Ending::closed("token_expired", close_code::POLICY, "token expired"),
         }
     };

@@ -157,6 +157,27 @@ async fn idle_sockets_are_closed_with_1001() {
 }
 
 #[tokio::test]
+async fn heartbeats_keep_a_socket_open_past_the_idle_timeout() {
+    let (_redis, hub) = hub_with(|c| c.limits.idle_timeout = Duration::from_millis(400)).await;
+    let mut phx = Phx::connect(&hub, &user_token("u1", "o1")).await;
+    // 1.5 s of heartbeats every 100 ms: almost four idle periods, each one re-armed.
+    for i in 0..15 {
+        let msg_ref = format!("hb{i}");
+        phx.send(json!([null, msg_ref, "phoenix", "heartbeat", {}]))
+            .await;
+        let reply = phx.recv().await;
+        assert_eq!(
+            reply[1],
+            json!(msg_ref),
+            "the socket is still served: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Silence closes it.
+    assert_eq!(phx.close_code().await, Some(1001));
+}
+
+#[tokio::test]
 async fn a_token_with_exp_closes_the_socket_with_1008_when_it_expires() {
     let (_redis, hub) = hub_with(|_| {}).await;
     let token = prostaff_events::auth::mint(
