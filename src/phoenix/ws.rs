@@ -19,7 +19,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::io::{poll_read_buf, poll_write_buf};
+use tokio_util::io::poll_read_buf;
 
 /// Read buffer an idle socket keeps (Phoenix client frames are ~50–200 bytes; larger messages
 /// grow it on demand and it shrinks back after them).
@@ -232,7 +232,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         let len = self.write.len();
         let large = len > RETAINED_WRITE_CAPACITY;
         while !self.write.is_empty() {
-            let written = ready!(poll_write_buf(Pin::new(&mut self.io), cx, &mut self.write))?;
+            // A plain `write` of the one contiguous buffer: on a TCP stream that is `send`,
+            // cheaper in the kernel than the one-element `writev` a vectored write makes
+            // (measured: `vfs_writev` and `fdget_pos` were 6 % of a 19k-socket fan-out).
+            let written = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write))?;
+            self.write.advance(written);
             if written == 0 {
                 return Poll::Ready(Err(WsError::Io(std::io::ErrorKind::WriteZero.into())));
             }
