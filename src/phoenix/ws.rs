@@ -24,14 +24,11 @@ use tokio_util::io::poll_read_buf;
 /// Read buffer an idle socket keeps (Phoenix client frames are ~50–200 bytes; larger messages
 /// grow it on demand and it shrinks back after them).
 const READ_CAPACITY: usize = 1024;
-/// A flush larger than this is part of a burst: its buffer is kept while large flushes follow
-/// each other and given back at the first smaller one.
-const RETAINED_WRITE_CAPACITY: usize = 4 * 1024;
-/// Write buffer an idle socket may keep: a flush larger than this (a `presence_state`, a
-/// batch of broadcasts) gives its buffer back when it is not part of a burst. Without this,
-/// every socket kept the capacity of its join's `presence_state` (~3 KiB per socket measured
-/// with presence on, BENCHMARKS.md); one allocation per medium flush costs far less than the
-/// `write` it comes with.
+/// Write buffer an idle socket may keep. A flush larger than this (a join's `presence_state`,
+/// a batch of broadcasts) keeps its buffer while flushes that large follow each other (a stream
+/// reuses it, no allocation per flush) and gives it back at the first smaller flush (at the
+/// latest the next heartbeat reply). Without this, every socket kept the capacity of its join's
+/// `presence_state` (~3 KiB per socket with presence on, BENCHMARKS.md).
 const IDLE_WRITE_CAPACITY: usize = 1024;
 /// Queued output that makes `poll_ready` flush before accepting more.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
@@ -61,7 +58,7 @@ pub struct WsStream<S> {
     /// The read buffer was grown past its idle size for a large message: it is replaced by a
     /// small one once empty (`capacity()` of an advanced view does not show the allocation).
     read_grown: bool,
-    /// The last flush wrote more than [`RETAINED_WRITE_CAPACITY`]: the buffer is large.
+    /// The last flush wrote more than [`IDLE_WRITE_CAPACITY`]: the buffer is large.
     write_grown: bool,
 }
 
@@ -229,8 +226,7 @@ enum Parsed {
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Writes what is queued; gives back a large buffer afterwards.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        let len = self.write.len();
-        let large = len > RETAINED_WRITE_CAPACITY;
+        let large = self.write.len() > IDLE_WRITE_CAPACITY;
         while !self.write.is_empty() {
             // A plain `write` of the one contiguous buffer: on a TCP stream that is `send`,
             // cheaper in the kernel than the one-element `writev` a vectored write makes
@@ -242,11 +238,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             }
         }
         if large {
-            // Kept while large writes follow each other (a burst reuses it)…
+            // Kept while large flushes follow each other (a stream reuses it)…
             self.write_grown = true;
-        } else if std::mem::take(&mut self.write_grown) || len > IDLE_WRITE_CAPACITY {
-            // …and given back at the first smaller one; a lone medium flush (a join's
-            // `presence_state`) gives it back at once.
+        } else if std::mem::take(&mut self.write_grown) {
+            // …and given back at the first small one.
             self.write = BytesMut::new();
         }
         Poll::Ready(Ok(()))
@@ -437,7 +432,7 @@ mod tests {
         ws.send(Message::Text("small".into())).await.unwrap();
         ws.write.reserve(16);
         assert!(
-            ws.write.capacity() <= RETAINED_WRITE_CAPACITY,
+            ws.write.capacity() <= IDLE_WRITE_CAPACITY,
             "a large buffer is given back: {}",
             ws.write.capacity()
         );
@@ -479,24 +474,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_medium_flush_does_not_keep_its_buffer() {
+    async fn a_medium_flush_does_not_keep_its_buffer_past_the_next_small_one() {
         let (server, mut client) = tokio::io::duplex(1 << 20);
         let mut ws = WsStream::new(server, 1 << 20);
-        // A small flush keeps its (small) buffer…
-        ws.send(Message::Text("hb".into())).await.unwrap();
-        ws.write.reserve(16);
-        assert!(ws.write.capacity() > 0, "a small buffer is kept");
-        // …a join's presence_state-sized flush does not.
+        // A join's presence_state-sized flush, then a heartbeat reply: the buffer of the first
+        // is given back at the second (it was kept by every socket before).
         ws.send(Message::Text("s".repeat(3000).into()))
             .await
             .unwrap();
+        ws.send(Message::Text("hb".into())).await.unwrap();
         ws.write.reserve(16);
         assert!(
             ws.write.capacity() <= IDLE_WRITE_CAPACITY,
-            "a medium flush gives its buffer back: {}",
+            "a medium flush gives its buffer back at the next small one: {}",
             ws.write.capacity()
         );
-        let mut received = vec![0u8; 4 + 4 + 3000];
+        let mut received = vec![0u8; 4 + 3000 + 4];
         client.read_exact(&mut received).await.unwrap();
     }
 
