@@ -227,6 +227,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// Writes what is queued; gives back a large buffer afterwards.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         let large = self.write.len() > IDLE_WRITE_CAPACITY;
+        if large {
+            // Recorded before writing: a flush that a slow client spreads over several calls
+            // ends with a small remainder, and must still be known to have been large.
+            self.write_grown = true;
+        }
         while !self.write.is_empty() {
             // A plain `write` of the one contiguous buffer: on a TCP stream that is `send`,
             // cheaper in the kernel than the one-element `writev` a vectored write makes
@@ -237,11 +242,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                 return Poll::Ready(Err(WsError::Io(std::io::ErrorKind::WriteZero.into())));
             }
         }
-        if large {
-            // Kept while large flushes follow each other (a stream reuses it)…
-            self.write_grown = true;
-        } else if std::mem::take(&mut self.write_grown) {
-            // …and given back at the first small one.
+        // Kept while large flushes follow each other (a stream reuses it), given back at the
+        // first small one.
+        if !large && std::mem::take(&mut self.write_grown) {
             self.write = BytesMut::new();
         }
         Poll::Ready(Ok(()))
@@ -491,6 +494,26 @@ mod tests {
         );
         let mut received = vec![0u8; 4 + 3000 + 4];
         client.read_exact(&mut received).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_large_flush_a_slow_client_takes_in_pieces_does_not_keep_its_buffer() {
+        // The pipe holds 256 bytes: the 3 KB flush needs many calls, the last with a small rest.
+        let (server, mut client) = tokio::io::duplex(256);
+        let mut ws = WsStream::new(server, 1 << 20);
+        let mut received = vec![0u8; 4 + 3000];
+        let (flushed, read) = tokio::join!(
+            ws.send(Message::Text("s".repeat(3000).into())),
+            client.read_exact(&mut received)
+        );
+        flushed.unwrap();
+        read.unwrap();
+        ws.write.reserve(16);
+        assert!(
+            ws.write.capacity() <= IDLE_WRITE_CAPACITY,
+            "the buffer of a flush finished in pieces is given back: {}",
+            ws.write.capacity()
+        );
     }
 
     #[tokio::test]
