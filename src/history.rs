@@ -236,6 +236,12 @@ impl History {
         self.size > 0
     }
 
+    /// Whether the history can be read now (the Redis link is connected): a resume is refused
+    /// rather than answered `recovered: false` while it cannot.
+    pub fn available(&self) -> bool {
+        self.redis.is_connected()
+    }
+
     async fn eval(
         &self,
         script: &Script,

@@ -387,7 +387,21 @@ async fn realtime_stream(
             return ApiError::new(full.status(), "too many connections").into_response();
         }
     };
-    let (body, task) = sse::open(app.session_deps.clone(), authenticated, topics, resume).await;
+    let (body, task) = match sse::open(app.session_deps.clone(), authenticated, topics, resume)
+        .await
+    {
+        Ok(opened) => opened,
+        Err(refused @ StreamRefusal::Unavailable) => {
+            metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "sse_unavailable").increment(1);
+            let mut response =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, refused.to_string()).into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+        Err(refused) => return refusal(refused),
+    };
     app.sessions.spawn(async move {
         let _permits = permits;
         task.await;

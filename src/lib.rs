@@ -10,6 +10,8 @@
 //! - [`envelope`], [`router`]: pure decoding/validation and type-prefix routing.
 //! - [`history`]: per-topic history in Redis Streams and the positions clients resume from.
 //! - [`hub`]: the topic map and per-socket outboxes; frames are encoded once and shared.
+//! - [`subscriber`]: the subscription core of every transport (register, join, recover,
+//!   presence) whose tear-down runs on drop.
 //! - [`phoenix`]: the wire protocol and the per-socket session loop.
 //! - [`channels`]: topic families: join authorization, join replies, queue actions.
 //! - [`presence`]: who is online per topic (phoenix.js `Presence` format), shared in Redis.
@@ -27,11 +29,14 @@
 //! [`run`] starts the whole hub on a listener and returns after a graceful drain, so tests
 //! start the real thing on port 0.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod envelope;
+pub mod fault;
 pub mod history;
 pub mod http;
 pub mod hub;
@@ -46,6 +51,7 @@ pub mod presence;
 pub mod rails;
 pub mod router;
 pub mod sse;
+pub mod subscriber;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -542,6 +542,12 @@ struct LpSocket {
 #[error("long-poll session gone")]
 struct LpClosed;
 
+impl crate::phoenix::session::TransportError for LpClosed {
+    fn close_code(&self) -> Option<(u16, &'static str)> {
+        None
+    }
+}
+
 impl Stream for LpSocket {
     type Item = Result<Message, LpClosed>;
 

@@ -1,5 +1,7 @@
 //! The `prostaff-events` binary: `serve` (default), `token` and `healthcheck`.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -178,8 +180,28 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Panics go through tracing (one structured line, in the span of the task that panicked:
+/// a session's carries its identity and org) instead of unstructured text on stderr. Session
+/// panics are also caught, counted and cleaned up by `session::run`.
+fn log_panics_through_tracing() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("non-string panic");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(panic = %prostaff_events::logsafe::LogSafe(message), %location, "panic");
+    }));
+}
+
 fn serve(config: Config) -> ExitCode {
     init_tracing(config.log_format);
+    log_panics_through_tracing();
     if config.using_dev_secret {
         tracing::warn!(
             "INTERNAL_JWT_SECRET is not set: using the built-in DEVELOPMENT secret. Anyone can mint tokens for this hub. \

@@ -42,6 +42,7 @@ pub const PRESENCE_RESYNCS: &str = "prostaff_presence_state_resyncs_total";
 pub const LONGPOLL_SESSIONS: &str = "prostaff_longpoll_sessions";
 pub const LONGPOLL_REQUESTS: &str = "prostaff_longpoll_requests_total";
 pub const LONGPOLL_EXPIRED: &str = "prostaff_longpoll_sessions_expired_total";
+pub const SESSION_PANICS: &str = "prostaff_session_panics_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -139,6 +140,10 @@ fn describe() {
         "broadcasts given a history position, by outcome (ok, or why they went without one)"
     );
     describe_gauge!(SSE_STREAMS, "Server-Sent Events streams currently open");
+    describe_counter!(
+        SESSION_PANICS,
+        "sessions that panicked (caught, logged with the socket's span, cleaned up)"
+    );
     describe_gauge!(
         PRESENCE_TRACKED,
         "presence metas (one per socket and topic) this instance tracks"

@@ -23,9 +23,10 @@ use tokio::sync::mpsc;
 use crate::auth::Authenticated;
 use crate::channels::TopicFamily;
 use crate::history::{Entry, Position};
-use crate::hub::{Drained, Outbox, SocketId};
+use crate::hub::Drained;
 use crate::limits::MAX_TOPIC_BYTES;
 use crate::phoenix::session::SessionDeps;
+use crate::subscriber::{JoinRefusal, JoinRequest, Subscriber, Transport};
 
 /// Comment sent when the stream is idle, so proxies keep it open.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -46,6 +47,8 @@ pub enum StreamRefusal {
     Forbidden,
     #[error("malformed Last-Event-ID")]
     BadResumeToken,
+    #[error("history unavailable; retry with the same Last-Event-ID")]
+    Unavailable,
 }
 
 /// The topics of a stream request, authorized for `auth`.
@@ -113,10 +116,10 @@ fn event_name(name: &str) -> &str {
 }
 
 struct StreamTask {
-    deps: Arc<SessionDeps>,
-    id: SocketId,
-    outbox: Arc<Outbox>,
-    topics: Vec<String>,
+    /// The stream's registration and topics; released on drop (a client that goes away, a
+    /// panic, shutdown).
+    sub: Subscriber,
+    /// The position of every topic as the stream's resume token names it.
     positions: BTreeMap<String, Position>,
     tx: mpsc::Sender<Event>,
 }
@@ -132,24 +135,7 @@ impl StreamTask {
         event
     }
 
-    /// Sends one history entry or live broadcast unless the stream has already seen it.
-    async fn send(
-        &mut self,
-        topic: &str,
-        name: &str,
-        payload: &[u8],
-        position: Option<&Position>,
-    ) -> bool {
-        if let Some(position) = position {
-            if self
-                .positions
-                .get(topic)
-                .is_some_and(|seen| position.is_covered_by(seen))
-            {
-                return true;
-            }
-            self.positions.insert(topic.to_string(), position.clone());
-        }
+    async fn send(&mut self, name: &str, payload: &[u8]) -> bool {
         let event = self.event(name, payload);
         self.tx.send(event).await.is_ok()
     }
@@ -160,99 +146,103 @@ impl StreamTask {
             if !ok {
                 break;
             }
-            ok = self
-                .send(&topic, &entry.event, &entry.payload, Some(&entry.position))
-                .await;
+            self.positions.insert(topic, entry.position);
+            ok = self.send(&entry.event, &entry.payload).await;
         }
         let expiry = expires_at.map(crate::phoenix::session::expiry_instant);
         let mut drained = Drained::default();
+        let outbox = self.sub.outbox().clone();
         while ok {
             tokio::select! {
-                _ = self.outbox.notified() => {}
+                _ = outbox.notified() => {}
                 _ = self.tx.closed() => break,
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {
                     metrics::counter!(crate::metrics::SOCKET_CLOSES, "reason" => "sse_token_expired").increment(1);
                     break;
                 }
             }
-            self.outbox.drain(256, &mut drained);
+            outbox.drain(256, &mut drained);
             for (topic, count) in std::mem::take(&mut drained.dropped) {
                 let payload = json!({"topic": &*topic, "count": count}).to_string();
-                ok = ok
-                    && self
-                        .tx
-                        .send(self.event("events_dropped", payload.as_bytes()))
-                        .await
-                        .is_ok();
+                ok = ok && self.send("events_dropped", payload.as_bytes()).await;
             }
             for frame in std::mem::take(&mut drained.frames) {
                 if !ok {
                     break;
                 }
+                // Skip what the stream has already seen (the replay's overlap with live
+                // frames, a re-published event) and frames of no joined topic.
+                let Some(channel) = self.sub.for_frame(&frame.topic) else {
+                    continue;
+                };
+                if let Some(position) = &frame.position {
+                    if !channel.admit(position) {
+                        continue;
+                    }
+                    self.positions
+                        .insert(frame.topic.to_string(), position.clone());
+                }
                 let payload = frame.payload().clone();
-                ok = self
-                    .send(
-                        &frame.topic,
-                        &frame.event,
-                        &payload,
-                        frame.position.as_ref(),
-                    )
-                    .await;
+                ok = self.send(&frame.event, &payload).await;
             }
             if drained.closing.take().is_some() {
                 break;
             }
         }
-        for topic in &self.topics {
-            self.deps.hub.unsubscribe(topic, self.id);
-        }
-        self.deps.hub.unregister_socket(self.id);
-        metrics::gauge!(crate::metrics::SSE_STREAMS).decrement(1.0);
+        // `self.sub` drops here: unsubscribed, unregistered, gauge down.
     }
 }
 
 /// Opens a stream: subscribes first, then reads each topic's position (and what a resume token
 /// says was missed), so nothing published meanwhile is lost; returns the SSE body and the task
-/// that feeds it (the caller tracks it for shutdown).
+/// that feeds it (the caller tracks it for shutdown). A resume while the history cannot be read
+/// is refused with [`StreamRefusal::Unavailable`] (503: the browser retries with the same
+/// `Last-Event-ID`). Dropping the returned future, or this one, releases everything.
 pub async fn open(
     deps: Arc<SessionDeps>,
     auth: Authenticated,
     topics: Vec<String>,
     resume: BTreeMap<String, Position>,
-) -> (
-    Sse<impl Stream<Item = Result<Event, Infallible>>>,
-    impl std::future::Future<Output = ()>,
-) {
-    let (id, outbox) = deps.hub.register_socket();
-    for topic in &topics {
-        deps.hub.subscribe(topic, id, &outbox);
-    }
-    metrics::gauge!(crate::metrics::SSE_STREAMS).increment(1.0);
+) -> Result<
+    (
+        Sse<impl Stream<Item = Result<Event, Infallible>>>,
+        impl std::future::Future<Output = ()>,
+    ),
+    StreamRefusal,
+> {
+    let mut sub = Subscriber::register(deps, Transport::Stream);
     let mut positions = BTreeMap::new();
     let mut missed = Vec::new();
     let mut recovered = true;
     for topic in &topics {
-        let since = resume.get(topic);
-        match deps.history.recover(topic, since).await {
-            Ok(recovery) => {
-                match recovery.missed {
-                    Some(entries) => missed.extend(entries.into_iter().map(|e| (topic.clone(), e))),
-                    None if since.is_some() => recovered = false,
-                    None => {}
-                }
-                // Start from the resume point (the replay advances it), or from now.
-                positions.insert(topic.clone(), since.cloned().unwrap_or(recovery.position));
-            }
-            Err(_) => recovered = resume.is_empty(),
-        }
-    }
-    if !resume.is_empty() {
-        let outcome = if recovered {
-            "recovered"
-        } else {
-            "not_recovered"
+        let Some(family) = TopicFamily::parse(topic) else {
+            return Err(StreamRefusal::UnmatchedTopic);
         };
-        metrics::counter!(crate::metrics::RECOVERIES, "outcome" => outcome).increment(1);
+        let since = resume.get(topic);
+        let joined = sub
+            .join(JoinRequest {
+                topic,
+                family,
+                join_ref: None,
+                since,
+                identity: &auth.identity,
+                reply: false,
+                presence: false,
+            })
+            .await
+            .map_err(|JoinRefusal::Unavailable| StreamRefusal::Unavailable)?;
+        match (joined.recovered, since) {
+            // The replay advances the token from the resume point.
+            (Some(true), Some(since)) => {
+                positions.insert(topic.clone(), since.clone());
+                missed.extend(joined.missed.into_iter().map(|e| (topic.clone(), e)));
+            }
+            (Some(false), _) => recovered = false,
+            _ => {}
+        }
+        if let (false, Some(position)) = (positions.contains_key(topic), joined.position) {
+            positions.insert(topic.clone(), position);
+        }
     }
     let (tx, rx) = mpsc::channel(BODY_BUFFER);
     // The first event: the retry hint, the starting token, and whether a resume succeeded.
@@ -265,21 +255,14 @@ pub async fn open(
         first = first.id(resume_token(&positions));
     }
     let _ = tx.try_send(first);
-    let task = StreamTask {
-        deps,
-        id,
-        outbox,
-        topics,
-        positions,
-        tx,
-    };
+    let task = StreamTask { sub, positions, tx };
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|event| (Ok::<_, Infallible>(event), rx))
     });
     let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"));
-    (sse, task.run(missed, auth.expires_at))
+    Ok((sse, task.run(missed, auth.expires_at)))
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@
 //!
 //! Prints a table, or JSON with `--json`. Numbers go into BENCHMARKS.md.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -28,11 +28,13 @@ use crate::limits::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES};
 use crate::logsafe::LogSafe;
 use crate::metrics::{self as m, Metrics};
 use crate::presence::Presence;
+use crate::subscriber::{Channel, JoinRefusal, JoinRequest, Subscriber, Transport};
 
 /// WebSocket close codes used by the hub. Never 1000: phoenix.js 1.8.0–1.8.15 does not
 /// reconnect after it.
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
@@ -51,71 +53,6 @@ pub struct SessionDeps {
     /// Cancelled at the end of the shutdown grace period: a session stuck in a write gives up
     /// and closes with 1001.
     pub hard_stop: CancellationToken,
-}
-
-struct Joined {
-    join_ref: Option<String>,
-    family: TopicFamily,
-    /// The last position this channel has seen: broadcasts at or before it (same epoch) are not
-    /// sent again (recovery overlap, a re-published event).
-    seen: Option<Position>,
-    /// Present on a presence topic: whether this channel gets `presence_state`, and the
-    /// socket's own `phx_ref` there when its identity is tracked.
-    presence: Option<Option<String>>,
-}
-
-/// The channels a socket has joined. At most `MAX_CHANNELS_PER_SOCKET`, usually two or three:
-/// a scan beats a hash map in time and memory, and since each topic is the hub's shared `Arc`
-/// (the one every frame of the topic carries), the per-frame lookup compares pointers rather
-/// than hashing and comparing the name (measured: 3 % of the hub's time in a 19k fan-out).
-#[derive(Default)]
-struct Channels(Vec<(Arc<str>, Joined)>);
-
-impl Channels {
-    fn index(&self, topic: &str) -> Option<usize> {
-        self.0.iter().position(|(t, _)| &**t == topic)
-    }
-
-    fn get(&self, topic: &str) -> Option<&Joined> {
-        self.index(topic).map(|i| &self.0[i].1)
-    }
-
-    /// The channel of a frame's topic: by pointer first, by name as the fallback.
-    fn for_frame(&mut self, topic: &Arc<str>) -> Option<&mut Joined> {
-        let i = match self.0.iter().position(|(t, _)| Arc::ptr_eq(t, topic)) {
-            Some(i) => i,
-            None => self.index(topic)?,
-        };
-        Some(&mut self.0[i].1)
-    }
-
-    fn contains_key(&self, topic: &str) -> bool {
-        self.index(topic).is_some()
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Adds or replaces the channel of `topic`; returns the replaced one.
-    fn insert(&mut self, topic: Arc<str>, joined: Joined) -> Option<Joined> {
-        match self.index(&topic) {
-            Some(i) => Some(std::mem::replace(&mut self.0[i].1, joined)),
-            None => {
-                self.0.push((topic, joined));
-                None
-            }
-        }
-    }
-
-    fn remove(&mut self, topic: &str) -> Option<Joined> {
-        let i = self.index(topic)?;
-        Some(self.0.swap_remove(i).1)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&str, &Joined)> {
-        self.0.iter().map(|(t, j)| (&**t, j))
-    }
 }
 
 /// Why the session ended (metric label) and the close frame to send, if any.
@@ -141,11 +78,13 @@ impl Ending {
 
 struct Session {
     deps: Arc<SessionDeps>,
+    /// The socket's registration, channels and presence; released on drop, so a panic or a
+    /// cancelled session leaves nothing behind.
+    sub: Subscriber,
     id: SocketId,
     outbox: Arc<Outbox>,
     vsn: Vsn,
     auth: Authenticated,
-    channels: Channels,
     /// Client pushes (queue actions, unknown events): `MAX_PUSHES_PER_SECOND`, same burst.
     pushes: TokenBucket,
     /// Joins and leaves: their own budget, with a burst covering a rejoin of every channel
@@ -197,18 +136,61 @@ pub fn expiry_instant(expires_at: u64) -> Instant {
     Instant::now() + remaining
 }
 
+/// A transport's read error: how the session fails the connection for it.
+pub trait TransportError: std::fmt::Display {
+    /// The close code and the metric reason, or `None` when the connection itself broke.
+    fn close_code(&self) -> Option<(u16, &'static str)>;
+}
+
+impl TransportError for super::ws::WsError {
+    fn close_code(&self) -> Option<(u16, &'static str)> {
+        super::ws::WsError::close_code(self)
+    }
+}
+
+impl TransportError for std::io::Error {
+    fn close_code(&self) -> Option<(u16, &'static str)> {
+        None
+    }
+}
+
 /// Serves one socket until it closes (the hub closes it through its outbox on shutdown).
-pub async fn run<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
+///
+/// A panic inside the session is caught here: it is logged through tracing (in the socket's
+/// span) and counted in `prostaff_session_panics_total`, and the socket's [`Subscriber`] is
+/// dropped like on any other ending, so it leaves nothing behind.
+pub async fn run<S, E>(socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
-    E: std::fmt::Display,
+    E: TransportError,
 {
-    let (id, outbox) = deps.hub.register_socket();
-    deps.metrics.sockets_connected.increment(1.0);
+    use futures_util::FutureExt;
+    let outcome = std::panic::AssertUnwindSafe(serve(socket, deps, vsn, auth))
+        .catch_unwind()
+        .await;
+    if let Err(panic) = outcome {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("non-string panic");
+        metrics::counter!(m::SESSION_PANICS).increment(1);
+        tracing::error!(panic = %LogSafe(message), "session panicked; its socket was cleaned up");
+    }
+}
+
+async fn serve<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
+    E: TransportError,
+{
+    let sub = Subscriber::register(deps.clone(), Transport::Socket);
+    let (id, outbox) = (sub.id(), sub.outbox().clone());
     metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "accepted").increment(1);
     let limits = deps.limits.clone();
     let mut session = Session {
         deps,
+        sub,
         id,
         outbox,
         vsn,
@@ -222,7 +204,6 @@ where
             (rate as f64, burst)
         })),
         auth,
-        channels: Channels::default(),
         pending: Vec::new(),
         scratch: Vec::new(),
     };
@@ -251,7 +232,7 @@ where
                 last_inbound = Instant::now();
                 let result = match incoming {
                     None => Err(Ending::silent("client_closed")),
-                    Some(Err(error)) => Err(session.read_error(&error.to_string())),
+                    Some(Err(error)) => Err(session.read_error(&error)),
                     // Boxed: joins and pushes await Redis (history, presence, queues), and
                     // those futures would otherwise size every idle socket's task (see
                     // `the_session_future_stays_small`).
@@ -277,10 +258,11 @@ where
         }
     };
 
+    session.sub.set_ending(ending.reason);
     if let Some((code, text)) = ending.close {
         close(&mut socket, code, text).await;
     }
-    session.finish(ending.reason);
+    // `session` drops here: its subscriber leaves every topic and presence.
 }
 
 /// The optional `since` join parameter: absent (or null) is `None`; anything but a valid
@@ -325,30 +307,19 @@ where
 }
 
 impl Session {
-    fn finish(self, reason: &'static str) {
-        for (topic, joined) in self.channels.iter() {
-            self.deps.hub.unsubscribe(topic, self.id);
-            if let Some(Some(phx_ref)) = &joined.presence {
-                self.deps.presence.untrack(topic, phx_ref);
+    fn read_error<E: TransportError>(&self, error: &E) -> Ending {
+        match error.close_code() {
+            Some((code, reason)) => {
+                tracing::debug!(socket = self.id, %error, "protocol violation");
+                metrics::counter!(m::INBOUND_REJECTED, "reason" => reason).increment(1);
+                let text = match code {
+                    close_code::TOO_BIG => "frame too big",
+                    close_code::INVALID_PAYLOAD => "invalid UTF-8",
+                    _ => "protocol error",
+                };
+                Ending::closed(reason, code, text)
             }
-            metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label()).decrement(1.0);
-        }
-        self.deps.hub.unregister_socket(self.id);
-        self.deps.metrics.sockets_connected.decrement(1.0);
-        metrics::counter!(m::SOCKET_CLOSES, "reason" => reason).increment(1);
-        tracing::debug!(socket = self.id, reason, "socket closed");
-    }
-
-    fn read_error(&self, error: &str) -> Ending {
-        // tungstenite reports an over-limit message as a capacity error.
-        if error.contains("Space limit exceeded")
-            || error.contains("too long")
-            || error.contains("Message too big")
-        {
-            metrics::counter!(m::INBOUND_REJECTED, "reason" => "frame_too_big").increment(1);
-            Ending::closed("frame_too_big", close_code::TOO_BIG, "frame too big")
-        } else {
-            Ending::silent("read_error")
+            None => Ending::silent("read_error"),
         }
     }
 
@@ -524,8 +495,7 @@ impl Session {
             return;
         };
         let label = family.label();
-        let duplicate = self.channels.contains_key(topic);
-        if !duplicate && self.channels.len() >= self.deps.limits.max_channels_per_socket {
+        if !self.sub.contains(topic) && self.sub.len() >= self.deps.limits.max_channels_per_socket {
             metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "too_many_channels").increment(1);
             self.error_reply(join_ref, msg_ref, topic, "too many channels joined");
             return;
@@ -542,46 +512,44 @@ impl Session {
             self.error_reply(join_ref, msg_ref, topic, "invalid_params");
             return;
         };
-        // Subscribe before building the reply so nothing published meanwhile is missed (a
-        // duplicate join is already subscribed; subscribing again is a no-op that returns the
-        // shared topic name).
-        let shared_topic = self.deps.hub.subscribe(topic, self.id, &self.outbox);
-        if !duplicate {
-            metrics::gauge!(m::CHANNELS_JOINED, "family" => label).increment(1.0);
-        }
-        let mut response = channels::join_response(&family, &self.deps.inhouse).await;
-        // Read the position (and what was missed) only after subscribing: a broadcast appended
-        // after this read is already on its way to the outbox, so nothing falls in between.
-        let (seen, missed) = if family == TopicFamily::Admin {
-            // Live figures, not a stream: no history.
-            (None, Vec::new())
-        } else {
-            self.join_history(topic, since.as_ref(), &mut response)
-                .await
-        };
-        let presence = self
-            .deps
-            .presence
-            .covers(&family)
-            .then(|| self.deps.presence.track(topic, &self.auth.identity));
-        let previous = self.channels.insert(
-            shared_topic,
-            Joined {
-                join_ref: join_ref.map(str::to_string),
+        crate::fault::on_join(topic);
+        let joined = self
+            .sub
+            .join(JoinRequest {
+                topic,
                 family,
-                seen,
-                presence: presence.clone(),
-            },
-        );
-        if let Some(Some(phx_ref)) = previous.as_ref().and_then(|p| p.presence.as_ref()) {
-            self.deps.presence.untrack(topic, phx_ref);
+                join_ref,
+                since: since.as_ref(),
+                identity: &self.auth.identity,
+                reply: true,
+                presence: true,
+            })
+            .await;
+        let joined = match joined {
+            Ok(joined) => joined,
+            Err(JoinRefusal::Unavailable) => {
+                metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "unavailable")
+                    .increment(1);
+                self.error_reply(join_ref, msg_ref, topic, "unavailable");
+                return;
+            }
+        };
+        let mut response = joined.response;
+        if self.deps.history.enabled() && label != TopicFamily::Admin.label() {
+            if let Some(object) = response.as_object_mut() {
+                let position = joined.position.as_ref().map(Position::to_string);
+                object.insert("position".into(), json!(position));
+                if let Some(recovered) = joined.recovered {
+                    object.insert("recovered".into(), json!(recovered));
+                }
+            }
         }
         metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "ok").increment(1);
         self.reply(join_ref, msg_ref, topic, ReplyStatus::Ok, &response);
         // The missed broadcasts follow the reply, before any live one.
-        for entry in missed {
+        for entry in joined.missed {
             let frame = BroadcastFrame::new(
-                Arc::from(topic),
+                joined.topic.clone(),
                 &entry.event,
                 entry.payload,
                 Some(entry.position),
@@ -589,13 +557,13 @@ impl Session {
             );
             self.pending.push(Message::Text(frame.text(self.vsn)));
         }
-        if presence.is_some() {
+        if joined.presence {
             // After the reply, like Phoenix's `after_join`; diffs already on their way are
             // buffered by phoenix.js until this state arrives, and re-applying them is harmless.
             self.push_presence_state(join_ref, topic).await;
         }
         tracing::debug!(socket = self.id, topic = %LogSafe(topic), "joined");
-        if let Some(previous) = previous {
+        if let Some(previous) = joined.replaced {
             // Duplicate join: the old channel is closed after the new join's reply.
             self.push_close(previous.join_ref.as_deref(), topic);
         }
@@ -623,57 +591,12 @@ impl Session {
         }
     }
 
-    /// Adds `position` (and, with `since`, `recovered`) to a join response; returns the
-    /// position the channel has seen and the broadcasts to replay.
-    async fn join_history(
-        &mut self,
-        topic: &str,
-        since: Option<&Position>,
-        response: &mut Value,
-    ) -> (Option<Position>, Vec<crate::history::Entry>) {
-        if !self.deps.history.enabled() {
-            return (None, Vec::new());
-        }
-        let object = response
-            .as_object_mut()
-            .expect("join responses are objects");
-        match self.deps.history.recover(topic, since).await {
-            Ok(recovery) => {
-                object.insert("position".into(), json!(recovery.position.to_string()));
-                if since.is_some() {
-                    let recovered = recovery.missed.is_some();
-                    object.insert("recovered".into(), json!(recovered));
-                    let outcome = if recovered {
-                        "recovered"
-                    } else {
-                        "not_recovered"
-                    };
-                    metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
-                }
-                (Some(recovery.position), recovery.missed.unwrap_or_default())
-            }
-            Err(_) => {
-                // Redis is down: no position can be promised, so nothing is claimed recovered.
-                object.insert("position".into(), Value::Null);
-                if since.is_some() {
-                    object.insert("recovered".into(), json!(false));
-                    metrics::counter!(m::RECOVERIES, "outcome" => "unavailable").increment(1);
-                }
-                (None, Vec::new())
-            }
-        }
-    }
-
     fn on_leave(&mut self, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str) {
-        match self.channels.get(topic) {
+        match self.sub.get(topic) {
             Some(joined) if join_ref.is_none() || join_ref == joined.join_ref.as_deref() => {
-                let joined = self.channels.remove(topic).expect("present");
-                self.deps.hub.unsubscribe(topic, self.id);
-                if let Some(Some(phx_ref)) = &joined.presence {
-                    self.deps.presence.untrack(topic, phx_ref);
-                }
-                metrics::gauge!(m::CHANNELS_JOINED, "family" => joined.family.label())
-                    .decrement(1.0);
+                let Some(joined) = self.sub.leave(topic) else {
+                    return;
+                };
                 let channel_ref = joined.join_ref.as_deref();
                 self.reply(channel_ref, msg_ref, topic, ReplyStatus::Ok, &json!({}));
                 self.push_close(channel_ref, topic);
@@ -693,7 +616,7 @@ impl Session {
         event: &str,
         payload: InboundPayload,
     ) {
-        let Some(joined) = self.channels.get(topic) else {
+        let Some(joined) = self.sub.get(topic) else {
             self.error_reply(None, msg_ref, topic, "unmatched topic");
             return;
         };
@@ -756,7 +679,7 @@ impl Session {
         messages.append(&mut self.pending);
         let mut resync: Vec<(Arc<str>, Option<String>)> = Vec::new();
         for (topic, count) in drained.dropped.drain(..) {
-            if let Some(joined) = self.channels.get(&topic) {
+            if let Some(joined) = self.sub.get(&topic) {
                 if joined.presence.is_some() {
                     // A lost `presence_diff` would leave the client's list wrong for good: send
                     // the whole state again after what is queued (phoenix.js re-syncs on it).
@@ -782,27 +705,26 @@ impl Session {
             }
         }
         // Consecutive frames usually share a topic: its channel is looked up once per run.
-        let mut current: Option<(Arc<str>, Option<&mut Joined>)> = None;
+        let mut current: Option<(Arc<str>, Option<&mut Channel>)> = None;
         for frame in drained.frames.drain(..) {
+            if !current
+                .as_ref()
+                .is_some_and(|(topic, _)| Arc::ptr_eq(topic, &frame.topic))
+            {
+                // End the previous borrow before taking the next one.
+                current.take();
+                let joined = self.sub.for_frame(&frame.topic);
+                current = Some((frame.topic.clone(), joined));
+            }
+            let Some((_, Some(joined))) = current.as_mut() else {
+                // Queued before the client left the topic: it has had its `phx_close`.
+                continue;
+            };
+            // Skip what the channel has already seen (recovery overlap, a re-published
+            // event); remember the newest position otherwise.
             if let Some(position) = &frame.position {
-                if !current
-                    .as_ref()
-                    .is_some_and(|(topic, _)| Arc::ptr_eq(topic, &frame.topic))
-                {
-                    // End the previous borrow before taking the next one.
-                    current.take();
-                    let joined = self.channels.for_frame(&frame.topic);
-                    current = Some((frame.topic.clone(), joined));
-                }
-                // Skip what the channel has already seen (recovery overlap, a re-published
-                // event); remember the newest position otherwise.
-                if let Some((_, Some(joined))) = current.as_mut() {
-                    match joined.seen.as_mut() {
-                        Some(seen) if position.is_covered_by(seen) => continue,
-                        // Same epoch: move the offset, no allocation.
-                        Some(seen) if seen.epoch == position.epoch => seen.offset = position.offset,
-                        _ => joined.seen = Some(position.clone()),
-                    }
+                if !joined.admit(position) {
+                    continue;
                 }
             }
             messages.push(Message::Text(frame.text(self.vsn)));

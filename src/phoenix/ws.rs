@@ -10,7 +10,22 @@
 //! Scope: what Phoenix clients send. Masked client frames (unmasked ones are a protocol
 //! error), text and binary messages (fragmented ones are reassembled), ping (answered with a
 //! pong), pong (ignored), close (answered once). No extensions are negotiated, so RSV bits
-//! must be zero. A message over `max_message` bytes ends the stream with [`WsError::TooBig`].
+//! must be zero.
+//!
+//! Invariants (issue 25; Autobahn|Testsuite sections 1–7 pass, `tests/it/autobahn.rs`):
+//! - Every length and offset read from the network is checked arithmetic: a 64-bit length
+//!   can neither wrap nor be cast down.
+//! - Every complete frame already buffered is parsed before reading more bytes (a read never
+//!   waits for bytes the client has already sent).
+//! - A violation fails the connection as §7.1.7 says: a close frame with the code naming the
+//!   violation ([`WsError::close_code`]: 1002 framing, 1007 invalid UTF-8, 1009 too big) is
+//!   queued by the session, then the TCP connection closes. After an error the stream yields
+//!   nothing more.
+//! - Text is validated as it arrives: an invalid byte sequence in any fragment fails the
+//!   connection at that fragment, not at the end of the message.
+//! - A client's close is answered with its own code when that code is one an endpoint may send
+//!   (1000–1003, 1007–1014, 3000–4999), with 1002 otherwise, and with 1007 when its reason is
+//!   not UTF-8; 1005, 1006 and 1015 are never sent.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -37,13 +52,59 @@ const FLUSH_THRESHOLD: usize = 64 * 1024;
 pub enum WsError {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    /// Worded like tungstenite's error so the session maps it to close 1009.
-    #[error("Message too big")]
+    #[error("message too big")]
     TooBig,
     #[error("protocol error: {0}")]
     Protocol(&'static str),
-    #[error("invalid UTF-8 in a text message")]
+    #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
+}
+
+impl WsError {
+    /// The close frame that fails the connection for this error (RFC 6455 §7.4.1), with the
+    /// metric label of the reason; `None` when the connection itself broke (nothing can be
+    /// sent).
+    pub fn close_code(&self) -> Option<(u16, &'static str)> {
+        match self {
+            WsError::Io(_) => None,
+            WsError::TooBig => Some((1009, "frame_too_big")),
+            WsError::Protocol(_) => Some((1002, "protocol_error")),
+            WsError::InvalidUtf8 => Some((1007, "invalid_utf8")),
+        }
+    }
+}
+
+/// Close codes an endpoint may send (RFC 6455 §7.4.1 and the IANA registry, 1012–1014
+/// included) or that applications use (3000–4999). 1005, 1006 and 1015 are reserved for
+/// reporting and never appear on the wire.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Checks the bytes of a text message as they arrive: `data[*checked..]` is validated and
+/// `checked` moves past every complete character. An incomplete character at the end is
+/// fine until `fin`; an invalid sequence fails at once (fail fast, §8.1).
+fn check_utf8(data: &[u8], checked: &mut usize, fin: bool) -> Result<(), WsError> {
+    let rest = data.get(*checked..).unwrap_or_default();
+    match std::str::from_utf8(rest) {
+        Ok(_) => {
+            *checked = data.len();
+            Ok(())
+        }
+        Err(error) if error.error_len().is_none() && !fin => {
+            *checked = checked.saturating_add(error.valid_up_to());
+            Ok(())
+        }
+        Err(_) => Err(WsError::InvalidUtf8),
+    }
+}
+
+/// A fragmented message being reassembled.
+struct Partial {
+    opcode: u8,
+    data: BytesMut,
+    /// How much of a text message's data is known to be valid UTF-8.
+    utf8_checked: usize,
 }
 
 pub struct WsStream<S> {
@@ -51,15 +112,31 @@ pub struct WsStream<S> {
     read: BytesMut,
     write: BytesMut,
     max_message: usize,
-    /// A fragmented message being reassembled: (opcode, data so far).
-    partial: Option<(u8, BytesMut)>,
+    partial: Option<Partial>,
     close_sent: bool,
     eof: bool,
+    /// A protocol error was reported: the stream yields nothing more.
+    failed: bool,
     /// The read buffer was grown past its idle size for a large message: it is replaced by a
     /// small one once empty (`capacity()` of an advanced view does not show the allocation).
     read_grown: bool,
     /// The last flush wrote more than [`IDLE_WRITE_CAPACITY`]: the buffer is large.
     write_grown: bool,
+}
+
+/// What one parse step found.
+enum Step {
+    /// No complete frame is buffered.
+    NeedMore,
+    /// A frame was consumed (a fragment, a ping, a pong): parse the next one.
+    Again,
+    /// A complete message or a close.
+    Item(Parsed),
+}
+
+enum Parsed {
+    Data(u8, Bytes),
+    Close(Option<CloseFrame>),
 }
 
 impl<S> WsStream<S> {
@@ -72,6 +149,7 @@ impl<S> WsStream<S> {
             partial: None,
             close_sent: false,
             eof: false,
+            failed: false,
             read_grown: false,
             write_grown: false,
         }
@@ -88,13 +166,13 @@ impl<S> WsStream<S> {
     /// Appends one unmasked server frame.
     fn put_frame(&mut self, opcode: u8, payload: &[u8]) {
         let len = payload.len();
-        self.write.reserve(len + 10);
+        self.write.reserve(len.saturating_add(10));
         self.write.put_u8(0x80 | opcode);
         if len < 126 {
             self.write.put_u8(len as u8);
-        } else if len <= u16::MAX as usize {
+        } else if let Ok(short) = u16::try_from(len) {
             self.write.put_u8(126);
-            self.write.put_u16(len as u16);
+            self.write.put_u16(short);
         } else {
             self.write.put_u8(127);
             self.write.put_u64(len as u64);
@@ -109,23 +187,31 @@ impl<S> WsStream<S> {
         self.close_sent = true;
         match frame {
             Some(frame) => {
-                let mut payload = Vec::with_capacity(2 + frame.reason.len());
+                // A control frame carries at most 125 bytes: the reason is cut on a character
+                // boundary to fit.
+                let mut reason = frame.reason.as_str();
+                while reason.len() > 123 {
+                    let mut end = 123;
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    reason = &reason[..end];
+                }
+                let mut payload = Vec::with_capacity(2 + reason.len());
                 payload.extend_from_slice(&frame.code.to_be_bytes());
-                payload.extend_from_slice(frame.reason.as_bytes());
+                payload.extend_from_slice(reason.as_bytes());
                 self.put_frame(0x8, &payload);
             }
             None => self.put_frame(0x8, &[]),
         }
     }
 
-    /// Parses one complete frame from the read buffer: `Ok(None)` when more bytes are needed
-    /// or the frame was a control frame handled here.
-    fn parse(&mut self) -> Result<Option<Parsed>, WsError> {
+    /// Parses at most one frame from the read buffer.
+    fn parse(&mut self) -> Result<Step, WsError> {
         let buf = &self.read[..];
-        if buf.len() < 2 {
-            return Ok(None);
-        }
-        let (b0, b1) = (buf[0], buf[1]);
+        let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
+            return Ok(Step::NeedMore);
+        };
         if b0 & 0x70 != 0 {
             return Err(WsError::Protocol("reserved bits set"));
         }
@@ -134,93 +220,123 @@ impl<S> WsStream<S> {
         }
         let fin = b0 & 0x80 != 0;
         let opcode = b0 & 0x0f;
-        let (len, header) = match b1 & 0x7f {
-            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4),
-            127 if buf.len() >= 10 => (
-                u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")),
-                10,
-            ),
-            126 | 127 => return Ok(None),
-            n => (n as u64, 2),
+        let control = opcode >= 0x8;
+        if !matches!(opcode, 0x0..=0x2 | 0x8..=0xA) {
+            return Err(WsError::Protocol("reserved opcode"));
+        }
+        if control && !fin {
+            return Err(WsError::Protocol("fragmented control frame"));
+        }
+        let (len, header): (u64, usize) = match b1 & 0x7f {
+            126 => match buf.get(2..4) {
+                Some(bytes) => (u64::from(u16::from_be_bytes([bytes[0], bytes[1]])), 4),
+                None => return Ok(Step::NeedMore),
+            },
+            127 => match buf.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                Some(bytes) => (u64::from_be_bytes(bytes), 10),
+                None => return Ok(Step::NeedMore),
+            },
+            n => (u64::from(n), 2),
         };
-        let already = self
-            .partial
-            .as_ref()
-            .map_or(0, |(_, data)| data.len() as u64);
-        if len + already > self.max_message as u64 {
+        if control && len > 125 {
+            return Err(WsError::Protocol("control frame over 125 bytes"));
+        }
+        match opcode {
+            0x0 if self.partial.is_none() => {
+                return Err(WsError::Protocol("continuation without a message"))
+            }
+            0x1 | 0x2 if self.partial.is_some() => {
+                return Err(WsError::Protocol("new message inside a fragmented one"))
+            }
+            _ => {}
+        }
+        // Checked: a 64-bit length from the network can neither wrap the sum nor be cut by
+        // the cast (issue 25: `len + already` wrapped, `total` became 13, `advance` panicked).
+        let already = self.partial.as_ref().map_or(0, |p| p.data.len() as u64);
+        let message_len = len.checked_add(already).ok_or(WsError::TooBig)?;
+        if message_len > self.max_message as u64 {
             return Err(WsError::TooBig);
         }
-        let total = header + 4 + len as usize;
+        let len = usize::try_from(len).map_err(|_| WsError::TooBig)?;
+        let total = len.checked_add(header + 4).ok_or(WsError::TooBig)?;
         if buf.len() < total {
             if total > READ_CAPACITY {
                 self.read_grown = true;
             }
             self.read.reserve(total - buf.len());
-            return Ok(None);
+            return Ok(Step::NeedMore);
         }
-        let mask: [u8; 4] = buf[header..header + 4].try_into().expect("4 bytes");
+        let mut mask = [0u8; 4];
+        mask.copy_from_slice(&buf[header..header + 4]);
         let mut frame = self.read.split_to(total);
         frame.advance(header + 4);
         for (i, byte) in frame.iter_mut().enumerate() {
             *byte ^= mask[i & 3];
         }
-        if opcode >= 0x8 && (!fin || frame.len() > 125) {
-            return Err(WsError::Protocol("invalid control frame"));
-        }
         match opcode {
-            0x1 | 0x2 if self.partial.is_some() => {
-                Err(WsError::Protocol("new message inside a fragmented one"))
-            }
-            0x1 | 0x2 if fin => Ok(Some(Parsed::Data(opcode, frame.freeze()))),
+            0x1 | 0x2 if fin => Ok(Step::Item(Parsed::Data(opcode, frame.freeze()))),
             0x1 | 0x2 => {
-                self.partial = Some((opcode, frame));
-                Ok(None)
+                let mut utf8_checked = 0;
+                if opcode == 0x1 {
+                    check_utf8(&frame, &mut utf8_checked, false)?;
+                }
+                self.partial = Some(Partial {
+                    opcode,
+                    data: frame,
+                    utf8_checked,
+                });
+                Ok(Step::Again)
             }
             0x0 => {
-                let Some((first, mut data)) = self.partial.take() else {
+                let Some(mut partial) = self.partial.take() else {
                     return Err(WsError::Protocol("continuation without a message"));
                 };
-                data.extend_from_slice(&frame);
+                partial.data.extend_from_slice(&frame);
+                if partial.opcode == 0x1 {
+                    check_utf8(&partial.data, &mut partial.utf8_checked, fin)?;
+                }
                 if fin {
-                    Ok(Some(Parsed::Data(first, data.freeze())))
+                    Ok(Step::Item(Parsed::Data(
+                        partial.opcode,
+                        partial.data.freeze(),
+                    )))
                 } else {
-                    self.partial = Some((first, data));
-                    Ok(None)
+                    self.partial = Some(partial);
+                    Ok(Step::Again)
                 }
             }
             0x8 => {
-                let close = (frame.len() >= 2).then(|| {
-                    let code = u16::from_be_bytes([frame[0], frame[1]]);
-                    let reason = frame.split_off(2).freeze();
-                    CloseFrame {
-                        code,
-                        reason: Utf8Bytes::try_from(reason).unwrap_or_default(),
+                let close = match frame.len() {
+                    0 => None,
+                    1 => return Err(WsError::Protocol("close frame of one byte")),
+                    _ => {
+                        let code = u16::from_be_bytes([frame[0], frame[1]]);
+                        let reason = Utf8Bytes::try_from(frame.split_off(2).freeze())
+                            .map_err(|_| WsError::InvalidUtf8)?;
+                        if !is_valid_close_code(code) {
+                            return Err(WsError::Protocol("invalid close code"));
+                        }
+                        Some(CloseFrame { code, reason })
                     }
-                });
-                // Answer once, with the client's code.
+                };
+                // Answered once, with the client's (valid) code.
                 let echo = close.as_ref().map(|c| CloseFrame {
                     code: c.code,
                     reason: Utf8Bytes::default(),
                 });
                 self.put_close(echo.as_ref());
-                Ok(Some(Parsed::Close(close)))
+                Ok(Step::Item(Parsed::Close(close)))
             }
             0x9 => {
-                let payload = frame.freeze();
-                self.put_frame(0xA, &payload);
-                Ok(Some(Parsed::Control))
+                if !self.close_sent {
+                    self.put_frame(0xA, &frame);
+                }
+                Ok(Step::Again)
             }
-            0xA => Ok(Some(Parsed::Control)),
-            _ => Err(WsError::Protocol("unknown opcode")),
+            // 0xA: a pong is ignored.
+            _ => Ok(Step::Again),
         }
     }
-}
-
-enum Parsed {
-    Data(u8, Bytes),
-    Close(Option<CloseFrame>),
-    /// A ping (its pong is queued) or a pong.
-    Control,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
@@ -237,10 +353,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             // cheaper in the kernel than the one-element `writev` a vectored write makes
             // (measured: `vfs_writev` and `fdget_pos` were 6 % of a 19k-socket fan-out).
             let written = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write))?;
-            self.write.advance(written);
             if written == 0 {
                 return Poll::Ready(Err(WsError::Io(std::io::ErrorKind::WriteZero.into())));
             }
+            self.write.advance(written.min(self.write.len()));
         }
         // Kept while large flushes follow each other (a stream reuses it), given back at the
         // first small one.
@@ -256,30 +372,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WsStream<S> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        let mut answered_control = false;
         loop {
-            match this.parse() {
-                Err(error) => return Poll::Ready(Some(Err(error))),
-                Ok(Some(Parsed::Data(0x1, data))) => {
-                    return Poll::Ready(Some(
-                        Utf8Bytes::try_from(data)
-                            .map(Message::Text)
-                            .map_err(|_| WsError::InvalidUtf8),
-                    ));
+            let step = match this.parse() {
+                Ok(step) => step,
+                Err(error) => {
+                    // Nothing more is read after a violation; the session answers it with a
+                    // close frame (`WsError::close_code`) and drops the connection.
+                    this.failed = true;
+                    this.partial = None;
+                    this.read = BytesMut::new();
+                    return Poll::Ready(Some(Err(error)));
                 }
-                Ok(Some(Parsed::Data(_, data))) => {
+            };
+            match step {
+                Step::Item(Parsed::Data(0x1, data)) => {
+                    return Poll::Ready(Some(match Utf8Bytes::try_from(data) {
+                        Ok(text) => Ok(Message::Text(text)),
+                        Err(_) => {
+                            this.failed = true;
+                            Err(WsError::InvalidUtf8)
+                        }
+                    }));
+                }
+                Step::Item(Parsed::Data(_, data)) => {
                     return Poll::Ready(Some(Ok(Message::Binary(data))))
                 }
-                Ok(Some(Parsed::Close(frame))) => {
+                Step::Item(Parsed::Close(frame)) => {
                     // Best effort: the answer goes out now if the socket takes it.
                     let _ = this.poll_write_out(cx);
                     return Poll::Ready(Some(Ok(Message::Close(frame))));
                 }
-                Ok(Some(Parsed::Control)) => {
-                    let _ = this.poll_write_out(cx);
+                Step::Again => {
+                    answered_control |= !this.write.is_empty();
                     continue;
                 }
-                Ok(None) if this.eof => return Poll::Ready(None),
-                Ok(None) => {}
+                Step::NeedMore if this.eof => return Poll::Ready(None),
+                Step::NeedMore => {}
+            }
+            if std::mem::take(&mut answered_control) {
+                // Pongs go out before waiting for more input.
+                let _ = this.poll_write_out(cx);
             }
             if this.read.is_empty() && std::mem::take(&mut this.read_grown) {
                 // A large message came and went: back to the idle size.
@@ -339,6 +475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for WsStream<S> {
 mod tests {
     use super::*;
     use futures_util::{SinkExt, StreamExt};
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
@@ -540,6 +677,167 @@ mod tests {
             "the read buffer went back to its idle size: {}",
             ws.read.capacity()
         );
+    }
+
+    /// Issue 25's remote panic: a 1-byte text fragment, then a continuation whose 64-bit length
+    /// is `u64::MAX`. `len + already` wrapped and `advance` panicked; it is a 1009 now.
+    #[tokio::test]
+    async fn a_continuation_of_length_u64_max_is_too_big_not_a_panic() {
+        for already in [0usize, 1, 5] {
+            let (server, mut client) = tokio::io::duplex(1024);
+            let mut ws = WsStream::new(server, 1 << 16);
+            let mut input = client_frame(false, 0x1, &b"abcde"[..already.max(1)]);
+            input.extend_from_slice(&[0x80, 0x80 | 127]);
+            input.extend_from_slice(&u64::MAX.to_be_bytes());
+            input.extend_from_slice(&[1, 2, 3, 4, b'x']);
+            client.write_all(&input).await.unwrap();
+            let error = ws.next().await.unwrap().unwrap_err();
+            assert!(matches!(error, WsError::TooBig), "{error}");
+            assert_eq!(error.close_code(), Some((1009, "frame_too_big")));
+            // Nothing more is read after the violation.
+            assert!(ws.next().await.is_none());
+        }
+        // Every length class near the limits: never a panic, always an error or a message.
+        for len in [
+            u64::MAX,
+            u64::MAX - 13,
+            1 << 63,
+            (usize::MAX as u64),
+            65536,
+            65537,
+        ] {
+            let (server, mut client) = tokio::io::duplex(1024);
+            let mut ws = WsStream::new(server, 65536);
+            let mut input = vec![0x82u8, 0x80 | 127];
+            input.extend_from_slice(&len.to_be_bytes());
+            input.extend_from_slice(&[0, 0, 0, 0]);
+            client.write_all(&input).await.unwrap();
+            drop(client);
+            let next = ws.next().await;
+            assert!(
+                matches!(next, Some(Err(WsError::TooBig)) | None),
+                "length {len}: {next:?}"
+            );
+        }
+    }
+
+    /// Issue 25: three fragments of one heartbeat in one write got no answer until the client
+    /// sent more bytes; 10,000 one-byte fragments never finished. The client here keeps the
+    /// connection open and sends nothing more.
+    #[tokio::test]
+    async fn buffered_fragments_are_parsed_without_waiting_for_more_bytes() {
+        let heartbeat = br#"[null,"1","phoenix","heartbeat",{}]"#;
+        let (server, mut client) = tokio::io::duplex(1 << 20);
+        let mut ws = WsStream::new(server, 1 << 16);
+        let mut input = client_frame(false, 0x1, &heartbeat[..10]);
+        input.extend(client_frame(false, 0x0, &heartbeat[10..20]));
+        input.extend(client_frame(true, 0x0, &heartbeat[20..]));
+        client.write_all(&input).await.unwrap();
+        let message = tokio::time::timeout(Duration::from_secs(2), ws.next())
+            .await
+            .expect("answered without more bytes")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            message,
+            Message::Text(std::str::from_utf8(heartbeat).unwrap().into())
+        );
+
+        let text = "y".repeat(10_000);
+        let mut input = client_frame(false, 0x1, b"y");
+        for _ in 1..9_999 {
+            input.extend(client_frame(false, 0x0, b"y"));
+        }
+        input.extend(client_frame(true, 0x0, b"y"));
+        // A ping after the message is answered too, still without more bytes.
+        input.extend(client_frame(true, 0x9, b"p"));
+        client.write_all(&input).await.unwrap();
+        let message = tokio::time::timeout(Duration::from_secs(2), ws.next())
+            .await
+            .expect("10,000 fragments finish")
+            .unwrap()
+            .unwrap();
+        assert_eq!(message, Message::Text(text.into()));
+        let pending = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
+        assert!(pending.is_err(), "nothing else is buffered: {pending:?}");
+        let mut pong = [0u8; 3];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0x8a, 0x01, b'p']);
+    }
+
+    #[tokio::test]
+    async fn close_codes_are_echoed_only_when_valid() {
+        for (code, answer) in [
+            (1000u16, Some(1000u16)),
+            (1001, Some(1001)),
+            (1003, Some(1003)),
+            (1007, Some(1007)),
+            (1011, Some(1011)),
+            (1012, Some(1012)),
+            (3000, Some(3000)),
+            (4999, Some(4999)),
+            (0, None),
+            (999, None),
+            (1004, None),
+            (1005, None),
+            (1006, None),
+            (1015, None),
+            (1016, None),
+            (2999, None),
+            (5000, None),
+        ] {
+            let (server, mut client) = tokio::io::duplex(1024);
+            let mut ws = WsStream::new(server, 1024);
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(b"ok");
+            client
+                .write_all(&client_frame(true, 0x8, &payload))
+                .await
+                .unwrap();
+            match (ws.next().await.unwrap(), answer) {
+                (Ok(Message::Close(Some(frame))), Some(answer)) => {
+                    assert_eq!(frame.code, code);
+                    let mut out = [0u8; 4];
+                    client.read_exact(&mut out).await.unwrap();
+                    assert_eq!(out[..2], [0x88, 0x02]);
+                    assert_eq!(u16::from_be_bytes([out[2], out[3]]), answer);
+                }
+                (Err(error), None) => {
+                    assert_eq!(error.close_code().map(|c| c.0), Some(1002), "code {code}")
+                }
+                (other, _) => panic!("code {code}: {other:?}"),
+            }
+        }
+        // A reason that is not UTF-8 is 1007; a one-byte close payload is 1002.
+        for (payload, expected) in [(vec![0x03, 0xe8, 0xff], 1007u16), (vec![0x03], 1002)] {
+            let (server, mut client) = tokio::io::duplex(1024);
+            let mut ws = WsStream::new(server, 1024);
+            client
+                .write_all(&client_frame(true, 0x8, &payload))
+                .await
+                .unwrap();
+            let error = ws.next().await.unwrap().unwrap_err();
+            assert_eq!(error.close_code().map(|c| c.0), Some(expected));
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_fails_at_the_fragment_that_carries_it() {
+        let (server, mut client) = tokio::io::duplex(1024);
+        let mut ws = WsStream::new(server, 1 << 16);
+        // A character split across fragments is fine; an invalid byte fails at its fragment,
+        // before the message ends (no final fragment is ever sent here).
+        let mut input = client_frame(false, 0x1, &[b'a', 0xc3]);
+        input.extend(client_frame(false, 0x0, &[0xa9, b'b']));
+        input.extend(client_frame(false, 0x0, &[0xff]));
+        client.write_all(&input).await.unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(2), ws.next())
+            .await
+            .expect("fails fast")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(error, WsError::InvalidUtf8), "{error}");
+        assert_eq!(error.close_code().map(|c| c.0), Some(1007));
     }
 
     #[tokio::test]

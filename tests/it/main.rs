@@ -3,6 +3,7 @@
 //! One test binary so the crate links once.
 
 mod admin;
+mod autobahn;
 mod browser;
 mod cli;
 mod fuzz_regressions;
@@ -14,6 +15,7 @@ mod limits;
 mod longpoll;
 mod presence;
 mod recovery;
+mod robustness;
 mod shutdown;
 mod socket;
 mod sse;
