@@ -37,6 +37,8 @@ pub mod channels;
 pub mod config;
 pub mod envelope;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod history;
 pub mod http;
 pub mod hub;

@@ -128,6 +128,48 @@ impl SessionToken {
     }
 }
 
+/// The client messages of a POST body: NDJSON, one message per non-empty line (`\r\n` too).
+/// A line that is not UTF-8 becomes a binary message, which the session refuses as an
+/// undecodable frame, like a WebSocket's.
+pub fn batch_messages(body: &[u8]) -> impl Iterator<Item = Message> + '_ {
+    body.split(|b| *b == b'\n').filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return None;
+        }
+        Some(match std::str::from_utf8(line) {
+            Ok(text) => Message::Text(text.into()),
+            Err(_) => Message::Binary(Bytes::copy_from_slice(line)),
+        })
+    })
+}
+
+/// Applies client acknowledgements (any u64, as tokens carry them) to a queue of handed-out
+/// messages and checks its bookkeeping after each (the `longpoll` fuzz target).
+pub(crate) fn replay_acknowledgements(acks: &[u64]) {
+    let (tx, queue) = mpsc::channel(8);
+    let mut out = Outgoing {
+        queue,
+        unacked: Vec::new(),
+        first_seq: 1,
+        ended: false,
+    };
+    for (i, &ack) in acks.iter().enumerate() {
+        let _ = tx.try_send(Message::Text(format!("m{i}").into()));
+        let first = out.queue.try_recv().ok();
+        out.take_queued(first);
+        let (before_first, before_len) = (out.first_seq, out.unacked.len());
+        out.acknowledge(ack);
+        assert!(out.first_seq >= before_first);
+        assert!(out.unacked.len() <= before_len);
+        assert_eq!(
+            out.first_seq - before_first,
+            (before_len - out.unacked.len()) as u64
+        );
+        assert!(out.last_seq().saturating_add(1) >= out.first_seq);
+    }
+}
+
 /// What one instance routes to another over Redis.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -183,18 +225,21 @@ struct Outgoing {
 }
 
 impl Outgoing {
+    /// `ack` comes from the client's token: any u64. Checked arithmetic throughout.
     fn acknowledge(&mut self, ack: u64) {
-        if ack < self.first_seq {
+        let Some(behind) = ack.checked_sub(self.first_seq) else {
             return;
-        }
-        let done = ((ack - self.first_seq + 1) as usize).min(self.unacked.len());
+        };
+        let done = usize::try_from(behind.saturating_add(1))
+            .unwrap_or(usize::MAX)
+            .min(self.unacked.len());
         self.unacked.drain(..done);
-        self.first_seq += done as u64;
+        self.first_seq = self.first_seq.saturating_add(done as u64);
     }
 
     /// The last sequence number handed out.
     fn last_seq(&self) -> u64 {
-        self.first_seq + self.unacked.len() as u64 - 1
+        (self.first_seq.saturating_add(self.unacked.len() as u64)).saturating_sub(1)
     }
 
     /// Moves what is queued into `unacked`; `false` when nothing was there.
@@ -384,16 +429,7 @@ impl LongPoll {
             return Answer::status(410);
         };
         let _in_flight = session.begin();
-        for line in body.split(|b| *b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.is_empty() {
-                continue;
-            }
-            let message = match std::str::from_utf8(line) {
-                Ok(text) => Message::Text(text.into()),
-                // Not text: the session refuses it as an undecodable frame, like a WebSocket.
-                Err(_) => Message::Binary(Bytes::copy_from_slice(line)),
-            };
+        for message in batch_messages(body) {
             match tokio::time::timeout(session.write_timeout, session.inbound.send(message)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Answer::status(410),

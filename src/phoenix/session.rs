@@ -267,7 +267,7 @@ where
 
 /// The optional `since` join parameter: absent (or null) is `None`; anything but a valid
 /// `"<epoch>:<offset>"` string is an error (`invalid_params`).
-fn since_param(params: &InboundPayload) -> Result<Option<Position>, ()> {
+pub(crate) fn since_param(params: &InboundPayload) -> Result<Option<Position>, ()> {
     let InboundPayload::Json(raw) = params else {
         return Ok(None);
     };

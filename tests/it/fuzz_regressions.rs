@@ -84,3 +84,21 @@ fn token_parsers() {
         let _ = prostaff_events::auth::token_from_subprotocol(&text);
     }
 }
+
+/// The targets whose logic lives in `prostaff_events::fuzzing` (one entry point shared with
+/// the fuzzer).
+#[test]
+fn websocket_frames_long_poll_and_resume_parsers() {
+    for (name, data) in inputs("ws_frames") {
+        println!("{name}");
+        prostaff_events::fuzzing::ws_frames(&data);
+    }
+    for (name, data) in inputs("longpoll") {
+        println!("{name}");
+        prostaff_events::fuzzing::longpoll(&data);
+    }
+    for (name, data) in inputs("resume") {
+        println!("{name}");
+        prostaff_events::fuzzing::resume(&data);
+    }
+}
