@@ -198,6 +198,9 @@ impl OutboxState {
 /// The in-process topic map shared by every socket and every publisher.
 pub struct Hub {
     topics: DashMap<Arc<str>, HashMap<SocketId, Arc<Outbox>>>,
+    /// The last history position this instance delivered, per topic with subscribers: after a
+    /// Redis reconnect each such topic is caught up from there ([`crate::ingest::Pipeline`]).
+    delivered: DashMap<Arc<str>, Position>,
     sockets: DashMap<SocketId, Arc<Outbox>>,
     next_socket_id: AtomicU64,
     outbox_capacity: usize,
@@ -212,6 +215,7 @@ impl Hub {
     pub fn new(outbox_capacity: usize, metrics: Metrics) -> Self {
         Hub {
             topics: DashMap::new(),
+            delivered: DashMap::new(),
             sockets: DashMap::new(),
             next_socket_id: AtomicU64::new(1),
             outbox_capacity,
@@ -254,8 +258,38 @@ impl Hub {
         if let Some(mut subscribers) = self.topics.get_mut(topic) {
             subscribers.remove(&id);
         }
-        self.topics
-            .remove_if(topic, |_, subscribers| subscribers.is_empty());
+        if self
+            .topics
+            .remove_if(topic, |_, subscribers| subscribers.is_empty())
+            .is_some()
+        {
+            self.delivered.remove(topic);
+        }
+    }
+
+    /// Every topic with subscribers and the last position delivered on it.
+    pub fn delivered_positions(&self) -> Vec<(Arc<str>, Position)> {
+        self.delivered
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().clone()))
+            .collect()
+    }
+
+    /// Tells every subscriber of `topic` that its stream has a gap (see
+    /// [`BroadcastFrame::gap`]); returns how many were told.
+    pub fn announce_gap(&self, topic: &str) -> usize {
+        let Some(subscribers) = self.topics.get(topic) else {
+            return 0;
+        };
+        let frame = BroadcastFrame::gap(subscribers.key().clone());
+        let told = subscribers
+            .values()
+            .filter(|outbox| outbox.push(&frame) != PushOutcome::Closed)
+            .count();
+        drop(subscribers);
+        // Whoever rejoins starts from its own `since`; the next broadcast sets it again.
+        self.delivered.remove(topic);
+        told
     }
 
     pub fn has_subscribers(&self, topic: &str) -> bool {
@@ -306,6 +340,9 @@ impl Hub {
         let Some(subscribers) = self.topics.get(topic) else {
             return 0;
         };
+        if let Some(position) = &position {
+            self.remember_delivered(subscribers.key(), position);
+        }
         let frame = BroadcastFrame::new(
             subscribers.key().clone(),
             event,
@@ -334,6 +371,19 @@ impl Hub {
                 .increment(dropped);
         }
         queued
+    }
+
+    fn remember_delivered(&self, topic: &Arc<str>, position: &Position) {
+        match self.delivered.get_mut(&**topic) {
+            Some(mut last) => {
+                if last.epoch != position.epoch || last.offset < position.offset {
+                    *last = position.clone();
+                }
+            }
+            None => {
+                self.delivered.insert(topic.clone(), position.clone());
+            }
+        }
     }
 
     /// Asks every socket to close, `batch` sockets at a time with `pause` between batches, so

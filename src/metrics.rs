@@ -43,6 +43,8 @@ pub const LONGPOLL_SESSIONS: &str = "prostaff_longpoll_sessions";
 pub const LONGPOLL_REQUESTS: &str = "prostaff_longpoll_requests_total";
 pub const LONGPOLL_EXPIRED: &str = "prostaff_longpoll_sessions_expired_total";
 pub const SESSION_PANICS: &str = "prostaff_session_panics_total";
+pub const CATCH_UPS: &str = "prostaff_catch_ups_total";
+pub const CATCH_UP_BROADCASTS: &str = "prostaff_catch_up_broadcasts_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -143,6 +145,14 @@ fn describe() {
     describe_counter!(
         SESSION_PANICS,
         "sessions that panicked (caught, logged with the socket's span, cleaned up)"
+    );
+    describe_counter!(
+        CATCH_UPS,
+        "topics caught up from history after a redis reconnect, by outcome (caught_up, gap, failed)"
+    );
+    describe_counter!(
+        CATCH_UP_BROADCASTS,
+        "broadcasts delivered by catch-ups after a redis reconnect"
     );
     describe_gauge!(
         PRESENCE_TRACKED,

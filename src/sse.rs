@@ -170,6 +170,12 @@ impl StreamTask {
                 if !ok {
                     break;
                 }
+                if frame.gap && self.sub.contains(&frame.topic) {
+                    // The stream ends where the gap starts: the browser resumes with the last
+                    // id it has and learns `recovered: false`.
+                    ok = false;
+                    break;
+                }
                 // Skip what the stream has already seen (the replay's overlap with live
                 // frames, a re-published event) and frames of no joined topic.
                 let Some(channel) = self.sub.for_frame(&frame.topic) else {

@@ -195,6 +195,55 @@ impl Pipeline {
         }
     }
 
+    /// After a Redis (re)connect, before any live message of the new subscription: every topic
+    /// with local subscribers is caught up from history after the last position this instance
+    /// delivered, so a blip of this instance's link is invisible to its sockets (other
+    /// instances kept appending). In order; what a socket already has is skipped by its
+    /// channel's `seen`. Where history cannot cover the gap (too long, or a new epoch), the
+    /// topic's subscribers are told ([`Hub::announce_gap`]) instead of left with a silent gap.
+    /// Topics that never had a positioned broadcast here have nothing to catch up.
+    pub async fn catch_up(&self) {
+        if !self.history.enabled() {
+            return;
+        }
+        for (topic, last) in self.hub.delivered_positions() {
+            match self.history.recover(&topic, Some(&last)).await {
+                Ok(recovery) => match recovery.missed {
+                    Some(entries) => {
+                        let count = entries.len() as u64;
+                        for entry in entries {
+                            self.hub.publish_at(
+                                &topic,
+                                &entry.event,
+                                entry.payload,
+                                Some(entry.position),
+                            );
+                        }
+                        metrics::counter!(crate::metrics::CATCH_UPS, "outcome" => "caught_up")
+                            .increment(1);
+                        metrics::counter!(crate::metrics::CATCH_UP_BROADCASTS).increment(count);
+                        if count > 0 {
+                            tracing::info!(topic = %LogSafe(&topic), count, "caught up after a redis reconnect");
+                        }
+                    }
+                    None => {
+                        let told = self.hub.announce_gap(&topic);
+                        metrics::counter!(crate::metrics::CATCH_UPS, "outcome" => "gap")
+                            .increment(1);
+                        tracing::warn!(topic = %LogSafe(&topic), subscribers = told, "history cannot cover this instance's gap; subscribers told to rejoin");
+                    }
+                },
+                Err(error) => {
+                    // The link is gone again: the next connect catches up from the same point.
+                    metrics::counter!(crate::metrics::CATCH_UPS, "outcome" => "failed")
+                        .increment(1);
+                    tracing::warn!(%error, "catch-up after a redis reconnect failed");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Decodes and routes one message; `None` for a dropped envelope (logged and counted).
     fn prepare(&self, incoming: Incoming, source: Source) -> Option<Broadcast> {
         match incoming {

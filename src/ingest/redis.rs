@@ -311,6 +311,9 @@ impl RedisLink {
                 "redis connected"
             );
         }
+        // Subscribed, and what arrives now waits in the message channel: catch every topic up
+        // to here first, so the missed broadcasts come before the live ones.
+        pipeline.catch_up().await;
         // Every connect, the first included: a hub that booted without Redis reconciles too.
         self.connects.send_modify(|count| *count += 1);
         *ever_connected = true;

@@ -333,6 +333,11 @@ pub struct BroadcastFrame {
     /// The broadcast's place in its topic's history, sent in the `ref` slot.
     pub position: Option<Position>,
     pub published_at: std::time::Instant,
+    /// Not a broadcast: the topic's stream has a gap this instance cannot fill (its Redis link
+    /// was away longer than the history covers). A socket answers it with `phx_error` on the
+    /// channel (phoenix.js rejoins with its `since` and learns `recovered: false`); an SSE
+    /// stream ends (the browser resumes with `Last-Event-ID`).
+    pub gap: bool,
     payload: Bytes,
     v2: Utf8Bytes,
     v1: OnceLock<Utf8Bytes>,
@@ -363,7 +368,23 @@ impl BroadcastFrame {
             event: event.into(),
             position,
             published_at,
+            gap: false,
             payload,
+            v2,
+            v1: OnceLock::new(),
+        })
+    }
+
+    /// The gap notice of `topic` (see [`BroadcastFrame::gap`]).
+    pub fn gap(topic: Arc<str>) -> Arc<Self> {
+        let v2 = encode_message(Vsn::V2, None, None, &topic, "phx_error", b"{}");
+        Arc::new(BroadcastFrame {
+            topic,
+            event: "phx_error".into(),
+            position: None,
+            published_at: std::time::Instant::now(),
+            gap: true,
+            payload: Bytes::from_static(b"{}"),
             v2,
             v1: OnceLock::new(),
         })

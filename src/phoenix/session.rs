@@ -706,7 +706,16 @@ impl Session {
         }
         // Consecutive frames usually share a topic: its channel is looked up once per run.
         let mut current: Option<(Arc<str>, Option<&mut Channel>)> = None;
+        let mut gaps: Vec<Arc<str>> = Vec::new();
         for frame in drained.frames.drain(..) {
+            if frame.gap || gaps.iter().any(|t| Arc::ptr_eq(t, &frame.topic)) {
+                // Nothing of a topic with a gap is sent after it: the client's `since` must stay
+                // before the gap, so its rejoin reports `recovered: false`.
+                if frame.gap && !gaps.iter().any(|t| Arc::ptr_eq(t, &frame.topic)) {
+                    gaps.push(frame.topic.clone());
+                }
+                continue;
+            }
             if !current
                 .as_ref()
                 .is_some_and(|(topic, _)| Arc::ptr_eq(topic, &frame.topic))
@@ -730,6 +739,20 @@ impl Session {
             messages.push(Message::Text(frame.text(self.vsn)));
         }
         drop(current);
+        for topic in gaps {
+            // phoenix.js answers `phx_error` by rejoining with its params (and `since`).
+            if let Some(channel) = self.sub.leave(&topic) {
+                let join_ref = channel.join_ref.as_deref();
+                messages.push(Message::Text(codec::encode_message(
+                    self.vsn,
+                    join_ref,
+                    join_ref,
+                    &topic,
+                    "phx_error",
+                    b"{}",
+                )));
+            }
+        }
         drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
         for (topic, join_ref) in resync {
             metrics::counter!(m::PRESENCE_RESYNCS).increment(1);

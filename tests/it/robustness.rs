@@ -3,6 +3,7 @@
 //! hub), protocol violations answered with close frames, and resumes refused while Redis is
 //! unreachable instead of answered `recovered: false`.
 
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -439,4 +440,137 @@ async fn broadcasts_queued_before_a_leave_are_not_sent_after_its_phx_close() {
     stop.store(true, Ordering::Relaxed);
     publisher.join().unwrap();
     assert_eq!(late, 0, "broadcasts sent after the channel's phx_close");
+}
+
+fn goal_event(org: &str, id: &str) -> String {
+    json!({"id": id, "type": "team_goal.updated", "user_id": "u", "org_id": org,
+        "payload": {"n": id}, "published_at": "2026-12-02T00:00:00Z"})
+    .to_string()
+}
+
+/// Hub A reaches Redis through a proxy that can go silent; hub B directly. Returns the
+/// redis, proxy, both hubs, a member on each, the org and its topic.
+async fn a_cut_hub_and_a_live_hub(
+    history_size: usize,
+) -> (
+    RedisServer,
+    FreezableProxy,
+    TestHub,
+    TestHub,
+    Phx,
+    Phx,
+    String,
+    String,
+) {
+    let redis = RedisServer::start();
+    let proxy = FreezableProxy::start(redis.port).await;
+    let mut config_a = test_config(&proxy.url(), "http://127.0.0.1:9");
+    config_a.history_size = history_size;
+    let mut config_b = test_config(&redis.url(), "http://127.0.0.1:9");
+    config_b.history_size = history_size;
+    let a = TestHub::start(config_a).await;
+    let b = TestHub::start(config_b).await;
+    a.wait_redis_ready().await;
+    b.wait_redis_ready().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+    let on_a = Phx::org_member(&a, &org).await;
+    let on_b = Phx::org_member(&b, &org).await;
+    (redis, proxy, a, b, on_a, on_b, org, topic)
+}
+
+/// The `payload.n` of the next `team_goal.updated` on `topic`, and its position.
+async fn next_goal(phx: &mut Phx, topic: &str) -> (String, String) {
+    let frame = phx.event(topic, "team_goal.updated").await;
+    (
+        frame[4]["payload"]["n"].as_str().unwrap().to_string(),
+        frame[1].as_str().expect("a position").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_whose_redis_link_blips_catches_its_sockets_up_in_order() {
+    let (redis, proxy, _a, _b, mut on_a, mut on_b, org, topic) =
+        a_cut_hub_and_a_live_hub(300).await;
+    let channel = format!("prostaff:events:{org}");
+    redis.publish(&channel, &goal_event(&org, "e0"));
+    assert_eq!(next_goal(&mut on_a, &topic).await.0, "e0");
+    assert_eq!(next_goal(&mut on_b, &topic).await.0, "e0");
+
+    // A's link goes silent (no reset); B goes on delivering and appending to history.
+    proxy.freeze();
+    for i in 1..=5 {
+        redis.publish(&channel, &goal_event(&org, &format!("e{i}")));
+    }
+    for i in 1..=5 {
+        assert_eq!(next_goal(&mut on_b, &topic).await.0, format!("e{i}"));
+    }
+    // A notices, reconnects, and its socket gets exactly what it missed, in order, with the
+    // positions B's clients saw; then live events again.
+    let mut positions = Vec::new();
+    for i in 1..=5 {
+        let (n, position) =
+            tokio::time::timeout(Duration::from_secs(15), next_goal(&mut on_a, &topic))
+                .await
+                .expect("caught up after the reconnect");
+        assert_eq!(n, format!("e{i}"));
+        positions.push(position);
+    }
+    redis.publish(&channel, &goal_event(&org, "e6"));
+    assert_eq!(next_goal(&mut on_a, &topic).await.0, "e6");
+    assert!(
+        on_a.silent_for(Duration::from_millis(300)).await,
+        "no duplicate"
+    );
+    let offsets: Vec<u64> = positions
+        .iter()
+        .map(|p| p.split(':').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "{positions:?}"
+    );
+    let metrics = _a.metrics().await;
+    assert!(metric_value(&metrics, "prostaff_catch_up_broadcasts_total", &[]) >= 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_history_cannot_cover_is_announced_never_silent() {
+    let (redis, proxy, _a, _b, mut on_a, mut on_b, org, topic) = a_cut_hub_and_a_live_hub(3).await;
+    let channel = format!("prostaff:events:{org}");
+    redis.publish(&channel, &goal_event(&org, "e0"));
+    let (_, before_gap) = next_goal(&mut on_a, &topic).await;
+    next_goal(&mut on_b, &topic).await;
+    proxy.freeze();
+    // More than the history keeps (3) while A is away.
+    for i in 1..=8 {
+        redis.publish(&channel, &goal_event(&org, &format!("e{i}")));
+    }
+    for _ in 1..=8 {
+        next_goal(&mut on_b, &topic).await;
+    }
+    // A's socket is told with phx_error on the channel (phoenix.js rejoins), and gets none of
+    // the events after the gap on that channel.
+    let error = tokio::time::timeout(
+        Duration::from_secs(15),
+        on_a.recv_matching(|f| frame_event(f) == "phx_error"),
+    )
+    .await
+    .expect("the gap is announced");
+    assert_eq!(error[2], topic.as_str());
+    assert!(
+        error[0].is_string(),
+        "carries the channel's join_ref: {error}"
+    );
+    assert!(
+        on_a.backlog
+            .iter()
+            .all(|f| frame_event(f) != "team_goal.updated"),
+        "nothing of the gap was delivered: {:?}",
+        on_a.backlog
+    );
+    // The rejoin with the last position it had learns the truth.
+    let reply = on_a.join(&topic, json!({"since": before_gap})).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(reply[4]["response"]["recovered"], false, "{reply}");
 }
