@@ -266,3 +266,48 @@ async fn a_stream_ends_cleanly_on_shutdown() {
     assert!(ended.is_ok(), "the stream did not end on shutdown");
     shutdown.await.unwrap().unwrap();
 }
+
+/// Issue 25: a resume token ahead of the topic's position (a client from before a Redis
+/// restart) made the stream skip every broadcast until the topic caught up with it; sockets
+/// started from the current position. Both do now.
+#[tokio::test]
+async fn a_resume_token_ahead_of_the_topic_does_not_hide_later_events() {
+    let (redis, hub) = redis_and_ready_hub().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+    let token = user_token("u1", &org);
+    let base = format!("http://{}", hub.addr);
+    let mut first = SseClient::open(&base, &format!("topics={topic}&token={token}"), None).await;
+    let started = first.next_named("stream_started").await;
+    let position: String = {
+        let bytes = base64_decode(started.id.as_deref().unwrap());
+        let map: Value = serde_json::from_slice(&bytes).unwrap();
+        map[&topic].as_str().unwrap().to_string()
+    };
+    drop(first);
+    let (epoch, _) = position.split_once(':').unwrap();
+    let ahead = prostaff_events::sse::resume_token(
+        &std::iter::once((
+            topic.clone(),
+            prostaff_events::history::Position::parse(&format!("{epoch}:1000")).unwrap(),
+        ))
+        .collect(),
+    );
+    let mut stream =
+        SseClient::open(&base, &format!("topics={topic}&token={token}"), Some(&ahead)).await;
+    let started = stream.next_named("stream_started").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&started.data).unwrap()["recovered"],
+        false
+    );
+    redis.publish(&format!("prostaff:events:{org}"), &envelope(&org, 1));
+    let event = stream.next_named("player.transferred").await;
+    assert_eq!(n_of(&event), 1);
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .unwrap()
+}
