@@ -538,6 +538,14 @@ async fn a_hub_whose_redis_link_blips_catches_its_sockets_up_in_order() {
 async fn a_gap_history_cannot_cover_is_announced_never_silent() {
     let (redis, proxy, _a, _b, mut on_a, mut on_b, org, topic) = a_cut_hub_and_a_live_hub(3).await;
     let channel = format!("prostaff:events:{org}");
+    // An SSE stream on A too: it must end at the gap (the browser resumes with its last id).
+    let mut sse = reqwest::Client::new()
+        .get(_a.http(&format!("/api/realtime/stream?topics={topic}")))
+        .bearer_auth(user_token("u1", &org))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
     redis.publish(&channel, &goal_event(&org, "e0"));
     let (_, before_gap) = next_goal(&mut on_a, &topic).await;
     next_goal(&mut on_b, &topic).await;
@@ -569,6 +577,17 @@ async fn a_gap_history_cannot_cover_is_announced_never_silent() {
         "nothing of the gap was delivered: {:?}",
         on_a.backlog
     );
+    // The SSE stream ended without delivering anything after the gap.
+    let mut text = String::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), sse.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(Ok(None)) | Ok(Err(_)) => break,
+            Err(_) => panic!("the SSE stream did not end at the gap: {text}"),
+        }
+    }
+    assert!(text.contains("\"e0\""), "{text}");
+    assert!(!text.contains("\"e1\""), "nothing after the gap: {text}");
     // The rejoin with the last position it had learns the truth.
     let reply = on_a.join(&topic, json!({"since": before_gap})).await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");

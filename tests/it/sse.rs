@@ -293,8 +293,12 @@ async fn a_resume_token_ahead_of_the_topic_does_not_hide_later_events() {
         ))
         .collect(),
     );
-    let mut stream =
-        SseClient::open(&base, &format!("topics={topic}&token={token}"), Some(&ahead)).await;
+    let mut stream = SseClient::open(
+        &base,
+        &format!("topics={topic}&token={token}"),
+        Some(&ahead),
+    )
+    .await;
     let started = stream.next_named("stream_started").await;
     assert_eq!(
         serde_json::from_str::<Value>(&started.data).unwrap()["recovered"],
