@@ -120,6 +120,7 @@ pub async fn status(app: &App) -> Value {
         "redis": {"connected": app.redis.is_connected()},
         "rails": rails,
         "queues": queues,
+        "revocations": app.session_deps.revocations.in_force(),
     })
 }
 

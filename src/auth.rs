@@ -54,6 +54,9 @@ impl Identity {
 pub struct Authenticated {
     pub identity: Identity,
     pub expires_at: Option<u64>,
+    /// The token's `iat` in unix milliseconds (a revocation refuses tokens issued at or before
+    /// it, and tokens without `iat`). An unusable `iat` counts as absent.
+    pub issued_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -208,9 +211,14 @@ impl TokenVerifier {
         {
             return Err(AuthError::IdentityNotAllowedForKey);
         }
+        let issued_at_ms = timestamp_claim(claims, "iat")
+            .ok()
+            .flatten()
+            .map(|iat| (iat * 1000.0) as u64);
         Ok(Authenticated {
             identity,
             expires_at,
+            issued_at_ms,
         })
     }
 }

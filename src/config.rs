@@ -68,6 +68,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "PRESENCE_MAX_MEMBERS", default: "5000", meaning: "sockets shown in one topic's presence across all hubs; later ones stay joined but are not shown" },
     Setting { name: "LONGPOLL_HOLD_MS", default: "10000", meaning: "how long a long-poll GET waits for messages before answering 204" },
     Setting { name: "LONGPOLL_SESSION_TIMEOUT_MS", default: "20000", meaning: "a long-poll session with no request for this long ends (its channels leave)" },
+    Setting { name: "REVOCATION_TTL_S", default: "86400", meaning: "how long a revocation (`access.revoked`, a roster removal) refuses the identity's older tokens; set it to the longest token lifetime Rails issues" },
     Setting { name: "ADMIN_TOKEN", default: "", meaning: "when set (>= 32 bytes in production), opens GET /admin besides an internal JWT" },
     Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
 ];
@@ -184,6 +185,8 @@ pub struct Config {
     /// Broadcasts kept per topic; 0 turns history off.
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// `REVOCATION_TTL_S`: how long a revocation is kept and enforced.
+    pub revocation_ttl: Duration,
     pub presence: crate::presence::PresenceConfig,
     pub longpoll: crate::longpoll::LongPollConfig,
     /// Opens `/admin` (besides an internal JWT) when set.
@@ -434,6 +437,7 @@ impl Config {
             metrics_bind_addr,
             history_size: parse_or(&get, "HISTORY_SIZE", 300)?,
             history_ttl: Duration::from_millis(parse_positive(&get, "HISTORY_TTL_MS", 600_000)?),
+            revocation_ttl: Duration::from_secs(parse_positive(&get, "REVOCATION_TTL_S", 86_400)?),
             presence: crate::presence::PresenceConfig {
                 families: presence_families,
                 ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS", 30_000)?),

@@ -84,6 +84,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health/ready", get(ready))
         .route("/events/notify", post(notify))
         .route("/api/events", post(api_events))
+        .route("/api/revocations", post(api_revocations))
         .route("/socket/websocket", get(socket))
         .route("/api/realtime/stream", get(realtime_stream))
         .route("/socket/longpoll", any(longpoll))
@@ -331,6 +332,40 @@ async fn api_events(
     ))
 }
 
+/// `POST /api/revocations` — internal services: `{identity, scope, org_id?, reason?}` →
+/// 202. Published as an `access.revoked` envelope, so every instance applies it (or applied
+/// here alone when Redis is down, like `/api/events`).
+async fn api_revocations(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let token = bearer_token(&headers).ok_or_else(ApiError::unauthorized)?;
+    match app.verifier.verify(token) {
+        Ok(authenticated) if authenticated.identity == Identity::Internal => {}
+        _ => return Err(ApiError::unauthorized()),
+    }
+    let body = body?;
+    check_json_content_type(&headers)?;
+    let request: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed JSON"))?;
+    let (identity, scope, reason) = crate::revocation::parse_request(&request, None)
+        .map_err(|invalid| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, invalid.to_string()))?;
+    let org_id = match &scope {
+        crate::revocation::Scope::Org(org) => org.clone(),
+        // A scope-all revocation names no org: its envelope travels on the hub's own channel.
+        crate::revocation::Scope::All => "_hub".to_string(),
+    };
+    let envelope = json!({
+        "type": "access.revoked",
+        "org_id": org_id,
+        "payload": {"identity": identity, "scope": scope.label(), "org_id": org_id, "reason": reason},
+    });
+    let accepted = publish::complete_envelope(envelope.to_string().as_bytes())?;
+    publish::publish(&app.redis, &app.pipeline, accepted).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "ok": true }))))
+}
+
 pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -354,6 +389,10 @@ async fn realtime_stream(
         Some(Ok(authenticated)) => authenticated,
         _ => return ApiError::unauthorized().into_response(),
     };
+    if app.session_deps.revocations.refuses_connect(&authenticated) {
+        metrics::counter!(m::REVOKED_REFUSALS, "what" => "connect").increment(1);
+        return ApiError::new(StatusCode::FORBIDDEN, "access revoked").into_response();
+    }
     let refusal = |refusal: StreamRefusal| {
         let status = match refusal {
             StreamRefusal::Forbidden => StatusCode::FORBIDDEN,
@@ -510,6 +549,10 @@ fn longpoll_create(
         Some(Err(error)) => return refused(error.reason(), 403),
         None => return refused("missing_token", 403),
     };
+    if app.session_deps.revocations.refuses_connect(&authenticated) {
+        metrics::counter!(m::REVOKED_REFUSALS, "what" => "connect").increment(1);
+        return refused("revoked", 403);
+    }
     let permits = match ConnectionPermits::acquire(app, &authenticated.identity) {
         Ok(permits) => permits,
         Err(full) => return refused(full.reason(), 500),
@@ -704,6 +747,10 @@ async fn socket(
         Some(Err(error)) => return refuse(error.reason(), StatusCode::FORBIDDEN),
         None => return refuse("missing_token", StatusCode::FORBIDDEN),
     };
+    if app.session_deps.revocations.refuses_connect(&authenticated) {
+        metrics::counter!(m::REVOKED_REFUSALS, "what" => "connect").increment(1);
+        return refuse("revoked", StatusCode::FORBIDDEN);
+    }
     let permits = match ConnectionPermits::acquire(&app, &authenticated.identity) {
         Ok(permits) => permits,
         Err(full) => return refuse(full.reason(), full.status()),

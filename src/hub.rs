@@ -43,6 +43,8 @@ pub struct Outbox {
     state: Mutex<OutboxState>,
     notify: Notify,
     capacity: usize,
+    /// The subscriber's identity key (`user:<id>`, `player:<id>`), for revocations.
+    identity: Option<Box<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +55,8 @@ struct OutboxState {
     /// Broadcasts dropped since the client was last told, per topic.
     dropped: Vec<(Arc<str>, u64)>,
     closing: Option<CloseReason>,
+    /// Revocations of the subscriber's identity not acted on yet.
+    revoked: Vec<crate::revocation::Scope>,
 }
 
 /// What [`Outbox::push`] did with a frame.
@@ -72,15 +76,28 @@ pub struct Drained {
     /// `(topic, count)` of broadcasts dropped since the last drain.
     pub dropped: Vec<(Arc<str>, u64)>,
     pub closing: Option<CloseReason>,
+    /// Revocations of the subscriber's identity: leave the org's topics, or close.
+    pub revoked: Vec<crate::revocation::Scope>,
 }
 
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
+        Outbox::for_identity(capacity, None)
+    }
+
+    pub fn for_identity(capacity: usize, identity: Option<String>) -> Self {
         Outbox {
             state: Mutex::new(OutboxState::default()),
             notify: Notify::new(),
             capacity: capacity.max(1),
+            identity: identity.map(String::into_boxed_str),
         }
+    }
+
+    /// Asks the subscriber to act on a revocation of its identity.
+    pub fn revoke(&self, scope: crate::revocation::Scope) {
+        self.state.lock().expect("outbox lock").revoked.push(scope);
+        self.notify.notify_one();
     }
 
     pub fn push(&self, frame: &Arc<BroadcastFrame>) -> PushOutcome {
@@ -112,6 +129,7 @@ impl Outbox {
             state.count_queued(&frame.topic, -1);
         }
         into.dropped.append(&mut state.dropped);
+        into.revoked.append(&mut state.revoked);
         into.closing = state.closing;
         if !state.frames.is_empty() {
             // More to write: make sure the next wait returns at once.
@@ -227,8 +245,13 @@ impl Hub {
 
     /// Registers a new socket and returns its id and outbox.
     pub fn register_socket(&self) -> (SocketId, Arc<Outbox>) {
+        self.register_identity(None)
+    }
+
+    /// Registers a subscriber of an identity (`identity_key`), so revocations reach it.
+    pub fn register_identity(&self, identity: Option<String>) -> (SocketId, Arc<Outbox>) {
         let id = self.next_socket_id.fetch_add(1, Ordering::Relaxed);
-        let outbox = Arc::new(Outbox::new(self.outbox_capacity));
+        let outbox = Arc::new(Outbox::for_identity(self.outbox_capacity, identity));
         self.sockets.insert(id, outbox.clone());
         (id, outbox)
     }
@@ -236,6 +259,21 @@ impl Hub {
     /// Removes a socket; its subscriptions must have been dropped by the caller already.
     pub fn unregister_socket(&self, id: SocketId) {
         self.sockets.remove(&id);
+    }
+
+    /// Tells every local subscriber of `identity` about a revocation; returns how many. A scan:
+    /// revocations are rare, and no per-socket index is kept for them.
+    pub fn revoke(&self, identity: &str, scope: crate::revocation::Scope) -> usize {
+        let outboxes: Vec<Arc<Outbox>> = self
+            .sockets
+            .iter()
+            .filter(|entry| entry.value().identity.as_deref() == Some(identity))
+            .map(|entry| entry.value().clone())
+            .collect();
+        for outbox in &outboxes {
+            outbox.revoke(scope.clone());
+        }
+        outboxes.len()
     }
 
     pub fn socket_count(&self) -> usize {

@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod phoenix;
 pub mod presence;
 pub mod rails;
+pub mod revocation;
 pub mod router;
 pub mod sse;
 pub mod subscriber;
@@ -104,6 +105,12 @@ pub async fn run(
         hub.clone(),
         config.presence.clone(),
     ));
+    let revocations = Arc::new(revocation::Revocations::new(
+        redis.clone(),
+        hub.clone(),
+        config.revocation_ttl,
+    ));
+    let revocation_connects = redis.connects();
     let longpoll = Arc::new(longpoll::LongPoll::new(
         redis.clone(),
         config.longpoll.clone(),
@@ -114,6 +121,7 @@ pub async fn run(
         history: history.clone(),
         presence: presence.clone(),
         longpoll: longpoll.clone(),
+        revocations: revocations.clone(),
     });
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
 
@@ -141,6 +149,11 @@ pub async fn run(
     background_tasks.spawn(metrics::upkeep(background.child_token()));
     background_tasks.spawn(longpoll.clone().run(background.child_token()));
     background_tasks.spawn(
+        revocations
+            .clone()
+            .run(revocation_connects, background.child_token()),
+    );
+    background_tasks.spawn(
         presence
             .clone()
             .run(presence_connects, background.child_token()),
@@ -155,6 +168,7 @@ pub async fn run(
             inhouse,
             history,
             presence: presence.clone(),
+            revocations,
             limits: config.limits.clone(),
             metrics,
             hard_stop: hard_stop.clone(),

@@ -44,6 +44,8 @@ pub const LONGPOLL_REQUESTS: &str = "prostaff_longpoll_requests_total";
 pub const LONGPOLL_EXPIRED: &str = "prostaff_longpoll_sessions_expired_total";
 pub const SESSION_PANICS: &str = "prostaff_session_panics_total";
 pub const CATCH_UPS: &str = "prostaff_catch_ups_total";
+pub const REVOCATIONS: &str = "prostaff_revocations_total";
+pub const REVOKED_REFUSALS: &str = "prostaff_revoked_refusals_total";
 pub const CATCH_UP_BROADCASTS: &str = "prostaff_catch_up_broadcasts_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -149,6 +151,14 @@ fn describe() {
     describe_counter!(
         CATCH_UPS,
         "topics caught up from history after a redis reconnect, by outcome (caught_up, gap, failed)"
+    );
+    describe_counter!(
+        REVOCATIONS,
+        "revocations applied on this instance, by scope (org, all)"
+    );
+    describe_counter!(
+        REVOKED_REFUSALS,
+        "connects and joins refused because the identity's token predates a revocation, by what"
     );
     describe_counter!(
         CATCH_UP_BROADCASTS,

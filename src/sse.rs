@@ -162,6 +162,19 @@ impl StreamTask {
                 }
             }
             outbox.drain(256, &mut drained);
+            let revoked = drained.revoked.drain(..).any(|scope| match scope {
+                crate::revocation::Scope::All => true,
+                crate::revocation::Scope::Org(org) => self
+                    .sub
+                    .channels()
+                    .any(|(_, c)| crate::revocation::family_org(&c.family) == Some(org.as_str())),
+            });
+            if revoked {
+                // The stream ends; a reconnect is refused (403) for what was revoked.
+                metrics::counter!(crate::metrics::SOCKET_CLOSES, "reason" => "sse_revoked")
+                    .increment(1);
+                break;
+            }
             for (topic, count) in std::mem::take(&mut drained.dropped) {
                 let payload = json!({"topic": &*topic, "count": count}).to_string();
                 ok = ok && self.send("events_dropped", payload.as_bytes()).await;
@@ -216,7 +229,7 @@ pub async fn open(
     ),
     StreamRefusal,
 > {
-    let mut sub = Subscriber::register(deps, Transport::Stream);
+    let mut sub = Subscriber::register(deps, Transport::Stream, &auth.identity);
     let mut positions = BTreeMap::new();
     let mut missed = Vec::new();
     let mut recovered = true;
@@ -283,6 +296,7 @@ mod tests {
                 org_id: org.into(),
             },
             expires_at: None,
+            issued_at_ms: None,
         }
     }
 

@@ -120,8 +120,9 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub fn register(deps: Arc<SessionDeps>, transport: Transport) -> Self {
-        let (id, outbox) = deps.hub.register_socket();
+    pub fn register(deps: Arc<SessionDeps>, transport: Transport, identity: &Identity) -> Self {
+        let key = crate::revocation::identity_key(identity);
+        let (id, outbox) = deps.hub.register_identity(key);
         match transport {
             Transport::Socket => deps.metrics.sockets_connected.increment(1.0),
             Transport::Stream => metrics::gauge!(m::SSE_STREAMS).increment(1.0),

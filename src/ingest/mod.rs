@@ -131,6 +131,7 @@ pub struct Pipeline {
     pub history: Arc<History>,
     pub presence: Arc<Presence>,
     pub longpoll: Arc<LongPoll>,
+    pub revocations: Arc<crate::revocation::Revocations>,
 }
 
 impl Pipeline {
@@ -176,6 +177,14 @@ impl Pipeline {
             let Some(envelope) = broadcast.envelope else {
                 continue;
             };
+            match crate::revocation::from_envelope(&envelope, self.revocations.ttl()) {
+                Some(Ok(revocation)) => self.revocations.apply(revocation).await,
+                Some(Err(invalid)) => {
+                    tracing::warn!(%invalid, org = %LogSafe(&envelope.org_id), "access.revoked ignored");
+                    metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => "invalid_revocation").increment(1);
+                }
+                None => {}
+            }
             tracing::debug!(
                 event_type = %LogSafe(&envelope.event_type),
                 org = %LogSafe(&envelope.org_id),
@@ -258,7 +267,8 @@ impl Pipeline {
             Incoming::Envelope { raw, channel } => match envelope::decode(raw) {
                 Ok(envelope) => {
                     let route = router::route(&envelope);
-                    if route.unrouted {
+                    let control = envelope.event_type == "access.revoked";
+                    if route.unrouted && !control {
                         // Counted always (`outcome="unrouted"`); logged at most once a second per
                         // type, so a busy type cannot turn every event into a log write.
                         if let Some(suppressed) = UNROUTED_WARNINGS.admit(&envelope.event_type) {
@@ -270,8 +280,13 @@ impl Pipeline {
                             );
                         }
                     }
-                    let topics = route
-                        .topics
+                    // `access.revoked` is for the hub alone: applied, never fanned out.
+                    let routed = if envelope.event_type == "access.revoked" {
+                        Vec::new()
+                    } else {
+                        route.topics
+                    };
+                    let topics = routed
                         .into_iter()
                         .map(|topic| {
                             let event =
@@ -286,7 +301,7 @@ impl Pipeline {
                             Some(id) => format!("i{id}"),
                             None => history::content_key(&envelope.raw),
                         },
-                        unrouted: route.unrouted,
+                        unrouted: route.unrouted && !control,
                         envelope: Some(envelope),
                     })
                 }

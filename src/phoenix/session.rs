@@ -48,6 +48,7 @@ pub struct SessionDeps {
     pub inhouse: Arc<Inhouse>,
     pub history: Arc<History>,
     pub presence: Arc<Presence>,
+    pub revocations: Arc<crate::revocation::Revocations>,
     pub limits: Limits,
     pub metrics: Metrics,
     /// Cancelled at the end of the shutdown grace period: a session stuck in a write gives up
@@ -184,7 +185,7 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
     E: TransportError,
 {
-    let sub = Subscriber::register(deps.clone(), Transport::Socket);
+    let sub = Subscriber::register(deps.clone(), Transport::Socket, &auth.identity);
     let (id, outbox) = (sub.id(), sub.outbox().clone());
     metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "accepted").increment(1);
     let limits = deps.limits.clone();
@@ -506,6 +507,15 @@ impl Session {
             self.error_reply(join_ref, msg_ref, topic, "unauthorized");
             return;
         }
+        if let Some(org) = crate::revocation::family_org(&family) {
+            if self.deps.revocations.refuses_join(&self.auth, org) {
+                metrics::counter!(m::REVOKED_REFUSALS, "what" => "join").increment(1);
+                metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "revoked")
+                    .increment(1);
+                self.error_reply(join_ref, msg_ref, topic, "unauthorized");
+                return;
+            }
+        }
         let Ok(since) = since_param(&params) else {
             metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "invalid_params")
                 .increment(1);
@@ -677,6 +687,35 @@ impl Session {
         self.outbox.drain(256, drained);
         let mut messages = std::mem::take(&mut self.scratch);
         messages.append(&mut self.pending);
+        for scope in drained.revoked.drain(..) {
+            match scope {
+                crate::revocation::Scope::All => {
+                    return Err(Ending::closed("revoked", close_code::POLICY, "revoked"));
+                }
+                crate::revocation::Scope::Org(org) => {
+                    // phoenix.js leaves a channel on `phx_close` and does not rejoin it.
+                    let topics: Vec<Arc<str>> = self
+                        .sub
+                        .channels()
+                        .filter(|(_, c)| crate::revocation::family_org(&c.family) == Some(&org))
+                        .map(|(topic, _)| topic.clone())
+                        .collect();
+                    for topic in topics {
+                        if let Some(channel) = self.sub.leave(&topic) {
+                            let join_ref = channel.join_ref.as_deref();
+                            messages.push(Message::Text(codec::encode_message(
+                                self.vsn,
+                                join_ref,
+                                join_ref,
+                                &topic,
+                                "phx_close",
+                                b"{}",
+                            )));
+                        }
+                    }
+                }
+            }
+        }
         let mut resync: Vec<(Arc<str>, Option<String>)> = Vec::new();
         for (topic, count) in drained.dropped.drain(..) {
             if let Some(joined) = self.sub.get(&topic) {
@@ -851,9 +890,14 @@ mod tests {
             ))),
             history: Arc::new(History::new(redis.clone(), 10, Duration::from_secs(60))),
             presence: Arc::new(Presence::new(
+                redis.clone(),
+                hub.clone(),
+                crate::config::Config::development().presence,
+            )),
+            revocations: Arc::new(crate::revocation::Revocations::new(
                 redis,
                 hub,
-                crate::config::Config::development().presence,
+                Duration::from_secs(60),
             )),
             limits: Limits::default(),
             metrics: crate::metrics::Metrics::global(),
@@ -862,6 +906,7 @@ mod tests {
         let auth = Authenticated {
             identity: crate::auth::Identity::Internal,
             expires_at: None,
+            issued_at_ms: None,
         };
         let future = run(Box::pin(EmptySocket), deps, Vsn::V2, auth);
         let size = std::mem::size_of_val(&future);

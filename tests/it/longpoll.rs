@@ -20,7 +20,7 @@ fn config(redis: &RedisServer) -> prostaff_events::config::Config {
 
 /// A long-poll client that behaves like phoenix.js's `LongPoll`: it sends back the token of the
 /// last answer, and the socket params (the JWT) on every request.
-struct Lp {
+pub(crate) struct Lp {
     client: reqwest::Client,
     base: String,
     jwt: String,
@@ -40,7 +40,7 @@ async fn request(builder: reqwest::RequestBuilder) -> Value {
 }
 
 impl Lp {
-    async fn open(http_base: &str, jwt: &str) -> Lp {
+    pub(crate) async fn open(http_base: &str, jwt: &str) -> Lp {
         let client = reqwest::Client::new();
         let base = format!("{http_base}/socket/longpoll");
         let answer = request(client.get(format!("{base}?token={jwt}&vsn=2.0.0"))).await;
@@ -83,7 +83,7 @@ impl Lp {
         .await
     }
 
-    async fn poll(&mut self) -> Value {
+    pub(crate) async fn poll(&mut self) -> Value {
         let answer = request(self.client.get(self.url())).await;
         if let Some(token) = answer["token"].as_str() {
             self.token = token.to_string();
@@ -116,7 +116,7 @@ impl Lp {
         }
     }
 
-    async fn join(&mut self, topic: &str, params: Value) -> Value {
+    pub(crate) async fn join(&mut self, topic: &str, params: Value) -> Value {
         self.next_ref += 1;
         let r = self.next_ref.to_string();
         let answer = self.post(&[json!([r, r, topic, "phx_join", params])]).await;
@@ -140,7 +140,7 @@ impl Lp {
     }
 
     /// Polls until the session is gone (410), collecting what came before.
-    async fn poll_until_gone(&mut self) -> Vec<Value> {
+    pub(crate) async fn poll_until_gone(&mut self) -> Vec<Value> {
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {

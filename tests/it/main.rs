@@ -15,6 +15,7 @@ mod limits;
 mod longpoll;
 mod presence;
 mod recovery;
+mod revocation;
 mod robustness;
 mod shutdown;
 mod socket;
