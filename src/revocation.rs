@@ -92,21 +92,23 @@ pub fn valid_identity(identity: &str) -> bool {
         && !id.chars().any(char::is_control)
 }
 
-/// Reads `{identity, scope, org_id?, reason?}` (the API body and the `access.revoked` payload,
-/// where `org_id` defaults to the envelope's).
+/// Reads `{identity, scope, org_id?, reason?}`: the API body (`envelope_org` `None`: the org
+/// is the body's `org_id`) or an `access.revoked` payload (the org is always the envelope's,
+/// whatever the payload says).
 pub fn parse_request(
     body: &Value,
-    default_org: Option<&str>,
+    envelope_org: Option<&str>,
 ) -> Result<(String, Scope, String), Invalid> {
     let identity = body
         .get("identity")
         .and_then(Value::as_str)
         .filter(|i| valid_identity(i))
         .ok_or(Invalid::Identity)?;
-    let org = match body.get("org_id") {
-        Some(Value::String(org)) => Some(org.as_str()),
-        Some(Value::Null) | None => default_org,
-        Some(_) => return Err(Invalid::OrgId),
+    let org = match (envelope_org, body.get("org_id")) {
+        (Some(org), _) => Some(org),
+        (None, Some(Value::String(org))) => Some(org.as_str()),
+        (None, Some(Value::Null) | None) => None,
+        (None, Some(_)) => return Err(Invalid::OrgId),
     };
     let scope = match body.get("scope").and_then(Value::as_str) {
         Some("all") => Scope::All,
@@ -444,6 +446,14 @@ mod tests {
         assert_eq!(
             parse_request(&json!({"identity": "player:7", "scope": "org"}), None),
             Err(Invalid::OrgId)
+        );
+        // An envelope's revocation takes the envelope's org, never the payload's.
+        assert_eq!(
+            parse_request(
+                &json!({"identity": "player:7", "scope": "org", "org_id": "o2"}),
+                Some("o1")
+            ),
+            Ok(("player:7".into(), Scope::Org("o1".into()), String::new()))
         );
         for bad in ["admin:1", "user:", "user", "internal:x"] {
             assert_eq!(

@@ -633,8 +633,15 @@ async fn with_redis_down_actions_answer_unavailable_at_once_and_converge_when_it
     );
 
     // Redis comes back (empty: it keeps nothing on disk); the hub reconnects and serves again.
+    // The topic's history is gone (a new epoch), so the coach's channel is told there may be a
+    // gap (`phx_error`, issue 25) and rejoins, as phoenix.js does by itself.
     redis.spawn();
     hubs[0].wait_redis_ready().await;
+    let error = coach
+        .recv_matching(|f| f[3] == "phx_error" && f[2] == format!("inhouse:{org}").as_str())
+        .await;
+    assert_eq!(error[0], join_ref.as_str(), "{error}");
+    let join_ref = coach.join_ok(&format!("inhouse:{org}")).await;
     open_queue(&redis, &org, "q2", 1).await;
     eventually("queue usable again", || async {
         snapshot(&hubs[0], &org).await["queue_id"] == "q2"
