@@ -82,6 +82,9 @@ async fn a_roster_removal_takes_the_org_away_on_every_hub_and_nothing_else() {
     let mut coach = Phx::connect(&b, &user_token("coach", &org)).await;
     coach.presence = true;
     coach.join_ok(&events).await;
+    let mut coach_on_a = Phx::connect(&a, &user_token("coach", &org)).await;
+    coach_on_a.presence = true;
+    coach_on_a.join_ok(&events).await;
     // Another player of the org and the same player elsewhere are not touched.
     let mut teammate = Phx::connect(&a, &player_token("p8", &org)).await;
     teammate.join_ok(&events).await;
@@ -101,14 +104,17 @@ async fn a_roster_removal_takes_the_org_away_on_every_hub_and_nothing_else() {
     closed(&mut on_b, &events, &events_ref_b).await;
     teammate.event(&events, "roster.player_removed").await;
     // Presence on B (the coach's view) shows the player leaving.
-    let left = tokio::time::timeout(
-        Duration::from_secs(5),
-        coach.recv_matching(|f| {
-            frame_event(f) == "presence_diff" && f[4]["leaves"].get("player:p7").is_some()
-        }),
-    )
-    .await;
-    assert!(left.is_ok(), "no leave in {:?}", coach.backlog);
+    // Presence on both hubs shows the player leaving.
+    for watcher in [&mut coach, &mut coach_on_a] {
+        let left = tokio::time::timeout(
+            Duration::from_secs(5),
+            watcher.recv_matching(|f| {
+                frame_event(f) == "presence_diff" && f[4]["leaves"].get("player:p7").is_some()
+            }),
+        )
+        .await;
+        assert!(left.is_ok(), "no leave in {:?}", watcher.backlog);
+    }
 
     // Rejoining with the old token is refused, on the same socket and on a new one.
     let reply = on_a.join(&events, json!({})).await;
@@ -182,6 +188,7 @@ async fn a_scope_all_revocation_closes_every_transport_everywhere_and_refuses_ol
         let body: Value = response.json().await.unwrap();
         assert!(body["error"].is_string(), "{body}");
     }
+    let posted = std::time::Instant::now();
     let response = post(
         json!({"identity": "user:u5", "scope": "all", "reason": "banned"}),
         Some(internal_token()),
@@ -192,8 +199,13 @@ async fn a_scope_all_revocation_closes_every_transport_everywhere_and_refuses_ol
     assert_eq!(response.json::<Value>().await.unwrap(), json!({"ok": true}));
 
     // WebSockets on both hubs close with 1008, the long-poll session ends, the SSE stream ends.
-    assert_eq!(ws_a.close_code().await, Some(1008));
     assert_eq!(ws_b.close_code().await, Some(1008));
+    // Reported, not asserted (timings are for benchmarks): POST on A to the close frame on B.
+    println!(
+        "revocation: POST on A to the close on B: {:?}",
+        posted.elapsed()
+    );
+    assert_eq!(ws_a.close_code().await, Some(1008));
     lp.poll_until_gone().await;
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         while let Ok(Some(_)) = sse.chunk().await {}
