@@ -15,6 +15,8 @@
 //! - [`phoenix`]: the wire protocol and the per-socket session loop.
 //! - [`channels`]: topic families: join authorization, join replies, queue actions.
 //! - [`presence`]: who is online per topic (phoenix.js `Presence` format), shared in Redis.
+//! - [`revocation`]: access follows the roster: revoked identities lose an org or every
+//!   connection, on every instance, and their older tokens are refused.
 //! - [`inhouse`]: in-house queues: state in Redis (one script per transition), the deadline
 //!   watcher, the reconciler.
 //! - [`limits`], [`logsafe`]: length caps on untrusted names; untrusted text in logs.
@@ -25,6 +27,8 @@
 //! - [`sse`]: the Server-Sent Events stream (`/api/realtime/stream`) with `Last-Event-ID`.
 //! - [`admin`]: the live status page (`/admin`) and its figures.
 //! - [`metrics`]: Prometheus recorder and metric names.
+//! - `fault`, `fuzzing`: test support (an injected session panic; the fuzz targets' entry
+//!   points, replayed by `cargo test`).
 //!
 //! [`run`] starts the whole hub on a listener and returns after a graceful drain, so tests
 //! start the real thing on port 0.
