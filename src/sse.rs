@@ -2,7 +2,7 @@
 //! service this hub also replaces, with `Last-Event-ID` resume from the same per-topic history
 //! the Phoenix sockets recover from.
 //!
-//! A stream is a subscriber like a socket: it gets an [`Outbox`] in the hub (same bound, same
+//! A stream is a subscriber like a socket: it gets an [`Outbox`](crate::hub::Outbox) in the hub (same bound, same
 //! drop policy, same `events_dropped` notice and metrics), the same join rules per topic, and
 //! ends on shutdown. Each event's `id:` is a resume token covering every topic of the stream
 //! (base64url of `{"topic": "<epoch>:<offset>", …}`); a client that reconnects with it as

@@ -145,6 +145,10 @@ struct LocalTopic {
     /// Send everything this instance tracks here instead of the changes (after a failure, a
     /// reconnect, or a sweep of this instance).
     resync: bool,
+    /// A local joiner was shown the unflushed joins (`state`'s pending diff): one of them
+    /// untracked before the flush must still be announced as a leave here, or that joiner keeps
+    /// a meta nobody else ever saw.
+    exposed: bool,
 }
 
 impl LocalTopic {
@@ -364,8 +368,19 @@ impl Presence {
         };
         metrics::gauge!(crate::metrics::PRESENCE_TRACKED).decrement(1.0);
         if let Some(index) = local.joins.iter().position(|r| &**r == phx_ref) {
-            // Never announced: nobody needs to hear it left.
+            // Never written to Redis: other instances never heard of it. Local joiners that
+            // were shown it as pending hear the leave directly (a leave of an unknown meta is
+            // ignored by phoenix.js's `Presence`).
             local.joins.swap_remove(index);
+            if local.exposed {
+                let diff = format!(
+                    "{{\"joins\":{{}},\"leaves\":{}}}",
+                    encode_state(std::iter::once(&member))
+                );
+                drop(topics);
+                self.hub
+                    .publish_at(topic, "presence_diff", Bytes::from(diff), None);
+            }
         } else {
             local.leaves.push((phx_ref.into(), member));
         }
@@ -377,7 +392,12 @@ impl Presence {
     /// members as the state.
     pub async fn state(&self, topic: &str) -> StateView {
         let shared = self.mirrored_state(topic).await;
-        let topics = self.topics.lock().expect("presence lock");
+        let mut topics = self.topics.lock().expect("presence lock");
+        if shared.is_some() {
+            if let Some(local) = topics.get_mut(topic) {
+                local.exposed |= !local.joins.is_empty();
+            }
+        }
         let local = topics.get(topic);
         match shared {
             Some(state) => StateView {
@@ -647,6 +667,7 @@ impl Presence {
             let mut batches = Vec::new();
             topics.retain(|topic, local| {
                 if local.dirty() {
+                    local.exposed = false;
                     let batch = if std::mem::take(&mut local.resync) {
                         local.joins.clear();
                         local.leaves.clear();

@@ -559,3 +559,33 @@ async fn a_client_that_lost_broadcasts_gets_the_presence_state_again() {
     );
     assert!(resyncs > resyncs_before, "the resync is counted");
 }
+
+/// A member that leaves before its join was flushed to Redis (within one 200 ms diff interval)
+/// was silently dropped, but a local joiner had already been shown it as pending: that joiner's
+/// list kept it forever. It now hears the leave.
+#[tokio::test]
+async fn a_member_gone_before_its_join_was_flushed_leaves_the_local_joiners_list_too() {
+    let (_redis, hub) = redis_and_ready_hub().await;
+    for round in 0..5 {
+        let org = unique("org");
+        let topic = format!("org_events:{org}");
+        let mut observer_seed = Phx::connect(&hub, &user_token("seed", &org)).await;
+        observer_seed.join_ok(&topic).await;
+        // Let the topic's mirror exist, so joiners get the pending diff path.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut player = Phx::connect(&hub, &player_token("p1", &org)).await;
+        player.join_ok(&topic).await;
+        let mut observer = Phx::connect(&hub, &user_token("obs", &org)).await;
+        observer.presence = true;
+        observer.join_ok(&topic).await;
+        drop(player);
+        let mut view = View::default();
+        for frame in observer.collect(Duration::from_millis(800)).await {
+            view.apply(&frame);
+        }
+        assert!(
+            !view.0.contains_key("player:p1"),
+            "round {round}: the observer still lists the player: {view:?}"
+        );
+    }
+}
