@@ -316,11 +316,7 @@ async fn api_events(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let token = bearer_token(&headers).ok_or_else(ApiError::unauthorized)?;
-    match app.verifier.verify(token) {
-        Ok(authenticated) if authenticated.identity == Identity::Internal => {}
-        _ => return Err(ApiError::unauthorized()),
-    }
+    require_internal(&app, &headers)?;
     let body = body?;
     check_json_content_type(&headers)?;
     let accepted = publish::complete_envelope(&body)?;
@@ -332,6 +328,15 @@ async fn api_events(
     ))
 }
 
+/// The internal services' routes: `Authorization: Bearer <internal JWT>` or 401.
+fn require_internal(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = bearer_token(headers).ok_or_else(ApiError::unauthorized)?;
+    match app.verifier.verify(token) {
+        Ok(authenticated) if authenticated.identity == Identity::Internal => Ok(()),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
 /// `POST /api/revocations` — internal services: `{identity, scope, org_id?, reason?}` →
 /// 202. Published as an `access.revoked` envelope, so every instance applies it (or applied
 /// here alone when Redis is down, like `/api/events`).
@@ -340,11 +345,7 @@ async fn api_revocations(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let token = bearer_token(&headers).ok_or_else(ApiError::unauthorized)?;
-    match app.verifier.verify(token) {
-        Ok(authenticated) if authenticated.identity == Identity::Internal => {}
-        _ => return Err(ApiError::unauthorized()),
-    }
+    require_internal(&app, &headers)?;
     let body = body?;
     check_json_content_type(&headers)?;
     let request: Value = serde_json::from_slice(&body)
@@ -390,7 +391,6 @@ async fn realtime_stream(
         _ => return ApiError::unauthorized().into_response(),
     };
     if app.session_deps.revocations.refuses_connect(&authenticated) {
-        metrics::counter!(m::REVOKED_REFUSALS, "what" => "connect").increment(1);
         return ApiError::new(StatusCode::FORBIDDEN, "access revoked").into_response();
     }
     let refusal = |refusal: StreamRefusal| {
@@ -550,7 +550,6 @@ fn longpoll_create(
         None => return refused("missing_token", 403),
     };
     if app.session_deps.revocations.refuses_connect(&authenticated) {
-        metrics::counter!(m::REVOKED_REFUSALS, "what" => "connect").increment(1);
         return refused("revoked", 403);
     }
     let permits = match ConnectionPermits::acquire(app, &authenticated.identity) {
@@ -748,7 +747,6 @@ async fn socket(
         None => return refuse("missing_token", StatusCode::FORBIDDEN),
     };
     if app.session_deps.revocations.refuses_connect(&authenticated) {
-        metrics::counter!(m::REVOKED_REFUSALS, "what" => "connect").increment(1);
         return refuse("revoked", StatusCode::FORBIDDEN);
     }
     let permits = match ConnectionPermits::acquire(&app, &authenticated.identity) {

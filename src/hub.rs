@@ -248,7 +248,7 @@ impl Hub {
         self.register_identity(None)
     }
 
-    /// Registers a subscriber of an identity (`identity_key`), so revocations reach it.
+    /// Registers a subscriber of an identity (its presence key), so revocations reach it.
     pub fn register_identity(&self, identity: Option<String>) -> (SocketId, Arc<Outbox>) {
         let id = self.next_socket_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::for_identity(self.outbox_capacity, identity));

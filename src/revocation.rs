@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Authenticated, Identity};
+use crate::auth::Authenticated;
 use crate::envelope::Envelope;
 use crate::hub::Hub;
 use crate::ingest::redis::RedisLink;
@@ -223,38 +223,42 @@ impl Revocations {
         now < revocation.expires_at_ms && issued_at_ms.is_none_or(|iat| iat <= revocation.at_ms)
     }
 
-    /// Whether a connect with this token is refused (scope `all`).
+    /// Whether a connect with this token is refused (scope `all`); a refusal is counted.
     pub fn refuses_connect(&self, auth: &Authenticated) -> bool {
-        let Some(key) = presence_key(&auth.identity) else {
-            return false;
-        };
-        let table = self.table.lock().expect("revocations lock");
-        let now = now_ms();
-        table
-            .get(&key)
-            .and_then(|entry| entry.all.as_ref())
-            .is_some_and(|r| Self::refused(r, auth.issued_at_ms, now))
+        self.refuses(auth, None, "connect")
     }
 
-    /// Whether a join of `org`'s topics with this token is refused (scope `org` or `all`).
+    /// Whether a join of `org`'s topics with this token is refused (scope `org` or `all`); a
+    /// refusal is counted.
     pub fn refuses_join(&self, auth: &Authenticated, org: &str) -> bool {
+        self.refuses(auth, Some(org), "join")
+    }
+
+    fn refuses(&self, auth: &Authenticated, org: Option<&str>, what: &'static str) -> bool {
         let Some(key) = presence_key(&auth.identity) else {
             return false;
         };
-        let table = self.table.lock().expect("revocations lock");
         let now = now_ms();
-        table.get(&key).is_some_and(|entry| {
-            entry
-                .all
-                .iter()
-                .chain(
-                    entry
-                        .orgs
-                        .iter()
-                        .filter(|r| r.scope == Scope::Org(org.into())),
-                )
-                .any(|r| Self::refused(r, auth.issued_at_ms, now))
-        })
+        let refused = self
+            .table
+            .lock()
+            .expect("revocations lock")
+            .get(&key)
+            .is_some_and(|entry| {
+                let of_org = entry
+                    .orgs
+                    .iter()
+                    .filter(|r| org.is_some_and(|org| r.scope == Scope::Org(org.into())));
+                entry
+                    .all
+                    .iter()
+                    .chain(of_org)
+                    .any(|r| Self::refused(r, auth.issued_at_ms, now))
+            });
+        if refused {
+            metrics::counter!(m::REVOKED_REFUSALS, "what" => what).increment(1);
+        }
+        refused
     }
 
     /// Remembers a revocation; `true` when it is new or newer than what was known.
@@ -418,11 +422,6 @@ pub fn family_org(family: &crate::channels::TopicFamily) -> Option<&str> {
         | crate::channels::TopicFamily::OrgEvents { org_id } => Some(org_id),
         _ => None,
     }
-}
-
-/// The identity key of an identity, when it can be revoked.
-pub fn identity_key(identity: &Identity) -> Option<String> {
-    presence_key(identity)
 }
 
 #[cfg(test)]

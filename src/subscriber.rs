@@ -121,7 +121,8 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn register(deps: Arc<SessionDeps>, transport: Transport, identity: &Identity) -> Self {
-        let key = crate::revocation::identity_key(identity);
+        // The identity key (`user:<id>`, `player:<id>`): revocations find its outboxes by it.
+        let key = crate::presence::presence_key(identity);
         let (id, outbox) = deps.hub.register_identity(key);
         match transport {
             Transport::Socket => deps.metrics.sockets_connected.increment(1.0),

@@ -34,7 +34,6 @@ use crate::subscriber::{Channel, JoinRefusal, JoinRequest, Subscriber, Transport
 /// reconnect after it.
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
@@ -422,15 +421,17 @@ impl Session {
         );
     }
 
+    /// A channel lifecycle frame (`phx_close`, `phx_error`) for the channel of `join_ref`:
+    /// phoenix.js matches it to the channel by that ref.
+    fn lifecycle(&self, join_ref: Option<&str>, topic: &str, event: &str) -> Message {
+        Message::Text(codec::encode_message(
+            self.vsn, join_ref, join_ref, topic, event, b"{}",
+        ))
+    }
+
     fn push_close(&mut self, join_ref: Option<&str>, topic: &str) {
-        self.pending.push(Message::Text(codec::encode_message(
-            self.vsn,
-            join_ref,
-            join_ref,
-            topic,
-            "phx_close",
-            b"{}",
-        )));
+        let close = self.lifecycle(join_ref, topic, "phx_close");
+        self.pending.push(close);
     }
 
     async fn on_inbound(&mut self, msg: Inbound) {
@@ -509,7 +510,6 @@ impl Session {
         }
         if let Some(org) = crate::revocation::family_org(&family) {
             if self.deps.revocations.refuses_join(&self.auth, org) {
-                metrics::counter!(m::REVOKED_REFUSALS, "what" => "join").increment(1);
                 metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "revoked")
                     .increment(1);
                 self.error_reply(join_ref, msg_ref, topic, "unauthorized");
@@ -702,15 +702,11 @@ impl Session {
                         .collect();
                     for topic in topics {
                         if let Some(channel) = self.sub.leave(&topic) {
-                            let join_ref = channel.join_ref.as_deref();
-                            messages.push(Message::Text(codec::encode_message(
-                                self.vsn,
-                                join_ref,
-                                join_ref,
+                            messages.push(self.lifecycle(
+                                channel.join_ref.as_deref(),
                                 &topic,
                                 "phx_close",
-                                b"{}",
-                            )));
+                            ));
                         }
                     }
                 }
@@ -781,15 +777,7 @@ impl Session {
         for topic in gaps {
             // phoenix.js answers `phx_error` by rejoining with its params (and `since`).
             if let Some(channel) = self.sub.leave(&topic) {
-                let join_ref = channel.join_ref.as_deref();
-                messages.push(Message::Text(codec::encode_message(
-                    self.vsn,
-                    join_ref,
-                    join_ref,
-                    &topic,
-                    "phx_error",
-                    b"{}",
-                )));
+                messages.push(self.lifecycle(channel.join_ref.as_deref(), &topic, "phx_error"));
             }
         }
         drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);

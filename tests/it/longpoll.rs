@@ -159,18 +159,6 @@ impl Lp {
     }
 }
 
-/// This hub's figures from `/admin/status`.
-async fn admin_status(hub: &TestHub) -> Value {
-    let response = reqwest::Client::new()
-        .get(hub.http("/admin/status"))
-        .bearer_auth(internal_token())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
 fn transferred(org: &str, n: usize) -> Value {
     json!({"type": "player.transferred", "org_id": org, "user_id": "u", "id": format!("{org}-lp-{n}"), "payload": {"n": n}})
 }

@@ -13,7 +13,7 @@ use crate::support::*;
 
 /// What phoenix.js's `Presence` would hold: key → the `phx_ref`s of its metas.
 #[derive(Debug, Default, Clone, PartialEq)]
-struct View(BTreeMap<String, BTreeSet<String>>);
+pub(crate) struct View(pub(crate) BTreeMap<String, BTreeSet<String>>);
 
 impl View {
     fn refs(entry: &Value) -> BTreeSet<String> {
@@ -26,7 +26,7 @@ impl View {
     }
 
     /// Applies a `presence_state` or `presence_diff` frame (V2); false for other frames.
-    fn apply(&mut self, frame: &Value) -> bool {
+    pub(crate) fn apply(&mut self, frame: &Value) -> bool {
         match frame_event(frame) {
             "presence_state" => {
                 self.0 = frame[4]

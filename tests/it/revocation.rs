@@ -245,15 +245,7 @@ async fn a_scope_all_revocation_closes_every_transport_everywhere_and_refuses_ol
     renewed.join_ok(&events).await;
 
     // The status page lists it; the metrics count it.
-    let status: Value = client
-        .get(a.http("/admin/status"))
-        .bearer_auth(internal_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = admin_status(&a).await;
     let listed = status["revocations"].as_array().unwrap();
     assert!(
         listed

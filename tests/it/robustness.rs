@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::presence::View;
 use crate::support::*;
 
 /// A WebSocket client that writes raw frames (what tungstenite will not send).
@@ -121,19 +122,6 @@ impl RawWs {
     }
 }
 
-/// The hub's own figures (one hub; the metrics registry is shared by every hub in the process).
-async fn status(hub: &TestHub) -> Value {
-    reqwest::Client::new()
-        .get(hub.http("/admin/status"))
-        .bearer_auth(internal_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Two hubs on one Redis and an observer on the second one watching `org_events:{org}`'s
 /// presence; returns (redis, a, b, observer, org).
 async fn two_hubs_with_an_observer() -> (RedisServer, TestHub, TestHub, Phx, String) {
@@ -152,41 +140,19 @@ async fn two_hubs_with_an_observer() -> (RedisServer, TestHub, TestHub, Phx, Str
 /// Waits until the observer's presence shows (`present`) or no longer shows `key`.
 async fn wait_presence(observer: &mut Phx, key: &str, present: bool) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut members = std::collections::BTreeMap::<String, usize>::new();
-    loop {
-        if members.get(key).is_some_and(|n| *n > 0) == present {
-            return;
-        }
+    let mut view = View::default();
+    while view.0.contains_key(key) != present {
         let frame = tokio::time::timeout_at(deadline, observer.recv())
             .await
             .unwrap_or_else(|_| panic!("presence of {key} never became {present}"));
-        match frame_event(&frame) {
-            "presence_state" => {
-                members = frame[4]
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v["metas"].as_array().unwrap().len()))
-                    .collect();
-            }
-            "presence_diff" => {
-                for (k, v) in frame[4]["joins"].as_object().unwrap() {
-                    *members.entry(k.clone()).or_default() += v["metas"].as_array().unwrap().len();
-                }
-                for (k, v) in frame[4]["leaves"].as_object().unwrap() {
-                    let n = members.entry(k.clone()).or_default();
-                    *n = n.saturating_sub(v["metas"].as_array().unwrap().len());
-                }
-            }
-            _ => {}
-        }
+        view.apply(&frame);
     }
 }
 
 /// Waits until hub `a` holds no socket and no topic.
 async fn wait_empty(hub: &TestHub) {
     eventually("the hub holds no socket and no topic", || async {
-        let status = status(hub).await;
+        let status = admin_status(hub).await;
         status["sockets"] == 0 && status["topic_count"] == 0 && status["connections"] == 0
     })
     .await;
@@ -355,21 +321,19 @@ async fn resumes_are_refused_while_redis_is_unreachable_and_served_once_it_is_ba
         ))
         .collect(),
     );
-    let response = client
-        .get(hub.http(&format!("/api/realtime/stream?topics={topic}")))
-        .bearer_auth(&token)
-        .header("Last-Event-ID", &resume)
-        .send()
-        .await
-        .unwrap();
+    let stream = |resume: Option<&str>| {
+        let mut request = client
+            .get(hub.http(&format!("/api/realtime/stream?topics={topic}")))
+            .bearer_auth(&token);
+        if let Some(id) = resume {
+            request = request.header("Last-Event-ID", id);
+        }
+        request.send()
+    };
+    let response = stream(Some(&resume)).await.unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
-    let fresh = client
-        .get(hub.http(&format!("/api/realtime/stream?topics={topic}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let fresh = stream(None).await.unwrap();
     assert_eq!(fresh.status(), 200);
     drop(fresh);
 
@@ -380,13 +344,7 @@ async fn resumes_are_refused_while_redis_is_unreachable_and_served_once_it_is_ba
     assert_eq!(reply[4]["status"], "ok", "{reply}");
     assert_eq!(reply[4]["response"]["recovered"], false, "{reply}");
     assert!(reply[4]["response"]["position"].is_string(), "{reply}");
-    let response = client
-        .get(hub.http(&format!("/api/realtime/stream?topics={topic}")))
-        .bearer_auth(&token)
-        .header("Last-Event-ID", &resume)
-        .send()
-        .await
-        .unwrap();
+    let response = stream(Some(&resume)).await.unwrap();
     assert_eq!(response.status(), 200);
 }
 

@@ -402,6 +402,18 @@ impl Drop for TestHub {
     }
 }
 
+/// This hub's figures from `/admin/status` (per hub, unlike the process-wide metrics).
+pub async fn admin_status(hub: &TestHub) -> Value {
+    let response = reqwest::Client::new()
+        .get(hub.http("/admin/status"))
+        .bearer_auth(internal_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 /// Sum of every sample of `name` whose labels contain all of `labels`, in a Prometheus text dump.
 pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
