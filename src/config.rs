@@ -69,6 +69,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "LONGPOLL_HOLD_MS", default: "10000", meaning: "how long a long-poll GET waits for messages before answering 204" },
     Setting { name: "LONGPOLL_SESSION_TIMEOUT_MS", default: "20000", meaning: "a long-poll session with no request for this long ends (its channels leave)" },
     Setting { name: "REVOCATION_TTL_S", default: "86400", meaning: "how long a revocation (`access.revoked`, a roster removal) refuses the identity's older tokens; set it to the longest token lifetime Rails issues" },
+    Setting { name: "EVENT_SCHEMAS", default: "warn", meaning: "what ingest does with an envelope its type's schema (config/events/) rejects: `enforce` drops it into the dead-letter stream (HTTP answers 422), `warn` delivers and counts it, `off` skips validation" },
+    Setting { name: "DEAD_LETTER_MAXLEN", default: "10000", meaning: "entries kept (approximately) in the dead-letter stream `prostaff:events:dead`" },
     Setting { name: "ADMIN_TOKEN", default: "", meaning: "when set (>= 32 bytes in production), opens GET /admin besides an internal JWT" },
     Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
 ];
@@ -191,6 +193,32 @@ pub struct Config {
     pub longpoll: crate::longpoll::LongPollConfig,
     /// Opens `/admin` (besides an internal JWT) when set.
     pub admin_token: Option<String>,
+    /// `EVENT_SCHEMAS`.
+    pub event_schemas: SchemaMode,
+    /// `DEAD_LETTER_MAXLEN`.
+    pub dead_letter_maxlen: u64,
+}
+
+/// `EVENT_SCHEMAS`: what ingest does with an envelope its type's schema rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SchemaMode {
+    /// Dropped into the dead-letter stream; HTTP publishers get 422.
+    Enforce,
+    /// Delivered and counted (`prostaff_events_invalid_total{type}`).
+    #[default]
+    Warn,
+    /// Not validated.
+    Off,
+}
+
+impl SchemaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemaMode::Enforce => "enforce",
+            SchemaMode::Warn => "warn",
+            SchemaMode::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -401,6 +429,21 @@ impl Config {
             }
         };
 
+        let event_schemas = match get("EVENT_SCHEMAS").map(|v| v.trim().to_ascii_lowercase()) {
+            None => SchemaMode::Warn,
+            Some(mode) => match mode.as_str() {
+                "enforce" => SchemaMode::Enforce,
+                "warn" => SchemaMode::Warn,
+                "off" => SchemaMode::Off,
+                _ => {
+                    return Err(invalid(
+                        "EVENT_SCHEMAS",
+                        format!("expected enforce, warn or off, got {mode:?}"),
+                    ))
+                }
+            },
+        };
+
         Ok(Config {
             port: parse_or(&get, "PORT", 4000)?,
             bind_addr: parse_or(&get, "BIND_ADDR", IpAddr::from([0, 0, 0, 0]))?,
@@ -438,6 +481,8 @@ impl Config {
             history_size: parse_or(&get, "HISTORY_SIZE", 300)?,
             history_ttl: Duration::from_millis(parse_positive(&get, "HISTORY_TTL_MS", 600_000)?),
             revocation_ttl: Duration::from_secs(parse_positive(&get, "REVOCATION_TTL_S", 86_400)?),
+            event_schemas,
+            dead_letter_maxlen: parse_positive(&get, "DEAD_LETTER_MAXLEN", 10_000)?,
             presence: crate::presence::PresenceConfig {
                 families: presence_families,
                 ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS", 30_000)?),

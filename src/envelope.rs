@@ -19,8 +19,15 @@ pub struct Envelope {
     pub event_type: String,
     pub org_id: String,
     pub user_id: String,
+    /// The whole envelope, parsed (the event catalogue validates it).
+    pub document: Value,
+}
+
+impl Envelope {
     /// The `payload` member (`Null` when absent).
-    pub payload: Value,
+    pub fn payload(&self) -> &Value {
+        self.document.get("payload").unwrap_or(&Value::Null)
+    }
 }
 
 /// Why an envelope was dropped. `Display` is safe to log: it never includes the payload.
@@ -54,7 +61,7 @@ impl DropReason {
 /// Decodes and validates one envelope.
 pub fn decode(raw: Bytes) -> Result<Envelope, DropReason> {
     let value: Value = serde_json::from_slice(&raw).map_err(|_| DropReason::InvalidJson)?;
-    let Value::Object(mut object) = value else {
+    let Value::Object(object) = value else {
         return Err(DropReason::NotAnObject);
     };
     check_version(object.get("version"))?;
@@ -91,14 +98,13 @@ pub fn decode(raw: Bytes) -> Result<Envelope, DropReason> {
     if !too_long.is_empty() {
         return Err(DropReason::TooLong(too_long));
     }
-    let payload = object.remove("payload").unwrap_or(Value::Null);
     Ok(Envelope {
         raw,
         id,
         event_type,
         org_id,
         user_id,
-        payload,
+        document: Value::Object(object),
     })
 }
 
@@ -191,6 +197,6 @@ mod tests {
         let text = format!(r#"{{"extra": {{"kept": true}}, {BASE}}}"#);
         let env = decode_str(&text).unwrap();
         assert_eq!(&env.raw[..], text.as_bytes());
-        assert_eq!(env.payload["secret"], "s3cr3t");
+        assert_eq!(env.payload()["secret"], "s3cr3t");
     }
 }

@@ -84,6 +84,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health/ready", get(ready))
         .route("/events/notify", post(notify))
         .route("/api/events", post(api_events))
+        .route("/api/events/catalogue", get(catalogue))
         .route("/api/revocations", post(api_revocations))
         .route("/socket/websocket", get(socket))
         .route("/api/realtime/stream", get(realtime_stream))
@@ -167,6 +168,12 @@ impl From<publish::PublishFailure> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<crate::catalogue::Violation> for ApiError {
+    fn from(violation: crate::catalogue::Violation) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, violation.to_string())
     }
 }
 
@@ -303,6 +310,7 @@ async fn notify(
             ));
         }
     }
+    app.pipeline.refuse_invalid(&accepted)?;
     let id = accepted.id.clone();
     let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await?;
     Ok(Json(
@@ -320,12 +328,26 @@ async fn api_events(
     let body = body?;
     check_json_content_type(&headers)?;
     let accepted = publish::complete_envelope(&body)?;
+    app.pipeline.refuse_invalid(&accepted)?;
     let id = accepted.id.clone();
     let delivery = publish::publish(&app.redis, &app.pipeline, accepted).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "ok": true, "id": id, "delivery": delivery.as_str() })),
     ))
+}
+
+/// `GET /api/events/catalogue` — the JSON Schema of every event type (public: the schemas
+/// describe shapes, never data or secrets).
+async fn catalogue(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        app.pipeline.catalogue.served(),
+    )
+        .into_response()
 }
 
 /// The internal services' routes: `Authorization: Bearer <internal JWT>` or 401.
@@ -363,6 +385,7 @@ async fn api_revocations(
         "payload": {"identity": identity, "scope": scope.label(), "org_id": org_id, "reason": reason},
     });
     let accepted = publish::complete_envelope(envelope.to_string().as_bytes())?;
+    app.pipeline.refuse_invalid(&accepted)?;
     publish::publish(&app.redis, &app.pipeline, accepted).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "ok": true }))))
 }

@@ -37,6 +37,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod catalogue;
 pub mod channels;
 pub mod config;
 pub mod envelope;
@@ -119,6 +120,8 @@ pub async fn run(
         redis.clone(),
         config.longpoll.clone(),
     ));
+    let catalogue = catalogue::Catalogue::builtin()
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error.to_string()))?;
     let pipeline = Arc::new(Pipeline {
         hub: hub.clone(),
         inhouse: inhouse.clone(),
@@ -126,6 +129,12 @@ pub async fn run(
         presence: presence.clone(),
         longpoll: longpoll.clone(),
         revocations: revocations.clone(),
+        catalogue,
+        schemas: config.event_schemas,
+        dead_letters: ingest::dead_letter::DeadLetters::new(
+            redis.clone(),
+            config.dead_letter_maxlen,
+        ),
     });
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
 

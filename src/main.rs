@@ -1,4 +1,5 @@
-//! The `prostaff-events` binary: `serve` (default), `token` and `healthcheck`.
+//! The `prostaff-events` binary: `serve` (default), `token`, `catalogue`, `dead-letters` and
+//! `healthcheck`.
 
 #![forbid(unsafe_code)]
 
@@ -42,10 +43,44 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// The event catalogue (config/events/).
+    Catalogue {
+        #[command(subcommand)]
+        command: CatalogueCommand,
+    },
+    /// The dead-letter stream `prostaff:events:dead` (uses REDIS_URL).
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Exit 0 when GET /health on this host's PORT answers 200 (for Docker HEALTHCHECK).
     Healthcheck {
         #[arg(long)]
         url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogueCommand {
+    /// Print the TypeScript declarations generated from the schemas.
+    Typescript,
+    /// Print every schema as `GET /api/events/catalogue` serves them.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Print the counts per reason and the newest entries (reasons only, never the envelope),
+    /// one JSON object per line.
+    List {
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
+    /// Publish the given entries again on the channel they came from, then delete them (an
+    /// entry that is still invalid is dead-lettered again).
+    Replay {
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -136,6 +171,8 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Catalogue { command } => catalogue(command),
+        Command::DeadLetters { command } => dead_letters(&config, command),
         Command::Healthcheck { url } => {
             healthcheck(url.unwrap_or_else(|| format!("http://127.0.0.1:{}/health", config.port)))
         }
@@ -147,6 +184,81 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime starts")
+}
+
+fn catalogue(command: CatalogueCommand) -> ExitCode {
+    let catalogue = match prostaff_events::catalogue::Catalogue::builtin() {
+        Ok(catalogue) => catalogue,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        CatalogueCommand::Typescript => print!("{}", catalogue.typescript()),
+        CatalogueCommand::Json => println!("{}", String::from_utf8_lossy(&catalogue.served())),
+    }
+    ExitCode::SUCCESS
+}
+
+fn dead_letters(config: &Config, command: DeadLetterCommand) -> ExitCode {
+    use prostaff_events::ingest::dead_letter::{DeadLetters, Replayed};
+    runtime().block_on(async {
+        let link = prostaff_events::ingest::redis::RedisLink::new(&config.redis_url);
+        if let Err(error) = link.connect_commands().await {
+            eprintln!("dead-letters: redis: {error}");
+            return ExitCode::FAILURE;
+        }
+        let letters = DeadLetters::new(link, config.dead_letter_maxlen);
+        match command {
+            DeadLetterCommand::List { count } => match letters.list(count).await {
+                Ok(listing) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"length": listing.length, "counts": listing.counts})
+                    );
+                    for entry in listing.entries {
+                        println!(
+                            "{}",
+                            serde_json::json!({"id": entry.id, "fields": entry.fields})
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("dead-letters: {error}");
+                    ExitCode::FAILURE
+                }
+            },
+            DeadLetterCommand::Replay { ids } => {
+                let mut failed = false;
+                for id in ids {
+                    match letters.replay(&id).await {
+                        Ok(Replayed::Published(receivers)) => {
+                            println!("{id} replayed ({receivers} subscribers)")
+                        }
+                        Ok(Replayed::Missing) => {
+                            failed = true;
+                            eprintln!("{id}: no such entry");
+                        }
+                        Ok(Replayed::NotKept) => {
+                            failed = true;
+                            eprintln!("{id}: its envelope was too large to keep; not replayable");
+                        }
+                        Err(error) => {
+                            failed = true;
+                            eprintln!("{id}: {error}");
+                        }
+                    }
+                }
+                if failed {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+        }
+    })
 }
 
 fn healthcheck(url: String) -> ExitCode {

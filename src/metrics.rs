@@ -47,6 +47,9 @@ pub const CATCH_UPS: &str = "prostaff_catch_ups_total";
 pub const REVOCATIONS: &str = "prostaff_revocations_total";
 pub const REVOKED_REFUSALS: &str = "prostaff_revoked_refusals_total";
 pub const CATCH_UP_BROADCASTS: &str = "prostaff_catch_up_broadcasts_total";
+pub const EVENTS_INVALID: &str = "prostaff_events_invalid_total";
+pub const DEAD_LETTERS: &str = "prostaff_dead_letters_total";
+pub const TYPE_FILTERED: &str = "prostaff_type_filtered_total";
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -159,6 +162,18 @@ fn describe() {
     describe_counter!(
         REVOKED_REFUSALS,
         "connects and joins refused because the identity's token predates a revocation, by what"
+    );
+    describe_counter!(
+        EVENTS_INVALID,
+        "envelopes the event catalogue could not vouch for, by type (a catalogue entry, or unknown for a type with no schema) and mode (enforce: dropped, warn: delivered)"
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "dropped envelopes kept in prostaff:events:dead, by outcome (written; duplicate: another instance wrote it; failed: redis unavailable; shed: too many writes in flight)"
+    );
+    describe_counter!(
+        TYPE_FILTERED,
+        "broadcasts not sent to a channel because its join's type filter excludes them"
     );
     describe_counter!(
         CATCH_UP_BROADCASTS,

@@ -158,12 +158,12 @@ fn published_at_ms(envelope: &Envelope) -> Option<u64> {
 /// number) revoke that player from the envelope's org.
 pub fn from_envelope(envelope: &Envelope, ttl: Duration) -> Option<Result<Revocation, Invalid>> {
     let (identity, scope, reason) = match envelope.event_type.as_str() {
-        "access.revoked" => match parse_request(&envelope.payload, Some(&envelope.org_id)) {
+        "access.revoked" => match parse_request(envelope.payload(), Some(&envelope.org_id)) {
             Ok(parsed) => parsed,
             Err(invalid) => return Some(Err(invalid)),
         },
         "player.transferred" | "roster.player_removed" => {
-            let player = match envelope.payload.get("player_id")? {
+            let player = match envelope.payload().get("player_id")? {
                 Value::String(id) => id.clone(),
                 Value::Number(id) => id.to_string(),
                 _ => return None,

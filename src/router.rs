@@ -23,7 +23,7 @@ pub fn route(envelope: &Envelope) -> Route {
     if event_type.starts_with("notification.") {
         topics.push(format!("notifications:{}", envelope.user_id));
     } else if event_type.starts_with("tournament_match.") {
-        match envelope.payload.get("tournament_id") {
+        match envelope.payload().get("tournament_id") {
             Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_BYTES => {
                 topics.push(format!("tournament:{id}"))
             }

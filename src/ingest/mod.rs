@@ -4,6 +4,7 @@
 //!
 //! Invariant: only this module talks to Redis.
 
+pub mod dead_letter;
 pub mod publish;
 pub mod redis;
 
@@ -12,6 +13,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::catalogue::{Catalogue, Check, Violation};
+use crate::config::SchemaMode;
 use crate::envelope::{self, Envelope};
 use crate::history::{self, AppendItem, History, Position};
 use crate::hub::Hub;
@@ -20,6 +23,7 @@ use crate::logsafe::LogSafe;
 use crate::longpoll::LongPoll;
 use crate::presence::Presence;
 use crate::router;
+use dead_letter::{DeadLetter, DeadLetters};
 
 /// Where an event came from (a metric label).
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +38,14 @@ impl Source {
         match self {
             Source::Redis => "redis",
             Source::HttpLocal => "http_local",
+        }
+    }
+
+    /// Where a dead letter came from: Redis, or an HTTP route (directly or delivered locally).
+    fn origin(self) -> &'static str {
+        match self {
+            Source::Redis => "redis",
+            Source::HttpLocal => "http",
         }
     }
 }
@@ -54,6 +66,7 @@ pub enum Incoming {
 }
 
 static UNROUTED_WARNINGS: LogLimiter = LogLimiter::new();
+static SCHEMA_WARNINGS: LogLimiter = LogLimiter::new();
 
 /// Lets one log line per key through per second and counts the ones it held back, so a busy
 /// key cannot turn every event into a log write while a new key is still logged at once.
@@ -132,9 +145,84 @@ pub struct Pipeline {
     pub presence: Arc<Presence>,
     pub longpoll: Arc<LongPoll>,
     pub revocations: Arc<crate::revocation::Revocations>,
+    pub catalogue: &'static Catalogue,
+    /// `EVENT_SCHEMAS`.
+    pub schemas: SchemaMode,
+    pub dead_letters: Arc<DeadLetters>,
 }
 
 impl Pipeline {
+    /// The schema check of an HTTP publish route, before it publishes: under `enforce` an
+    /// envelope its type's schema rejects is refused (the route answers 422 with the reason) and
+    /// kept as a dead letter; otherwise it goes on (ingest counts it on every instance).
+    pub fn refuse_invalid(&self, accepted: &publish::Accepted) -> Result<(), Violation> {
+        if self.schemas != SchemaMode::Enforce {
+            return Ok(());
+        }
+        let Ok(document) = serde_json::from_slice::<serde_json::Value>(&accepted.raw) else {
+            return Ok(());
+        };
+        match self.catalogue.check(&accepted.event_type, &document) {
+            Check::Invalid(violation) => {
+                self.count_violation(&violation, Source::HttpLocal);
+                self.dead_letters.keep(DeadLetter {
+                    reason: "schema",
+                    detail: violation.to_string(),
+                    source: "http",
+                    channel: format!("{}{}", redis::CHANNEL_PREFIX, accepted.org_id),
+                    event_type: Some(accepted.event_type.clone()),
+                    org_id: Some(accepted.org_id.clone()),
+                    raw: accepted.raw.clone(),
+                });
+                Err(violation)
+            }
+            Check::Valid(_) | Check::Unknown => Ok(()),
+        }
+    }
+
+    /// Counts and logs (at most once a second per type) an envelope its schema rejects.
+    fn count_violation(&self, violation: &Violation, source: Source) {
+        metrics::counter!(crate::metrics::EVENTS_INVALID, "type" => violation.event_type)
+            .increment(1);
+        if let Some(suppressed) = SCHEMA_WARNINGS.admit(violation.event_type) {
+            let mode = self.schemas.as_str();
+            tracing::warn!(source = source.label(), mode, suppressed, reason = %violation, "event does not match its schema");
+        }
+    }
+
+    /// The catalogue's verdict under `EVENT_SCHEMAS`: `Err` drops the envelope (enforce).
+    fn validate(&self, envelope: &Envelope, source: Source) -> Result<(), Violation> {
+        if self.schemas == SchemaMode::Off {
+            return Ok(());
+        }
+        match self
+            .catalogue
+            .check(&envelope.event_type, &envelope.document)
+        {
+            Check::Valid(_) => Ok(()),
+            Check::Unknown => {
+                metrics::counter!(crate::metrics::EVENTS_INVALID, "type" => "unknown").increment(1);
+                Ok(())
+            }
+            Check::Invalid(violation) => {
+                self.count_violation(&violation, source);
+                match self.schemas {
+                    SchemaMode::Enforce => Err(violation),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Logs, counts and keeps a dropped envelope.
+    fn drop_envelope(&self, letter: DeadLetter, source: Source) {
+        // The detail never includes the payload and escapes what it echoes.
+        tracing::warn!(source = source.label(), channel = %LogSafe(&letter.channel), reason = %letter.detail, "dropped event");
+        metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => letter.reason)
+            .increment(1);
+        self.dead_letters.keep(letter);
+    }
+
     /// Decodes raw envelope bytes and delivers them (the HTTP local-delivery path);
     /// drops are logged without the payload.
     pub async fn ingest(&self, raw: Bytes, source: Source, channel: &str) {
@@ -264,55 +352,75 @@ impl Pipeline {
                 unrouted: false,
             }),
             Incoming::PresenceDiff { .. } | Incoming::LongPoll { .. } => None,
-            Incoming::Envelope { raw, channel } => match envelope::decode(raw) {
-                Ok(envelope) => {
-                    let route = router::route(&envelope);
-                    let control = envelope.event_type == "access.revoked";
-                    if route.unrouted && !control {
-                        // Counted always (`outcome="unrouted"`); logged at most once a second per
-                        // type, so a busy type cannot turn every event into a log write.
-                        if let Some(suppressed) = UNROUTED_WARNINGS.admit(&envelope.event_type) {
-                            tracing::warn!(
-                                event_type = %LogSafe(&envelope.event_type),
-                                org = %LogSafe(&envelope.org_id),
-                                suppressed,
-                                "Unrouted event"
-                            );
-                        }
+            Incoming::Envelope { raw, channel } => {
+                let envelope = match envelope::decode(raw.clone()) {
+                    Ok(envelope) => envelope,
+                    Err(reason) => {
+                        let letter = DeadLetter {
+                            reason: reason.label(),
+                            detail: reason.to_string(),
+                            source: source.origin(),
+                            channel,
+                            event_type: None,
+                            org_id: None,
+                            raw,
+                        };
+                        self.drop_envelope(letter, source);
+                        return None;
                     }
-                    // `access.revoked` is for the hub alone: applied, never fanned out.
-                    let routed = if envelope.event_type == "access.revoked" {
-                        Vec::new()
-                    } else {
-                        route.topics
+                };
+                if let Err(violation) = self.validate(&envelope, source) {
+                    let letter = DeadLetter {
+                        reason: "schema",
+                        detail: violation.to_string(),
+                        source: source.origin(),
+                        channel,
+                        event_type: Some(envelope.event_type.clone()),
+                        org_id: Some(envelope.org_id.clone()),
+                        raw,
                     };
-                    let topics = routed
-                        .into_iter()
-                        .map(|topic| {
-                            let event =
-                                router::event_name(&topic, &envelope.event_type).to_string();
-                            (topic, event)
-                        })
-                        .collect();
-                    Some(Broadcast {
-                        raw: envelope.raw.clone(),
-                        topics,
-                        dedup: match &envelope.id {
-                            Some(id) => format!("i{id}"),
-                            None => history::content_key(&envelope.raw),
-                        },
-                        unrouted: route.unrouted && !control,
-                        envelope: Some(envelope),
-                    })
+                    self.drop_envelope(letter, source);
+                    return None;
                 }
-                Err(reason) => {
-                    // `reason`'s Display never includes the payload and escapes what it echoes.
-                    tracing::warn!(source = source.label(), channel = %LogSafe(&channel), %reason, "dropped event");
-                    metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => reason.label())
-                        .increment(1);
-                    None
-                }
+                Some(self.routed(envelope))
+            }
+        }
+    }
+
+    /// The topics and event names of a valid envelope.
+    fn routed(&self, envelope: Envelope) -> Broadcast {
+        let route = router::route(&envelope);
+        let control = envelope.event_type == "access.revoked";
+        if route.unrouted && !control {
+            // Counted always (`outcome="unrouted"`); logged at most once a second per type, so
+            // a busy type cannot turn every event into a log write.
+            if let Some(suppressed) = UNROUTED_WARNINGS.admit(&envelope.event_type) {
+                tracing::warn!(
+                    event_type = %LogSafe(&envelope.event_type),
+                    org = %LogSafe(&envelope.org_id),
+                    suppressed,
+                    "Unrouted event"
+                );
+            }
+        }
+        // `access.revoked` is for the hub alone: applied, never fanned out.
+        let routed = if control { Vec::new() } else { route.topics };
+        let topics = routed
+            .into_iter()
+            .map(|topic| {
+                let event = router::event_name(&topic, &envelope.event_type).to_string();
+                (topic, event)
+            })
+            .collect();
+        Broadcast {
+            raw: envelope.raw.clone(),
+            topics,
+            dedup: match &envelope.id {
+                Some(id) => format!("i{id}"),
+                None => history::content_key(&envelope.raw),
             },
+            unrouted: route.unrouted && !control,
+            envelope: Some(envelope),
         }
     }
 

@@ -166,8 +166,9 @@ pub async fn publish(
         Ok(()) => Ok(Delivery::Redis),
         Err(PublishError::Disconnected) => {
             tracing::warn!(org = %LogSafe(&accepted.org_id), "redis is down; delivering locally only");
+            let channel = format!("{}{}", super::redis::CHANNEL_PREFIX, accepted.org_id);
             pipeline
-                .ingest(accepted.raw, Source::HttpLocal, "http")
+                .ingest(accepted.raw, Source::HttpLocal, &channel)
                 .await;
             Ok(Delivery::Local)
         }

@@ -218,6 +218,21 @@ impl RedisLink {
             .build()
     }
 
+    /// Connects the command connection only (for a CLI command: no subscription, no
+    /// reconnects); `Err` says why it could not.
+    pub async fn connect_commands(&self) -> Result<(), String> {
+        let config = FredConfig::from_url(&self.url).map_err(|e| e.details().to_string())?;
+        let commands = Self::build_client(&config).map_err(|e| e.details().to_string())?;
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, commands.init()).await {
+            Ok(Ok(_task)) => {
+                self.set_connected(Some(commands));
+                Ok(())
+            }
+            Ok(Err(error)) => Err(format!("connect failed: {}", error.kind().to_str())),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
     /// Runs until `shutdown`: connect, subscribe, deliver, reconnect.
     pub async fn run(self: Arc<Self>, pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
         let config = match FredConfig::from_url(&self.url) {

@@ -157,7 +157,7 @@ impl Inhouse {
     /// each event; the script ops are idempotent, so the first one changes state and the others
     /// find nothing to do.
     pub async fn on_event(&self, envelope: &Envelope) {
-        let payload = &envelope.payload;
+        let payload = envelope.payload();
         let Some(queue_id) = id_field(payload, "queue_id") else {
             return;
         };

@@ -36,3 +36,29 @@ async fn phoenix_js_suite() {
         summary("pass")
     );
 }
+
+/// The typed phoenix.js example compiles with `tsc --noEmit` against the TypeScript
+/// declarations generated from the event catalogue (`config/events/prostaff-events.d.ts`; the
+/// unit test `catalogue::tests::the_committed_typescript_matches_the_schemas` keeps them equal
+/// to the schemas). Its `@ts-expect-error` lines fail the compile if a payload loses its type.
+#[test]
+fn typed_client_example_compiles() {
+    let dir = node_suite_dir("js");
+    ensure_node_modules(&dir, &["phoenix", "typescript", "@types/phoenix"]);
+    let output = std::process::Command::new("node")
+        .args([
+            "node_modules/typescript/bin/tsc",
+            "--noEmit",
+            "-p",
+            "typed/tsconfig.json",
+        ])
+        .current_dir(&dir)
+        .output()
+        .expect("node is installed");
+    assert!(
+        output.status.success(),
+        "tsc failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
