@@ -34,6 +34,7 @@ const TICK: Duration = Duration::from_secs(1);
 const SLOW_REFRESH: Duration = Duration::from_secs(3);
 const MAX_QUEUES: usize = 50;
 const MAX_TOPICS: usize = 20;
+const MAX_DEAD_LETTERS: usize = 10;
 
 const PAGE: &str = include_str!("admin.html");
 
@@ -55,6 +56,8 @@ struct Slow {
     refreshed: Option<Instant>,
     queues: Value,
     rails: Value,
+    /// `null` while Redis cannot be read.
+    dead_letters: Value,
 }
 
 impl Default for Admin {
@@ -70,6 +73,7 @@ impl Default for Admin {
                 refreshed: None,
                 queues: json!([]),
                 rails: json!({"status": "unknown"}),
+                dead_letters: Value::Null,
             }),
         }
     }
@@ -104,7 +108,7 @@ pub async fn status(app: &App) -> Value {
         .map(|(topic, subscribers)| json!({"topic": topic, "subscribers": subscribers}))
         .collect();
     let (broadcasts_per_s, drops_per_s) = app.admin.sample.lock().expect("admin sample").rates;
-    let (queues, rails) = slow_figures(app).await;
+    let (queues, rails, dead_letters) = slow_figures(app).await;
     json!({
         "instance": app.redis.instance(),
         "uptime_s": app.admin.started.elapsed().as_secs(),
@@ -121,6 +125,8 @@ pub async fn status(app: &App) -> Value {
         "rails": rails,
         "queues": queues,
         "revocations": app.session_deps.revocations.in_force(),
+        "event_schemas": app.config.event_schemas.as_str(),
+        "dead_letters": dead_letters,
     })
 }
 
@@ -128,11 +134,16 @@ fn round(value: f64) -> f64 {
     (value * 10.0).round() / 10.0
 }
 
-/// Queues (from Redis) and Rails' health, refreshed every [`SLOW_REFRESH`] at most.
-async fn slow_figures(app: &App) -> (Value, Value) {
+/// Queues and dead letters (from Redis) and Rails' health, refreshed every [`SLOW_REFRESH`]
+/// at most.
+async fn slow_figures(app: &App) -> (Value, Value, Value) {
     let mut slow = app.admin.slow.lock().await;
     if slow.refreshed.is_some_and(|at| at.elapsed() < SLOW_REFRESH) {
-        return (slow.queues.clone(), slow.rails.clone());
+        return (
+            slow.queues.clone(),
+            slow.rails.clone(),
+            slow.dead_letters.clone(),
+        );
     }
     let store = app.session_deps.inhouse.store();
     slow.queues = match store.queue_orgs(MAX_QUEUES).await {
@@ -152,8 +163,17 @@ async fn slow_figures(app: &App) -> (Value, Value) {
         Ok(()) => json!({"status": "ok"}),
         Err(error) => json!({"status": "down", "error": error}),
     };
+    // Reasons, types and times only: a listing never carries the envelope.
+    slow.dead_letters = match app.pipeline.dead_letters.list(MAX_DEAD_LETTERS).await {
+        Ok(listing) => serde_json::to_value(listing).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
     slow.refreshed = Some(Instant::now());
-    (slow.queues.clone(), slow.rails.clone())
+    (
+        slow.queues.clone(),
+        slow.rails.clone(),
+        slow.dead_letters.clone(),
+    )
 }
 
 /// Samples the rates every second and, while someone is joined to [`TOPIC`], broadcasts the

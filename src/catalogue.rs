@@ -309,7 +309,7 @@ impl Catalogue {
             "// Generated from config/events/*.json by `prostaff-events catalogue typescript`.\n\
              // Do not edit: `cargo test` fails when this file and the schemas disagree.\n\n",
         );
-        let mut writer = TsWriter::default();
+        let writer = TsWriter;
         out.push_str(&writer.interface("Envelope", None, &self.envelope));
         for entry in &self.entries {
             let extends = entry.envelope.then_some("Envelope");
@@ -362,11 +362,10 @@ fn serve(envelope: &Value, entries: &[Entry]) -> Bytes {
 /// `enum`, `properties`/`required`/`additionalProperties`, `items`, `pattern` on a type name)
 /// and says `unknown` for anything else, so a schema can never produce a type that claims more
 /// than the schema does.
-#[derive(Default)]
 struct TsWriter;
 
 impl TsWriter {
-    fn interface(&mut self, name: &str, extends: Option<&str>, schema: &Value) -> String {
+    fn interface(&self, name: &str, extends: Option<&str>, schema: &Value) -> String {
         let mut out = String::new();
         if let Some(description) = schema.get("description").and_then(Value::as_str) {
             out.push_str(&format!("/** {} */\n", comment(description)));
@@ -379,7 +378,7 @@ impl TsWriter {
     }
 
     /// The members of an object schema, one per line, at `depth`.
-    fn members(&mut self, schema: &Value, depth: usize) -> String {
+    fn members(&self, schema: &Value, depth: usize) -> String {
         let indent = "  ".repeat(depth);
         let required: Vec<&str> = schema
             .get("required")
@@ -418,7 +417,7 @@ impl TsWriter {
         out
     }
 
-    fn ts_type(&mut self, schema: &Value, depth: usize) -> String {
+    fn ts_type(&self, schema: &Value, depth: usize) -> String {
         if let Some(constant) = schema.get("const") {
             return constant.to_string();
         }

@@ -139,18 +139,24 @@ pub fn longpoll(data: &[u8]) {
     crate::longpoll::replay_acknowledgements(&acks);
 }
 
-/// What a client resumes from: the `since` join parameter, positions, SSE resume tokens.
+/// What a client resumes from and filters by: the join parameters (`since`, `types`),
+/// positions, SSE resume tokens and `?types=`.
 pub fn resume(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     if let Ok(raw) = serde_json::value::RawValue::from_string(text.to_string()) {
-        if let Ok(Some(position)) = crate::phoenix::session::since_param(&InboundPayload::Json(raw))
-        {
-            assert_eq!(
-                crate::history::Position::parse(&position.to_string()),
-                Some(position)
-            );
+        if let Ok(params) = crate::phoenix::session::join_params(&InboundPayload::Json(raw)) {
+            if let Some(position) = params.since {
+                assert_eq!(
+                    crate::history::Position::parse(&position.to_string()),
+                    Some(position)
+                );
+            }
+            if let Some(filter) = params.types {
+                // The hub's own pushes pass every filter.
+                assert!(filter.admits("queue_update") && filter.admits("phx_close"));
+            }
         }
     }
     if let Some(position) = crate::history::Position::parse(text) {
@@ -158,6 +164,9 @@ pub fn resume(data: &[u8]) {
             crate::history::Position::parse(&position.to_string()),
             Some(position)
         );
+    }
+    if let Ok(Some(filter)) = crate::type_filter::TypeFilter::from_query(Some(text)) {
+        assert!(filter.admits("presence_diff"));
     }
     if let Ok(positions) = crate::sse::parse_resume_token(text) {
         let again = crate::sse::resume_token(&positions);

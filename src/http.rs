@@ -398,7 +398,8 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// `GET /api/realtime/stream?topics=a,b` — Server-Sent Events with `Last-Event-ID` resume.
+/// `GET /api/realtime/stream?topics=a,b[&types=x.*,y.z]` — Server-Sent Events with
+/// `Last-Event-ID` resume and an optional type filter.
 async fn realtime_stream(
     State(app): State<Arc<App>>,
     Query(params): Query<HashMap<String, String>>,
@@ -442,6 +443,11 @@ async fn realtime_stream(
         Some(Ok(resume)) => resume,
         Some(Err(refused)) => return refusal(refused),
     };
+    let types =
+        match crate::type_filter::TypeFilter::from_query(params.get("types").map(String::as_str)) {
+            Ok(types) => types,
+            Err(invalid) => return refusal(invalid.into()),
+        };
     let permits = match ConnectionPermits::acquire(&app, &authenticated.identity) {
         Ok(permits) => permits,
         Err(full) => {
@@ -449,9 +455,14 @@ async fn realtime_stream(
             return ApiError::new(full.status(), "too many connections").into_response();
         }
     };
-    let (body, task) = match sse::open(app.session_deps.clone(), authenticated, topics, resume)
-        .await
-    {
+    let opened = sse::open(
+        app.session_deps.clone(),
+        authenticated,
+        topics,
+        resume,
+        types,
+    );
+    let (body, task) = match opened.await {
         Ok(opened) => opened,
         Err(refused @ StreamRefusal::Unavailable) => {
             metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "sse_unavailable").increment(1);

@@ -11,7 +11,9 @@
 //! - [`history`]: per-topic history in Redis Streams and the positions clients resume from.
 //! - [`hub`]: the topic map and per-socket outboxes; frames are encoded once and shared.
 //! - [`subscriber`]: the subscription core of every transport (register, join, recover,
-//!   presence) whose tear-down runs on drop.
+//!   presence) whose tear-down runs on drop; [`type_filter`]: a join's `types` filter.
+//! - [`catalogue`]: the event catalogue (a JSON Schema per event type, validation, the
+//!   generated TypeScript declarations).
 //! - [`phoenix`]: the wire protocol and the per-socket session loop.
 //! - [`channels`]: topic families: join authorization, join replies, queue actions.
 //! - [`presence`]: who is online per topic (phoenix.js `Presence` format), shared in Redis.
@@ -60,6 +62,7 @@ pub mod revocation;
 pub mod router;
 pub mod sse;
 pub mod subscriber;
+pub mod type_filter;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -49,6 +49,8 @@ pub enum StreamRefusal {
     BadResumeToken,
     #[error("history unavailable; retry with the same Last-Event-ID")]
     Unavailable,
+    #[error("{0}")]
+    BadTypes(#[from] crate::type_filter::InvalidFilter),
 }
 
 /// The topics of a stream request, authorized for `auth`.
@@ -198,8 +200,13 @@ impl StreamTask {
                     if !channel.admit(position) {
                         continue;
                     }
+                    // A filtered broadcast moves the token too: a resume skips it again.
                     self.positions
                         .insert(frame.topic.to_string(), position.clone());
+                }
+                if !channel.wants(&frame.event) {
+                    metrics::counter!(crate::metrics::TYPE_FILTERED).increment(1);
+                    continue;
                 }
                 let payload = frame.payload().clone();
                 ok = self.send(&frame.event, &payload).await;
@@ -222,6 +229,7 @@ pub async fn open(
     auth: Authenticated,
     topics: Vec<String>,
     resume: BTreeMap<String, Position>,
+    types: Option<crate::type_filter::TypeFilter>,
 ) -> Result<
     (
         Sse<impl Stream<Item = Result<Event, Infallible>>>,
@@ -247,6 +255,7 @@ pub async fn open(
                 identity: &auth.identity,
                 reply: false,
                 presence: false,
+                types: types.clone(),
             })
             .await
             .map_err(|JoinRefusal::Unavailable| StreamRefusal::Unavailable)?;

@@ -4,7 +4,8 @@
 //! Life of a subscriber: [`Subscriber::register`] (an outbox in the hub, the connection gauge)
 //! → per topic [`Subscriber::join`]: refuse a resume while Redis is unreachable → subscribe →
 //! recover from history → (the transport replays what was missed) → presence; live frames then
-//! pass [`Channel::admit`], which skips what the channel has already seen. The reverse —
+//! pass [`Channel::admit`], which skips what the channel has already seen, and
+//! [`Channel::wants`], the join's type filter (which replays pass too). The reverse —
 //! unsubscribe, untrack presence, gauges, unregister — is [`Drop`]: a panic, a cancelled future
 //! or an early return cannot leave a subscriber in the topic map, in a gauge or in presence.
 //!
@@ -25,6 +26,7 @@ use crate::history::{Entry, Position};
 use crate::hub::{Outbox, SocketId};
 use crate::metrics as m;
 use crate::phoenix::session::SessionDeps;
+use crate::type_filter::TypeFilter;
 
 /// Which connection gauge a subscriber counts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,9 +48,16 @@ pub struct Channel {
     /// Present on a presence topic: whether this channel gets `presence_state`, and the
     /// subscriber's own `phx_ref` there when its identity is tracked.
     pub presence: Option<Option<String>>,
+    /// The join's type filter: only matching broadcasts are sent.
+    pub types: Option<TypeFilter>,
 }
 
 impl Channel {
+    /// Whether the join's type filter lets a push with this event name through.
+    pub fn wants(&self, event: &str) -> bool {
+        crate::type_filter::admits(self.types.as_ref(), event)
+    }
+
     /// Whether a frame at `position` is new to this channel; remembers it when it is.
     pub fn admit(&mut self, position: &Position) -> bool {
         match self.seen.as_mut() {
@@ -77,7 +86,8 @@ pub struct Joined {
     pub position: Option<Position>,
     /// With `since`: whether every broadcast after it is in `missed`.
     pub recovered: Option<bool>,
-    /// Broadcasts after `since`, in order, to send before any live one.
+    /// Broadcasts after `since` that pass the type filter, in order, to send before any live
+    /// one.
     pub missed: Vec<Entry>,
     /// Whether the channel gets `presence_state`.
     pub presence: bool,
@@ -105,6 +115,8 @@ pub struct JoinRequest<'a> {
     /// Track the identity in presence and send `presence_state` (a Phoenix join on a presence
     /// family; SSE streams only listen).
     pub presence: bool,
+    /// Only broadcasts of these types (replays included).
+    pub types: Option<TypeFilter>,
 }
 
 /// A registered subscriber; everything it holds is released on drop.
@@ -204,6 +216,7 @@ impl Subscriber {
             identity,
             reply,
             presence,
+            types,
         } = request;
         let history = self.deps.history.enabled() && family != TopicFamily::Admin;
         if since.is_some() && history && !self.deps.history.available() {
@@ -219,7 +232,7 @@ impl Subscriber {
         } else {
             Value::Object(Default::default())
         };
-        let (position, recovered, missed) = if history {
+        let (position, recovered, mut missed) = if history {
             match self.deps.history.recover(topic, since).await {
                 Ok(recovery) => {
                     let recovered = since.map(|_| recovery.missed.is_some());
@@ -250,6 +263,11 @@ impl Subscriber {
         } else {
             (None, None, Vec::new())
         };
+        let before = missed.len();
+        missed.retain(|entry| crate::type_filter::admits(types.as_ref(), &entry.event));
+        if missed.len() < before {
+            metrics::counter!(m::TYPE_FILTERED).increment((before - missed.len()) as u64);
+        }
         let presence = (presence && self.deps.presence.covers(&family))
             .then(|| self.deps.presence.track(topic, identity));
         let gets_presence = presence.is_some();
@@ -258,6 +276,7 @@ impl Subscriber {
             family,
             seen: position.clone(),
             presence,
+            types,
         };
         let replaced = match self.index(topic) {
             Some(i) => Some(std::mem::replace(&mut self.channels[i].1, channel)),

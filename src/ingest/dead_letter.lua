@@ -7,7 +7,7 @@
 --   add     2 MAXLEN (approximate), 3 claim TTL ms, 4 reason label, 5.. field, value pairs
 --           Every instance sees the same pub/sub message and drops it: the first claim writes.
 --   list    2 how many of the newest entries → {length, reason, count, …, "|", id, n, f, v, …}
---   replay  2 entry id → PUBLISH its envelope on its channel, then delete it
+--   replay  2 entry id → drop its claim, PUBLISH its envelope on its channel, delete it
 local STREAM, COUNTS = KEYS[1], KEYS[2]
 local op = ARGV[1]
 
@@ -39,6 +39,10 @@ elseif op == 'replay' then
   for i = 1, #raw, 2 do f[raw[i]] = raw[i + 1] end
   if not f.envelope or not f.channel or string.sub(f.channel, 1, 16) ~= 'prostaff:events:' then
     return { 'not_kept' }
+  end
+  -- A replay that fails the same way again must be kept again: its claim goes first.
+  if f.claim and string.sub(f.claim, 1, 29) == '{prostaff:events:dead}:claim:' then
+    redis.call('DEL', f.claim)
   end
   local receivers = redis.call('PUBLISH', f.channel, f.envelope)
   redis.call('XDEL', STREAM, ARGV[2])

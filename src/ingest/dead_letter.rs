@@ -141,6 +141,7 @@ impl DeadLetters {
             field("org_id", org_id.clone());
         }
         field("envelope_bytes", letter.raw.len().to_string());
+        field("claim", claim.clone());
         // Lua arguments are binary-safe, but the envelope is kept as text: an envelope that is
         // not UTF-8 was undecodable anyway and is kept lossily (it cannot be replayed as sent).
         if letter.raw.len() <= MAX_KEPT_ENVELOPE {
@@ -205,7 +206,7 @@ fn parse_listing(flat: &[String]) -> Listing {
             let (Some(name), Some(value)) = (items.next(), items.next()) else {
                 break;
             };
-            if name != "envelope" {
+            if name != "envelope" && name != "claim" {
                 fields.insert(name.clone(), value.clone());
             }
         }

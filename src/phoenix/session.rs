@@ -265,20 +265,32 @@ where
     // `session` drops here: its subscriber leaves every topic and presence.
 }
 
-/// The optional `since` join parameter: absent (or null) is `None`; anything but a valid
-/// `"<epoch>:<offset>"` string is an error (`invalid_params`).
-pub(crate) fn since_param(params: &InboundPayload) -> Result<Option<Position>, ()> {
+/// What a join's params ask for besides the topic.
+#[derive(Debug, Default)]
+pub(crate) struct JoinParams {
+    /// `since`: `"<epoch>:<offset>"`, the position to resume after.
+    pub since: Option<Position>,
+    /// `types`: the type filter.
+    pub types: Option<crate::type_filter::TypeFilter>,
+}
+
+/// The optional join parameters: absent (or null) ones are `None`; a `since` that is not a
+/// valid `"<epoch>:<offset>"` string or a malformed `types` is an error (`invalid_params`).
+/// Params that are not a JSON object ask for nothing (phoenix.js always sends an object).
+pub(crate) fn join_params(params: &InboundPayload) -> Result<JoinParams, ()> {
     let InboundPayload::Json(raw) = params else {
-        return Ok(None);
+        return Ok(JoinParams::default());
     };
     let Ok(Value::Object(params)) = serde_json::from_str::<Value>(raw.get()) else {
-        return Ok(None);
+        return Ok(JoinParams::default());
     };
-    match params.get("since") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Position::parse(text).map(Some).ok_or(()),
-        Some(_) => Err(()),
-    }
+    let since = match params.get("since") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(Position::parse(text).ok_or(())?),
+        Some(_) => return Err(()),
+    };
+    let types = crate::type_filter::TypeFilter::from_param(params.get("types")).map_err(|_| ())?;
+    Ok(JoinParams { since, types })
 }
 
 /// Sends a close frame and waits briefly for the client's answer, both bounded in time.
@@ -516,7 +528,7 @@ impl Session {
                 return;
             }
         }
-        let Ok(since) = since_param(&params) else {
+        let Ok(JoinParams { since, types }) = join_params(&params) else {
             metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "invalid_params")
                 .increment(1);
             self.error_reply(join_ref, msg_ref, topic, "invalid_params");
@@ -533,6 +545,7 @@ impl Session {
                 identity: &self.auth.identity,
                 reply: true,
                 presence: true,
+                types,
             })
             .await;
         let joined = match joined {
@@ -742,6 +755,7 @@ impl Session {
         // Consecutive frames usually share a topic: its channel is looked up once per run.
         let mut current: Option<(Arc<str>, Option<&mut Channel>)> = None;
         let mut gaps: Vec<Arc<str>> = Vec::new();
+        let mut filtered = 0u64;
         for frame in drained.frames.drain(..) {
             if frame.gap || gaps.iter().any(|t| Arc::ptr_eq(t, &frame.topic)) {
                 // Nothing of a topic with a gap is sent after it: the client's `since` must stay
@@ -771,9 +785,16 @@ impl Session {
                     continue;
                 }
             }
+            if !joined.wants(&frame.event) {
+                filtered += 1;
+                continue;
+            }
             messages.push(Message::Text(frame.text(self.vsn)));
         }
         drop(current);
+        if filtered > 0 {
+            metrics::counter!(m::TYPE_FILTERED).increment(filtered);
+        }
         for topic in gaps {
             // phoenix.js answers `phx_error` by rejoining with its params (and `since`).
             if let Some(channel) = self.sub.leave(&topic) {

@@ -467,3 +467,40 @@ async fn an_oversized_post_batch_is_refused_and_the_session_survives() {
     let frames = lp.poll_until("the heartbeat reply", |f| f[1] == "ok").await;
     assert_eq!(frames.last().unwrap()[4]["status"], "ok");
 }
+
+#[tokio::test]
+async fn a_type_filter_on_a_long_poll_join_lets_only_matching_broadcasts_through() {
+    let redis = RedisServer::start();
+    let hub = TestHub::start(config(&redis)).await;
+    hub.wait_redis_ready().await;
+    let org = unique("lporg");
+    let topic = format!("org_events:{org}");
+    let mut lp = Lp::open(&hub.http(""), &user_token("u1", &org)).await;
+    let refused = lp.join(&topic, json!({"types": ["a*"]})).await;
+    assert_eq!(
+        refused[4]["response"]["reason"], "invalid_params",
+        "{refused}"
+    );
+    let reply = lp
+        .join(&topic, json!({"types": ["tournament_match.*"]}))
+        .await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+
+    let event = |n: u64, event_type: &str| {
+        json!({"type": event_type, "org_id": org, "user_id": "u", "id": format!("{org}-{n}"),
+            "payload": {"n": n, "tournament_id": "t1", "goal_id": "g"}})
+    };
+    publish_event(&redis, &org, event(1, "team_goal.completed"), 1).await;
+    publish_event(&redis, &org, event(2, "tournament_match.confirmed"), 1).await;
+    publish_event(&redis, &org, event(3, "team_goal.missed"), 1).await;
+    publish_event(&redis, &org, event(4, "tournament_match.walkover"), 1).await;
+    let frames = lp
+        .poll_until("the last matching broadcast", |f| f[4]["payload"]["n"] == 4)
+        .await;
+    let broadcasts: Vec<u64> = frames
+        .iter()
+        .filter(|f| f[2] == json!(topic) && f[4]["payload"]["n"].is_u64())
+        .map(|f| f[4]["payload"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(broadcasts, vec![2, 4]);
+}

@@ -5,6 +5,7 @@
 mod admin;
 mod autobahn;
 mod browser;
+mod catalogue;
 mod cli;
 mod fuzz_regressions;
 mod hardening;

@@ -315,3 +315,74 @@ fn base64_decode(text: &str) -> Vec<u8> {
         .decode(text)
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_filter_applies_live_and_to_the_replay_on_another_hub() {
+    let redis = RedisServer::start();
+    let a = TestHub::with_redis(&redis).await;
+    let b = TestHub::with_redis(&redis).await;
+    a.wait_redis_ready().await;
+    b.wait_redis_ready().await;
+    let org = unique("org");
+    let token = user_token("u1", &org);
+    let refused = reqwest::get(format!(
+        "http://{}/api/realtime/stream?topics=org_events:{org}&types=*&token={token}",
+        a.addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), 400);
+
+    // Odd events are team goals (wanted), even ones roster changes (filtered out).
+    let event = |n: usize| {
+        let event_type = if n % 2 == 1 {
+            "team_goal.completed"
+        } else {
+            "roster.player_hired"
+        };
+        json!({"type": event_type, "org_id": org, "user_id": "u", "id": format!("{org}-t{n}"),
+            "payload": {"n": n, "goal_id": "g", "player_id": "p"}})
+        .to_string()
+    };
+    let channel = format!("prostaff:events:{org}");
+    let query = format!("topics=org_events:{org}&types=team_goal.*&token={token}");
+    let mut first = SseClient::open(&format!("http://{}", a.addr), &query, None).await;
+    first.next_named("stream_started").await;
+    assert!(redis.publish_when_subscribed(&channel, &event(1), 2).await);
+    for n in 2..=4 {
+        redis.publish(&channel, &event(n));
+    }
+    let one = first.next().await.unwrap();
+    let three = first.next().await.unwrap();
+    assert_eq!((n_of(&one), n_of(&three)), (1, 3));
+    let resume = three.id.clone().unwrap();
+    drop(first);
+
+    let mut witness = Phx::org_member(&b, &org).await;
+    for n in 5..=8 {
+        redis.publish(&channel, &event(n));
+    }
+    for _ in 5..=8 {
+        witness
+            .recv_matching(|f| f[2] == format!("org_events:{org}").as_str())
+            .await;
+    }
+    let mut second = SseClient::open(&format!("http://{}", b.addr), &query, Some(&resume)).await;
+    let hello = second.next_named("stream_started").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&hello.data).unwrap()["recovered"],
+        true
+    );
+    redis.publish(&channel, &event(9));
+    let mut numbers = Vec::new();
+    while numbers.last() != Some(&9) {
+        let next = second.next().await.unwrap();
+        assert_eq!(next.event.as_deref(), Some("team_goal.completed"));
+        numbers.push(n_of(&next));
+    }
+    assert_eq!(
+        numbers,
+        vec![5, 7, 9],
+        "the matching events, once, in order"
+    );
+}
