@@ -102,6 +102,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         "tournament_match.walkover.json",
         include_str!("../config/events/tournament_match.walkover.json"),
     ),
+    (
+        "tournament_match.any.json",
+        include_str!("../config/events/tournament_match.any.json"),
+    ),
 ];
 
 /// The committed TypeScript declarations (a test fails when they drift from the schemas).
@@ -529,6 +533,18 @@ mod tests {
         }
         assert_eq!(catalogue.label("scraper.done"), "unknown");
         assert_eq!(catalogue.label("notification.mention"), "notification.*");
+        // A tournament_match type without its own schema still needs its tournament_id.
+        assert_eq!(
+            catalogue.label("tournament_match.scheduled"),
+            "tournament_match.*"
+        );
+        assert!(matches!(
+            catalogue.check(
+                "tournament_match.scheduled",
+                &envelope("tournament_match.scheduled", json!({}))
+            ),
+            Check::Invalid(_)
+        ));
         // Hub pushes are catalogued but are not envelope types.
         assert_eq!(catalogue.label("queue_update"), "unknown");
     }

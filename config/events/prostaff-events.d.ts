@@ -268,6 +268,17 @@ export interface TournamentMatchWalkover extends Envelope {
   [key: string]: unknown;
 }
 
+/** Every other tournament_match.* type: routed to tournament:{payload.tournament_id}, so it needs one. */
+export interface TournamentMatchEvent extends Envelope {
+  payload: {
+    /** An id: a string or an integer. */
+    tournament_id: string | number;
+    [key: string]: unknown;
+  };
+  type: `tournament_match.${string}`;
+  [key: string]: unknown;
+}
+
 /** Every envelope a channel can receive, discriminated on `type`. */
 export type ProstaffEvent =
   | InhouseCheckInStarted
@@ -285,7 +296,8 @@ export type ProstaffEvent =
   | TeamGoalMissed
   | TeamGoalProgressUpdated
   | TournamentMatchConfirmed
-  | TournamentMatchWalkover;
+  | TournamentMatchWalkover
+  | TournamentMatchEvent;
 
 /** Push event name → its payload. */
 export interface EventMap {
@@ -307,6 +319,7 @@ export interface EventMap {
   "team_goal.progress_updated": TeamGoalProgressUpdated;
   "tournament_match.confirmed": TournamentMatchConfirmed;
   "tournament_match.walkover": TournamentMatchWalkover;
+  [event: `tournament_match.${string}`]: TournamentMatchEvent;
 }
 
 /** A push event name the catalogue knows. */

@@ -62,6 +62,14 @@ enum Scenario {
     Compare(FanoutArgs),
     Queue(QueueArgs),
     FloorServer(FloorArgs),
+    Catalogue(CatalogueArgs),
+}
+
+#[derive(Args)]
+struct CatalogueArgs {
+    /// Envelopes checked per type.
+    #[arg(long, default_value_t = 100_000)]
+    iterations: u32,
 }
 
 #[derive(Args)]
@@ -1205,5 +1213,65 @@ async fn main() {
             report(cli.json, "redis-baseline", result.rows);
         }
         Scenario::Compare(args) => compare(args, cli.json).await,
+        Scenario::Catalogue(args) => catalogue_bench(args, cli.json),
     }
+}
+
+/// What ingest adds per envelope under `EVENT_SCHEMAS=warn|enforce`: decoding (done anyway)
+/// next to the schema check, per catalogued type, on one core.
+fn catalogue_bench(args: CatalogueArgs, json_out: bool) {
+    use prostaff_events::catalogue::{Catalogue, Check};
+    let catalogue = Catalogue::builtin().expect("the built-in catalogue loads");
+    let cases = [
+        (
+            "tournament_match.confirmed",
+            json!({"tournament_id": "t-123", "match_id": 42, "score": "2-1"}),
+        ),
+        (
+            "inhouse.check_in_started",
+            json!({"queue_id": "q1", "check_in_deadline": "2026-12-02T12:00:00Z",
+            "entries": [{"player_id": "p1", "role": "top", "checked_in": false}, {"player_id": "p2", "role": "mid"}]}),
+        ),
+        (
+            "notification.mention",
+            json!({"text": "hello", "link": "/x"}),
+        ),
+        ("bench.tick", json!({"t": 1, "seq": 2})),
+    ];
+    let mut rows = Vec::new();
+    for (event_type, payload) in cases {
+        let raw = bytes::Bytes::from(
+            json!({"version": "1", "id": "0b6f1c1e-4f0e-4c55-9a53-4f2b8f0e9a11", "type": event_type,
+                "org_id": "org-123", "user_id": "user-456", "payload": payload,
+                "published_at": "2026-12-02T12:00:00Z"})
+            .to_string(),
+        );
+        let started = Instant::now();
+        let mut envelopes = Vec::with_capacity(1);
+        for _ in 0..args.iterations {
+            envelopes.push(prostaff_events::envelope::decode(raw.clone()).expect("valid"));
+            envelopes.clear();
+        }
+        let decode_ns = started.elapsed().as_nanos() as f64 / f64::from(args.iterations);
+        let envelope = prostaff_events::envelope::decode(raw).expect("valid");
+        let started = Instant::now();
+        let mut valid = 0u32;
+        for _ in 0..args.iterations {
+            if matches!(
+                catalogue.check(&envelope.event_type, &envelope.document),
+                Check::Valid(_)
+            ) {
+                valid += 1;
+            }
+        }
+        let check_ns = started.elapsed().as_nanos() as f64 / f64::from(args.iterations);
+        rows.push((format!("{event_type}: decode ns"), json!(decode_ns.round())));
+        let verdict = if valid > 0 { "valid" } else { "no schema" };
+        rows.push((
+            format!("{event_type}: schema check ns ({verdict})"),
+            json!(check_ns.round()),
+        ));
+    }
+    let rows = rows.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    report(json_out, "catalogue (per envelope, one core)", rows);
 }
