@@ -173,3 +173,29 @@ pub fn resume(data: &[u8]) {
         assert_eq!(crate::sse::parse_resume_token(&again), Ok(positions));
     }
 }
+
+/// An envelope from Redis or an HTTP body: decoding, routing, the catalogue's schema check, and
+/// completion of HTTP-posted bodies.
+pub fn envelope(data: &[u8]) {
+    match crate::envelope::decode(bytes::Bytes::copy_from_slice(data)) {
+        Ok(envelope) => {
+            assert!(!crate::router::route(&envelope).topics.is_empty());
+            let catalogue = crate::catalogue::Catalogue::builtin().expect("catalogue loads");
+            if let crate::catalogue::Check::Invalid(violation) =
+                catalogue.check(&envelope.event_type, &envelope.document)
+            {
+                // Logged and answered to publishers: one short line, never a value.
+                let text = violation.to_string();
+                assert!(
+                    text.len() < 400 && !text.chars().any(char::is_control),
+                    "{text}"
+                );
+            }
+        }
+        Err(reason) => assert!(reason.to_string().len() < 200, "drop reasons stay short"),
+    }
+    if let Ok(accepted) = crate::ingest::publish::complete_envelope(data) {
+        // Whatever the HTTP path accepts must decode as a valid envelope.
+        crate::envelope::decode(accepted.raw).expect("completed envelopes are valid");
+    }
+}
