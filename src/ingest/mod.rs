@@ -268,8 +268,17 @@ impl Pipeline {
             match crate::revocation::from_envelope(&envelope, self.revocations.ttl()) {
                 Some(Ok(revocation)) => self.revocations.apply(revocation).await,
                 Some(Err(invalid)) => {
-                    tracing::warn!(%invalid, org = %LogSafe(&envelope.org_id), "access.revoked ignored");
-                    metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => source.label(), "outcome" => "invalid_revocation").increment(1);
+                    // Not applied and never fanned out: kept like any other dropped envelope.
+                    let letter = DeadLetter {
+                        reason: "invalid_revocation",
+                        detail: format!("access.revoked ignored: {invalid}"),
+                        source: source.origin(),
+                        channel: format!("{}{}", redis::CHANNEL_PREFIX, envelope.org_id),
+                        event_type: Some(envelope.event_type.clone()),
+                        org_id: Some(envelope.org_id.clone()),
+                        raw: envelope.raw.clone(),
+                    };
+                    self.drop_envelope(letter, source);
                 }
                 None => {}
             }

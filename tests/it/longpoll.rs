@@ -469,38 +469,76 @@ async fn an_oversized_post_batch_is_refused_and_the_session_survives() {
 }
 
 #[tokio::test]
-async fn a_type_filter_on_a_long_poll_join_lets_only_matching_broadcasts_through() {
+async fn a_type_filter_on_a_long_poll_join_holds_live_and_for_a_resume_on_another_hub() {
     let redis = RedisServer::start();
     let hub = TestHub::start(config(&redis)).await;
+    let other = TestHub::start(config(&redis)).await;
     hub.wait_redis_ready().await;
+    other.wait_redis_ready().await;
     let org = unique("lporg");
     let topic = format!("org_events:{org}");
-    let mut lp = Lp::open(&hub.http(""), &user_token("u1", &org)).await;
+    let token = user_token("u1", &org);
+    let mut lp = Lp::open(&hub.http(""), &token).await;
     let refused = lp.join(&topic, json!({"types": ["a*"]})).await;
     assert_eq!(
         refused[4]["response"]["reason"], "invalid_params",
         "{refused}"
     );
-    let reply = lp
-        .join(&topic, json!({"types": ["tournament_match.*"]}))
-        .await;
+    let filter = json!(["tournament_match.*"]);
+    let reply = lp.join(&topic, json!({ "types": filter })).await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
 
-    let event = |n: u64, event_type: &str| {
+    // Odd events are team goals (filtered out), even ones match events (wanted).
+    let event = |n: u64| {
+        let event_type = if n % 2 == 1 {
+            "team_goal.completed"
+        } else {
+            "tournament_match.confirmed"
+        };
         json!({"type": event_type, "org_id": org, "user_id": "u", "id": format!("{org}-{n}"),
             "payload": {"n": n, "tournament_id": "t1", "goal_id": "g"}})
     };
-    publish_event(&redis, &org, event(1, "team_goal.completed"), 1).await;
-    publish_event(&redis, &org, event(2, "tournament_match.confirmed"), 1).await;
-    publish_event(&redis, &org, event(3, "team_goal.missed"), 1).await;
-    publish_event(&redis, &org, event(4, "tournament_match.walkover"), 1).await;
+    let broadcasts = |frames: &[Value]| -> Vec<u64> {
+        frames
+            .iter()
+            .filter(|f| f[2] == json!(topic) && f[4]["payload"]["n"].is_u64())
+            .map(|f| f[4]["payload"]["n"].as_u64().unwrap())
+            .collect()
+    };
+    for n in 1..=4 {
+        publish_event(&redis, &org, event(n), 2).await;
+    }
     let frames = lp
         .poll_until("the last matching broadcast", |f| f[4]["payload"]["n"] == 4)
         .await;
-    let broadcasts: Vec<u64> = frames
-        .iter()
-        .filter(|f| f[2] == json!(topic) && f[4]["payload"]["n"].is_u64())
-        .map(|f| f[4]["payload"]["n"].as_u64().unwrap())
-        .collect();
-    assert_eq!(broadcasts, vec![2, 4]);
+    assert_eq!(broadcasts(&frames), vec![2, 4]);
+    let since = frames.last().unwrap()[1].as_str().unwrap().to_string();
+
+    // Away: 5..8 are published; a new session on the other hub resumes with the same filter.
+    for n in 5..=8 {
+        publish_event(&redis, &org, event(n), 2).await;
+    }
+    // Polled by hand: the replay can share the join reply's answer. After the reply, 9 and 10
+    // are published live.
+    let mut resumed = Lp::open(&other.http(""), &token).await;
+    let join = json!(["j", "j", &topic, "phx_join", {"types": filter, "since": since}]);
+    assert_eq!(resumed.post(&[join]).await["status"], 200);
+    let mut frames: Vec<Value> = Vec::new();
+    let mut published = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !frames.iter().any(|f| f[4]["payload"]["n"] == 10) {
+        assert!(tokio::time::Instant::now() < deadline, "saw {frames:?}");
+        if !published && frames.iter().any(|f| f[1] == "j") {
+            publish_event(&redis, &org, event(9), 2).await;
+            publish_event(&redis, &org, event(10), 2).await;
+            published = true;
+        }
+        let answer = resumed.poll().await;
+        for message in answer["messages"].as_array().into_iter().flatten() {
+            frames.push(serde_json::from_str(message.as_str().unwrap()).unwrap());
+        }
+    }
+    let reply = frames.iter().find(|f| f[1] == "j").unwrap();
+    assert_eq!(reply[4]["response"]["recovered"], true, "{reply}");
+    assert_eq!(broadcasts(&frames), vec![6, 8, 10]);
 }
