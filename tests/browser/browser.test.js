@@ -246,6 +246,13 @@ test("browser: the /admin status page shows live figures that change when a clie
       { timeout: 15000 }, org,
     );
     assert.ok((await figure("sockets")) > socketsBefore);
+    // A revocation the hub cannot apply is dropped: the page lists its reason (never the envelope).
+    await h.publish({ type: "access.revoked", org_id: org, id: h.unique("ev"), payload: { identity: "nobody", scope: "org" } });
+    await admin.waitForFunction(
+      () => [...document.querySelectorAll("#dead-counts tr")].some((row) => row.textContent.includes("invalid_revocation"))
+        && [...document.querySelectorAll("#dead-latest tr")].some((row) => row.textContent.includes("access.revoked")),
+      { timeout: 15000 },
+    );
     assert.equal(await admin.$eval("#redis", (node) => node.textContent), "up");
     const live = await admin.$eval("#live-text", (node) => node.textContent);
     assert.equal(live, "live");
