@@ -16,6 +16,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use jsonschema::Validator;
 use serde_json::{json, Map, Value};
 
 use crate::logsafe::LogSafe;
@@ -108,6 +109,9 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The fields every envelope has; each envelope type's schema is checked together with it.
+const ENVELOPE_FILE: &str = "envelope.json";
+
 /// The committed TypeScript declarations (a test fails when they drift from the schemas).
 pub const TYPESCRIPT_FILE: &str = "config/events/prostaff-events.d.ts";
 
@@ -147,13 +151,13 @@ struct Entry {
     /// The type, or a prefix ending in `.*`.
     key: String,
     title: String,
-    envelope: bool,
     /// Pushed to clients (`"x-delivered": false`: applied by the hub, never fanned out).
     delivered: bool,
     /// The file's schema as written.
     schema: Value,
-    /// Envelope types: the schema checked together with `envelope.json`.
-    validator: Option<jsonschema::Validator>,
+    /// Envelope types (all but `"x-envelope": false`): the schema checked together with
+    /// `envelope.json`.
+    validator: Option<Validator>,
 }
 
 /// The loaded catalogue (built once at start).
@@ -187,54 +191,47 @@ impl Catalogue {
                 problem: e.to_string(),
             })
         };
-        let mut envelope = None;
+        let (envelope_file, envelope_text) = SCHEMA_FILES
+            .iter()
+            .find(|(file, _)| *file == ENVELOPE_FILE)
+            .ok_or(CatalogueError {
+                file: ENVELOPE_FILE,
+                problem: "missing".into(),
+            })?;
+        let envelope = parse(envelope_file, envelope_text)?;
         let mut entries = Vec::new();
-        for &(file, text) in SCHEMA_FILES {
+        for &(file, text) in SCHEMA_FILES.iter().filter(|(f, _)| *f != ENVELOPE_FILE) {
             let schema = parse(file, text)?;
-            if file == "envelope.json" {
-                envelope = Some(schema);
-                continue;
-            }
-            let problem = |problem: &str| CatalogueError {
-                file,
-                problem: problem.to_string(),
-            };
-            let key = match schema.get("x-event-type").and_then(Value::as_str) {
-                Some(key) => key.to_string(),
-                None => return Err(problem("no x-event-type")),
-            };
+            let problem = |problem: String| CatalogueError { file, problem };
+            let key = schema
+                .get("x-event-type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| problem("no x-event-type".into()))?
+                .to_string();
             let title = schema
                 .get("title")
                 .and_then(Value::as_str)
                 .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric()))
-                .ok_or_else(|| problem("title must be an identifier"))?
+                .ok_or_else(|| problem("title must be an identifier".into()))?
                 .to_string();
-            let envelope_type = schema.get("x-envelope") != Some(&Value::Bool(false));
-            let delivered = schema.get("x-delivered") != Some(&Value::Bool(false));
+            let validator = if schema.get("x-envelope") == Some(&Value::Bool(false)) {
+                None
+            } else {
+                let combined = json!({
+                    "$schema": "https://json-schema.org/draft/2020-12/schema",
+                    "allOf": [envelope, schema],
+                });
+                let validator =
+                    jsonschema::draft202012::new(&combined).map_err(|e| problem(e.to_string()))?;
+                Some(validator)
+            };
             entries.push(Entry {
                 key,
                 title,
-                envelope: envelope_type,
-                delivered,
+                delivered: schema.get("x-delivered") != Some(&Value::Bool(false)),
                 schema,
-                validator: None,
+                validator,
             });
-        }
-        let envelope = envelope.ok_or(CatalogueError {
-            file: "envelope.json",
-            problem: "missing".into(),
-        })?;
-        for entry in entries.iter_mut().filter(|e| e.envelope) {
-            let combined = json!({
-                "$schema": "https://json-schema.org/draft/2020-12/schema",
-                "allOf": [envelope, entry.schema],
-            });
-            let validator =
-                jsonschema::draft202012::new(&combined).map_err(|e| CatalogueError {
-                    file: "config/events",
-                    problem: format!("{}: {e}", entry.key),
-                })?;
-            entry.validator = Some(validator);
         }
         let served = serve(&envelope, &entries);
         Ok(Catalogue {
@@ -244,37 +241,39 @@ impl Catalogue {
         })
     }
 
-    /// The entry for an envelope type: its exact schema, else the longest matching prefix.
-    fn entry_for(&'static self, event_type: &str) -> Option<&'static Entry> {
-        let envelopes = self.entries.iter().filter(|e| e.envelope);
-        if let Some(exact) = envelopes.clone().find(|e| e.key == event_type) {
+    /// The catalogue key and validator of an envelope type: its exact schema, else the longest
+    /// matching prefix.
+    fn entry_for(&'static self, event_type: &str) -> Option<(&'static str, &'static Validator)> {
+        let envelopes = self
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.key.as_str(), e.validator.as_ref()?)));
+        if let Some(exact) = envelopes.clone().find(|(key, _)| *key == event_type) {
             return Some(exact);
         }
         envelopes
-            .filter_map(|e| {
-                let prefix = e.key.strip_suffix('*')?;
-                event_type.starts_with(prefix).then_some((prefix.len(), e))
+            .filter_map(|(key, validator)| {
+                let prefix = key.strip_suffix('*')?;
+                event_type
+                    .starts_with(prefix)
+                    .then_some((prefix.len(), (key, validator)))
             })
             .max_by_key(|(len, _)| *len)
-            .map(|(_, e)| e)
+            .map(|(_, entry)| entry)
     }
 
     /// The metric label of a type: its catalogue entry or `unknown` (bounded cardinality).
     pub fn label(&'static self, event_type: &str) -> &'static str {
-        self.entry_for(event_type)
-            .map_or("unknown", |e| e.key.as_str())
+        self.entry_for(event_type).map_or("unknown", |(key, _)| key)
     }
 
     /// Validates a whole envelope (`type` already checked to be a string) against its type.
     pub fn check(&'static self, event_type: &str, envelope: &Value) -> Check {
-        let Some(entry) = self.entry_for(event_type) else {
-            return Check::Unknown;
-        };
-        let Some(validator) = &entry.validator else {
+        let Some((key, validator)) = self.entry_for(event_type) else {
             return Check::Unknown;
         };
         match validator.validate(envelope) {
-            Ok(()) => Check::Valid(&entry.key),
+            Ok(()) => Check::Valid(key),
             Err(error) => {
                 let mut pointer = error.instance_path().as_str().to_string();
                 if let jsonschema::error::ValidationErrorKind::Required {
@@ -288,17 +287,12 @@ impl Catalogue {
                 // and escaped like any untrusted text.
                 let pointer: String = pointer.chars().take(128).collect();
                 Check::Invalid(Violation {
-                    event_type: &entry.key,
+                    event_type: key,
                     pointer: LogSafe(&pointer).to_string(),
                     rule: error.kind().keyword().to_string(),
                 })
             }
         }
-    }
-
-    /// The catalogue's keys, in file order (the bounded label set, without `unknown`).
-    pub fn keys(&'static self) -> impl Iterator<Item = &'static str> {
-        self.entries.iter().map(|e| e.key.as_str())
     }
 
     /// `GET /api/events/catalogue`: `{"envelope": schema, "types": {type: schema}}` (the files
@@ -313,16 +307,15 @@ impl Catalogue {
             "// Generated from config/events/*.json by `prostaff-events catalogue typescript`.\n\
              // Do not edit: `cargo test` fails when this file and the schemas disagree.\n\n",
         );
-        let writer = TsWriter;
-        out.push_str(&writer.interface("Envelope", None, &self.envelope));
+        out.push_str(&ts_interface("Envelope", None, &self.envelope));
         for entry in &self.entries {
-            let extends = entry.envelope.then_some("Envelope");
-            out.push_str(&writer.interface(&entry.title, extends, &entry.schema));
+            let extends = entry.validator.is_some().then_some("Envelope");
+            out.push_str(&ts_interface(&entry.title, extends, &entry.schema));
         }
         let union: Vec<&str> = self
             .entries
             .iter()
-            .filter(|e| e.envelope && e.delivered)
+            .filter(|e| e.validator.is_some() && e.delivered)
             .map(|e| e.title.as_str())
             .collect();
         out.push_str("/** Every envelope a channel can receive, discriminated on `type`. */\n");
@@ -362,112 +355,109 @@ fn serve(envelope: &Value, entries: &[Entry]) -> Bytes {
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
-/// Writes JSON Schemas as TypeScript. Handles the subset the catalogue uses (`type`, `const`,
-/// `enum`, `properties`/`required`/`additionalProperties`, `items`, `pattern` on a type name)
-/// and says `unknown` for anything else, so a schema can never produce a type that claims more
-/// than the schema does.
-struct TsWriter;
+// JSON Schema → TypeScript. Handles the subset the catalogue uses (`type`, `const`, `enum`,
+// `properties`/`required`/`additionalProperties`, `items`, `pattern` on a type name) and says
+// `unknown` for anything else, so a schema can never produce a type that claims more than the
+// schema does.
 
-impl TsWriter {
-    fn interface(&self, name: &str, extends: Option<&str>, schema: &Value) -> String {
-        let mut out = String::new();
-        if let Some(description) = schema.get("description").and_then(Value::as_str) {
-            out.push_str(&format!("/** {} */\n", comment(description)));
-        }
-        let extends = extends.map_or(String::new(), |e| format!(" extends {e}"));
-        out.push_str(&format!("export interface {name}{extends} {{\n"));
-        out.push_str(&self.members(schema, 1));
-        out.push_str("}\n\n");
-        out
+fn ts_interface(name: &str, extends: Option<&str>, schema: &Value) -> String {
+    let mut out = String::new();
+    if let Some(description) = schema.get("description").and_then(Value::as_str) {
+        out.push_str(&format!("/** {} */\n", comment(description)));
     }
+    let extends = extends.map_or(String::new(), |e| format!(" extends {e}"));
+    out.push_str(&format!("export interface {name}{extends} {{\n"));
+    out.push_str(&ts_members(schema, 1));
+    out.push_str("}\n\n");
+    out
+}
 
-    /// The members of an object schema, one per line, at `depth`.
-    fn members(&self, schema: &Value, depth: usize) -> String {
-        let indent = "  ".repeat(depth);
-        let required: Vec<&str> = schema
-            .get("required")
-            .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let mut out = String::new();
-        let properties = schema.get("properties").and_then(Value::as_object);
-        for (name, property) in properties.into_iter().flatten() {
-            if let Some(description) = property.get("description").and_then(Value::as_str) {
-                out.push_str(&format!("{indent}/** {} */\n", comment(description)));
-            }
-            let optional = if required.contains(&name.as_str()) {
-                ""
-            } else {
-                "?"
-            };
-            let key = if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                name.clone()
-            } else {
-                format!("{name:?}")
-            };
-            out.push_str(&format!(
-                "{indent}{key}{optional}: {};\n",
-                self.ts_type(property, depth)
-            ));
+/// The members of an object schema, one per line, at `depth`.
+fn ts_members(schema: &Value, depth: usize) -> String {
+    let indent = "  ".repeat(depth);
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut out = String::new();
+    let properties = schema.get("properties").and_then(Value::as_object);
+    for (name, property) in properties.into_iter().flatten() {
+        if let Some(description) = property.get("description").and_then(Value::as_str) {
+            out.push_str(&format!("{indent}/** {} */\n", comment(description)));
         }
-        match schema.get("additionalProperties") {
-            Some(Value::Bool(false)) => {}
-            Some(extra @ Value::Object(_)) => out.push_str(&format!(
-                "{indent}[key: string]: {};\n",
-                self.ts_type(extra, depth)
-            )),
-            _ => out.push_str(&format!("{indent}[key: string]: unknown;\n")),
-        }
-        out
-    }
-
-    fn ts_type(&self, schema: &Value, depth: usize) -> String {
-        if let Some(constant) = schema.get("const") {
-            return constant.to_string();
-        }
-        if let Some(options) = schema.get("enum").and_then(Value::as_array) {
-            let options: Vec<String> = options.iter().map(Value::to_string).collect();
-            return options.join(" | ");
-        }
-        let names: Vec<&str> = match schema.get("type") {
-            Some(Value::String(name)) => vec![name.as_str()],
-            Some(Value::Array(names)) => names.iter().filter_map(Value::as_str).collect(),
-            _ => return "unknown".into(),
+        let optional = if required.contains(&name.as_str()) {
+            ""
+        } else {
+            "?"
         };
-        let types: Vec<String> = names
-            .into_iter()
-            .map(|name| match name {
-                "string" => self.string_type(schema),
-                "integer" | "number" => "number".into(),
-                "boolean" => "boolean".into(),
-                "null" => "null".into(),
-                "array" => match schema.get("items") {
-                    Some(items) => format!("Array<{}>", self.ts_type(items, depth)),
-                    None => "unknown[]".into(),
-                },
-                "object" => format!(
-                    "{{\n{}{}}}",
-                    self.members(schema, depth + 1),
-                    "  ".repeat(depth)
-                ),
-                _ => "unknown".into(),
-            })
-            .collect();
-        types.join(" | ")
+        let key = if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            name.clone()
+        } else {
+            format!("{name:?}")
+        };
+        out.push_str(&format!(
+            "{indent}{key}{optional}: {};\n",
+            ts_type(property, depth)
+        ));
     }
+    match schema.get("additionalProperties") {
+        Some(Value::Bool(false)) => {}
+        Some(extra @ Value::Object(_)) => out.push_str(&format!(
+            "{indent}[key: string]: {};\n",
+            ts_type(extra, depth)
+        )),
+        _ => out.push_str(&format!("{indent}[key: string]: unknown;\n")),
+    }
+    out
+}
 
-    /// `pattern: "^prefix\\."` becomes a template literal type; any other string is `string`.
-    fn string_type(&self, schema: &Value) -> String {
-        let prefix = schema
-            .get("pattern")
-            .and_then(Value::as_str)
-            .and_then(|p| p.strip_prefix('^'))
-            .and_then(|p| p.strip_suffix("\\."))
-            .filter(|p| p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-        match prefix {
-            Some(prefix) => format!("`{prefix}.${{string}}`"),
-            None => "string".into(),
-        }
+fn ts_type(schema: &Value, depth: usize) -> String {
+    if let Some(constant) = schema.get("const") {
+        return constant.to_string();
+    }
+    if let Some(options) = schema.get("enum").and_then(Value::as_array) {
+        let options: Vec<String> = options.iter().map(Value::to_string).collect();
+        return options.join(" | ");
+    }
+    let names: Vec<&str> = match schema.get("type") {
+        Some(Value::String(name)) => vec![name.as_str()],
+        Some(Value::Array(names)) => names.iter().filter_map(Value::as_str).collect(),
+        _ => return "unknown".into(),
+    };
+    let types: Vec<String> = names
+        .into_iter()
+        .map(|name| match name {
+            "string" => ts_string_type(schema),
+            "integer" | "number" => "number".into(),
+            "boolean" => "boolean".into(),
+            "null" => "null".into(),
+            "array" => match schema.get("items") {
+                Some(items) => format!("Array<{}>", ts_type(items, depth)),
+                None => "unknown[]".into(),
+            },
+            "object" => format!(
+                "{{\n{}{}}}",
+                ts_members(schema, depth + 1),
+                "  ".repeat(depth)
+            ),
+            _ => "unknown".into(),
+        })
+        .collect();
+    types.join(" | ")
+}
+
+/// `pattern: "^prefix\\."` becomes a template literal type; any other string is `string`.
+fn ts_string_type(schema: &Value) -> String {
+    let prefix = schema
+        .get("pattern")
+        .and_then(Value::as_str)
+        .and_then(|p| p.strip_prefix('^'))
+        .and_then(|p| p.strip_suffix("\\."))
+        .filter(|p| p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    match prefix {
+        Some(prefix) => format!("`{prefix}.${{string}}`"),
+        None => "string".into(),
     }
 }
 
@@ -500,7 +490,7 @@ mod tests {
         built_in.sort();
         assert_eq!(on_disk, built_in, "add new schema files to SCHEMA_FILES");
         // And each file's name is its key.
-        for (file, text) in SCHEMA_FILES.iter().filter(|(f, _)| *f != "envelope.json") {
+        for (file, text) in SCHEMA_FILES.iter().filter(|(f, _)| *f != ENVELOPE_FILE) {
             let schema: Value = serde_json::from_str(text).unwrap();
             let key = schema["x-event-type"]
                 .as_str()
@@ -605,10 +595,7 @@ mod tests {
 
     #[test]
     fn the_committed_typescript_matches_the_schemas() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/config/events/prostaff-events.d.ts"
-        );
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TYPESCRIPT_FILE);
         let committed = std::fs::read_to_string(path).unwrap_or_default();
         let generated = catalogue().typescript();
         assert!(
@@ -628,6 +615,6 @@ mod tests {
         );
         assert_eq!(served["envelope"]["title"], "Envelope");
         assert_eq!(served["types"]["queue_update"]["x-envelope"], false);
-        assert!(catalogue.keys().any(|k| k == "notification.*"));
+        assert!(served["types"]["notification.*"].is_object());
     }
 }

@@ -17,14 +17,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Authenticated;
+use crate::auth::{unix_now_ms, Authenticated};
 use crate::envelope::Envelope;
 use crate::hub::Hub;
 use crate::ingest::redis::RedisLink;
@@ -130,13 +130,6 @@ pub fn parse_request(
     Ok((identity.to_string(), scope, reason))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
 /// The envelope's `published_at` in unix ms, when it has a valid RFC 3339 one.
 fn published_at_ms(envelope: &Envelope) -> Option<u64> {
     #[derive(Deserialize)]
@@ -180,7 +173,7 @@ pub fn from_envelope(envelope: &Envelope, ttl: Duration) -> Option<Result<Revoca
         }
         _ => return None,
     };
-    let at_ms = published_at_ms(envelope).unwrap_or_else(now_ms);
+    let at_ms = published_at_ms(envelope).unwrap_or_else(unix_now_ms);
     Some(Ok(Revocation {
         identity,
         scope,
@@ -238,7 +231,7 @@ impl Revocations {
         let Some(key) = presence_key(&auth.identity) else {
             return false;
         };
-        let now = now_ms();
+        let now = unix_now_ms();
         let refused = self
             .table
             .lock()
@@ -263,7 +256,7 @@ impl Revocations {
 
     /// Remembers a revocation; `true` when it is new or newer than what was known.
     fn remember(&self, revocation: &Revocation) -> bool {
-        if revocation.expires_at_ms <= now_ms() {
+        if revocation.expires_at_ms <= unix_now_ms() {
             return false;
         }
         let mut table = self.table.lock().expect("revocations lock");
@@ -353,7 +346,7 @@ impl Revocations {
                 return;
             }
         };
-        let now = now_ms();
+        let now = unix_now_ms();
         let mut expired = Vec::new();
         for (field, value) in all {
             match serde_json::from_str::<Revocation>(&value) {
@@ -372,7 +365,7 @@ impl Revocations {
 
     /// Forgets expired revocations.
     fn prune(&self) {
-        let now = now_ms();
+        let now = unix_now_ms();
         let mut table = self.table.lock().expect("revocations lock");
         table.retain(|_, entry| {
             entry.all = entry.all.take().filter(|r| r.expires_at_ms > now);

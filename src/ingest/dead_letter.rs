@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fred::types::scripts::Script;
@@ -133,7 +132,7 @@ impl DeadLetters {
         field("detail", letter.detail.clone());
         field("source", letter.source.to_string());
         field("channel", letter.channel.clone());
-        field("at", now_ms().to_string());
+        field("at", crate::auth::unix_now_ms().to_string());
         if let Some(event_type) = &letter.event_type {
             field("type", event_type.clone());
         }
@@ -216,13 +215,6 @@ fn parse_listing(flat: &[String]) -> Listing {
         });
     }
     listing
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 #[cfg(test)]

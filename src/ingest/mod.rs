@@ -159,17 +159,17 @@ impl Pipeline {
         if self.schemas != SchemaMode::Enforce {
             return Ok(());
         }
-        let Ok(document) = serde_json::from_slice::<serde_json::Value>(&accepted.raw) else {
-            return Ok(());
-        };
-        match self.catalogue.check(&accepted.event_type, &document) {
+        match self
+            .catalogue
+            .check(&accepted.event_type, &accepted.document)
+        {
             Check::Invalid(violation) => {
-                self.count_violation(&violation, Source::HttpLocal);
+                self.count_violation(&violation, "http");
                 self.dead_letters.keep(DeadLetter {
                     reason: "schema",
                     detail: violation.to_string(),
                     source: "http",
-                    channel: format!("{}{}", redis::CHANNEL_PREFIX, accepted.org_id),
+                    channel: redis::events_channel(&accepted.org_id),
                     event_type: Some(accepted.event_type.clone()),
                     org_id: Some(accepted.org_id.clone()),
                     raw: accepted.raw.clone(),
@@ -181,12 +181,12 @@ impl Pipeline {
     }
 
     /// Counts and logs (at most once a second per type) an envelope its schema rejects.
-    fn count_violation(&self, violation: &Violation, source: Source) {
+    fn count_violation(&self, violation: &Violation, source: &'static str) {
         metrics::counter!(crate::metrics::EVENTS_INVALID, "type" => violation.event_type)
             .increment(1);
         if let Some(suppressed) = SCHEMA_WARNINGS.admit(violation.event_type) {
             let mode = self.schemas.as_str();
-            tracing::warn!(source = source.label(), mode, suppressed, reason = %violation, "event does not match its schema");
+            tracing::warn!(source, mode, suppressed, reason = %violation, "event does not match its schema");
         }
     }
 
@@ -205,7 +205,7 @@ impl Pipeline {
                 Ok(())
             }
             Check::Invalid(violation) => {
-                self.count_violation(&violation, source);
+                self.count_violation(&violation, source.origin());
                 match self.schemas {
                     SchemaMode::Enforce => Err(violation),
                     _ => Ok(()),
@@ -273,7 +273,7 @@ impl Pipeline {
                         reason: "invalid_revocation",
                         detail: format!("access.revoked ignored: {invalid}"),
                         source: source.origin(),
-                        channel: format!("{}{}", redis::CHANNEL_PREFIX, envelope.org_id),
+                        channel: redis::events_channel(&envelope.org_id),
                         event_type: Some(envelope.event_type.clone()),
                         org_id: Some(envelope.org_id.clone()),
                         raw: envelope.raw.clone(),

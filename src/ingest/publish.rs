@@ -36,6 +36,8 @@ pub struct Accepted {
     pub org_id: String,
     pub event_type: String,
     pub raw: Bytes,
+    /// The completed envelope, parsed (what `raw` serializes): the catalogue checks it.
+    pub document: Value,
 }
 
 /// Redis was connected but the PUBLISH failed or timed out: it may or may not have reached
@@ -145,12 +147,14 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
     }
     // What HTTP accepts every subscriber must accept too: the `envelope` fuzz target and
     // `completes_missing_fields` check that this output decodes.
-    let raw = serde_json::to_vec(&Value::Object(object)).expect("a JSON value serializes");
+    let document = Value::Object(object);
+    let raw = serde_json::to_vec(&document).expect("a JSON value serializes");
     Ok(Accepted {
         id,
         org_id,
         event_type,
         raw: raw.into(),
+        document,
     })
 }
 
@@ -166,7 +170,7 @@ pub async fn publish(
         Ok(()) => Ok(Delivery::Redis),
         Err(PublishError::Disconnected) => {
             tracing::warn!(org = %LogSafe(&accepted.org_id), "redis is down; delivering locally only");
-            let channel = format!("{}{}", super::redis::CHANNEL_PREFIX, accepted.org_id);
+            let channel = super::redis::events_channel(&accepted.org_id);
             pipeline
                 .ingest(accepted.raw, Source::HttpLocal, &channel)
                 .await;

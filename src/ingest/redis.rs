@@ -28,6 +28,11 @@ use super::{Incoming, Pipeline, Source};
 
 pub const CHANNEL_PATTERN: &str = "prostaff:events:*";
 pub const CHANNEL_PREFIX: &str = "prostaff:events:";
+
+/// The pub/sub channel an organisation's envelopes are published on.
+pub fn events_channel(org_id: &str) -> String {
+    format!("{CHANNEL_PREFIX}{org_id}")
+}
 /// Queue updates published by `queue.lua` (`prostaff:inhouse:{org}`).
 pub const QUEUE_CHANNEL_PATTERN: &str = "prostaff:inhouse:*";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -162,7 +167,7 @@ impl RedisLink {
 
     /// PUBLISHes an envelope on `prostaff:events:{org_id}`.
     pub async fn publish(&self, org_id: &str, envelope: Bytes) -> Result<(), PublishError> {
-        self.publish_to(format!("{CHANNEL_PREFIX}{org_id}"), envelope)
+        self.publish_to(events_channel(org_id), envelope)
             .await
             .map(|_| ())
     }

@@ -41,10 +41,6 @@ fn listing(redis: &RedisServer) -> (Value, Vec<Value>) {
     (summary, lines.collect())
 }
 
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    metric_value(text, name, labels)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warn_delivers_an_invalid_event_counts_it_and_logs_where_never_what() {
     let (redis, hub) = redis_and_ready_hub().await;
@@ -61,25 +57,20 @@ async fn warn_delivers_an_invalid_event_counts_it_and_logs_where_never_what() {
     publish_event(&redis, &org, invalid, 1).await;
     let frame = phx.event(&topic, "team_goal.at_risk").await;
     assert_eq!(frame[4]["payload"]["goal_id"]["secret"], "s3cr3t-warn");
-    // An unknown type is delivered too, and counted as `unknown`.
+    let invalid_count = |metrics: &str, label: &str| {
+        metric_value(metrics, "prostaff_events_invalid_total", &[label])
+    };
+    let before = hub.metrics().await;
+    assert!(invalid_count(&before, "type=\"team_goal.at_risk\"") >= 1.0);
+    // An unknown type is delivered too, and counted as `unknown` (a label other tests share:
+    // the count must grow across this event).
     let unknown = envelope(&org, "scraper.warn_test", "warn-2", json!({}));
     publish_event(&redis, &org, unknown, 1).await;
     phx.event(&topic, "scraper.warn_test").await;
-
-    let metrics = hub.metrics().await;
+    let after = hub.metrics().await;
     assert!(
-        metric(
-            &metrics,
-            "prostaff_events_invalid_total",
-            &["type=\"team_goal.at_risk\""]
-        ) >= 1.0
-    );
-    assert!(
-        metric(
-            &metrics,
-            "prostaff_events_invalid_total",
-            &["type=\"unknown\""]
-        ) >= 1.0
+        invalid_count(&after, "type=\"unknown\"") > invalid_count(&before, "type=\"unknown\""),
+        "an unknown type is counted"
     );
     let line = wait_for_log(&["event does not match its schema", "type=team_goal.at_risk"]).await;
     assert!(
@@ -100,10 +91,8 @@ async fn enforce_drops_into_one_dead_letter_per_drop_across_hubs_and_replay_deli
     let redis = RedisServer::start();
     let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
     config.event_schemas = SchemaMode::Enforce;
-    let a = TestHub::start(config.clone()).await;
-    let b = TestHub::start(config).await;
-    a.wait_redis_ready().await;
-    b.wait_redis_ready().await;
+    let a = TestHub::ready(config.clone()).await;
+    let b = TestHub::ready(config).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let mut phx = Phx::org_member(&a, &org).await;
@@ -152,7 +141,7 @@ async fn enforce_drops_into_one_dead_letter_per_drop_across_hubs_and_replay_deli
     eventually(
         "three entries kept, both hubs tried each pub/sub drop",
         || async {
-            metric(
+            metric_value(
                 &a.metrics().await,
                 "prostaff_dead_letters_total",
                 &["outcome=\"duplicate\""],
@@ -193,8 +182,7 @@ async fn enforce_drops_into_one_dead_letter_per_drop_across_hubs_and_replay_deli
     // The cause is fixed (here: the hubs run with `warn`); the walkover is replayed.
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
-    let fixed = TestHub::with_redis(&redis).await;
-    fixed.wait_redis_ready().await;
+    let fixed = TestHub::ready(test_config(&redis.url(), "http://127.0.0.1:9")).await;
     let mut phx = Phx::org_member(&fixed, &org).await;
     let walkover_id = walkover["id"].as_str().unwrap();
     let garbage_id = garbage["id"].as_str().unwrap();
@@ -221,11 +209,10 @@ async fn off_skips_validation_and_the_catalogue_is_served() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
     config.event_schemas = SchemaMode::Off;
-    let hub = TestHub::start(config).await;
-    hub.wait_redis_ready().await;
+    let hub = TestHub::ready(config).await;
     let org = unique("org");
     let mut phx = Phx::org_member(&hub, &org).await;
-    let before = metric(
+    let before = metric_value(
         &hub.metrics().await,
         "prostaff_events_invalid_total",
         &["type=\"roster.player_hired\""],
@@ -239,7 +226,7 @@ async fn off_skips_validation_and_the_catalogue_is_served() {
     publish_event(&redis, &org, invalid, 1).await;
     phx.event(&format!("org_events:{org}"), "roster.player_hired")
         .await;
-    let after = metric(
+    let after = metric_value(
         &hub.metrics().await,
         "prostaff_events_invalid_total",
         &["type=\"roster.player_hired\""],
@@ -267,7 +254,7 @@ async fn off_skips_validation_and_the_catalogue_is_served() {
     }
 }
 
-/// The join reply's `ref` of each broadcast is its position: what a client passes as `since`.
+/// The `n` a test event carries in its payload.
 fn payload_n(frame: &Value) -> u64 {
     frame[4]["payload"]["n"].as_u64().unwrap()
 }
@@ -275,10 +262,8 @@ fn payload_n(frame: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_filters_over_websocket_recover_exactly_across_two_hubs() {
     let redis = RedisServer::start();
-    let a = TestHub::with_redis(&redis).await;
-    let b = TestHub::with_redis(&redis).await;
-    a.wait_redis_ready().await;
-    b.wait_redis_ready().await;
+    let a = TestHub::ready(test_config(&redis.url(), "http://127.0.0.1:9")).await;
+    let b = TestHub::ready(test_config(&redis.url(), "http://127.0.0.1:9")).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let token = user_token("u1", &org);

@@ -471,10 +471,8 @@ async fn an_oversized_post_batch_is_refused_and_the_session_survives() {
 #[tokio::test]
 async fn a_type_filter_on_a_long_poll_join_holds_live_and_for_a_resume_on_another_hub() {
     let redis = RedisServer::start();
-    let hub = TestHub::start(config(&redis)).await;
-    let other = TestHub::start(config(&redis)).await;
-    hub.wait_redis_ready().await;
-    other.wait_redis_ready().await;
+    let hub = TestHub::ready(config(&redis)).await;
+    let other = TestHub::ready(config(&redis)).await;
     let org = unique("lporg");
     let topic = format!("org_events:{org}");
     let token = user_token("u1", &org);

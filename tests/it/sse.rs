@@ -319,10 +319,8 @@ fn base64_decode(text: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_type_filter_applies_live_and_to_the_replay_on_another_hub() {
     let redis = RedisServer::start();
-    let a = TestHub::with_redis(&redis).await;
-    let b = TestHub::with_redis(&redis).await;
-    a.wait_redis_ready().await;
-    b.wait_redis_ready().await;
+    let a = TestHub::ready(test_config(&redis.url(), "http://127.0.0.1:9")).await;
+    let b = TestHub::ready(test_config(&redis.url(), "http://127.0.0.1:9")).await;
     let org = unique("org");
     let token = user_token("u1", &org);
     let refused = reqwest::get(format!(

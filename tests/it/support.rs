@@ -294,8 +294,7 @@ pub fn unique(prefix: &str) -> String {
 /// A redis-server and a hub subscribed to it (no Rails).
 pub async fn redis_and_ready_hub() -> (RedisServer, TestHub) {
     let redis = RedisServer::start();
-    let hub = TestHub::with_redis(&redis).await;
-    hub.wait_redis_ready().await;
+    let hub = TestHub::ready(test_config(&redis.url(), "http://127.0.0.1:9")).await;
     (redis, hub)
 }
 
@@ -337,6 +336,13 @@ impl TestHub {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// Starts a hub and waits until its Redis subscriber is connected.
+    pub async fn ready(config: Config) -> TestHub {
+        let hub = TestHub::start(config).await;
+        hub.wait_redis_ready().await;
+        hub
     }
 
     /// Hub with Redis at `redis` and no Rails.
