@@ -18,7 +18,7 @@ REDIS_PORT=${REDIS_PORT:-6400}
 HUB_PORT=${HUB_PORT:-4700}
 FLOOR_PORT=${FLOOR_PORT:-4800}
 ulimit -n 20000
-cargo build --release -q --bins
+cargo build --release -q --features bench --bins
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }

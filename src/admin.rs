@@ -9,11 +9,11 @@
 //! ones in Redis, found by a bounded SCAN every few seconds while the page is open.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -21,8 +21,10 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{self, Identity};
-use crate::http::App;
+use crate::admission::Operator;
+use crate::app::Admin;
+use crate::app::App;
+use crate::auth;
 
 /// The topic the page joins.
 pub const TOPIC: &str = "admin:status";
@@ -38,50 +40,10 @@ const MAX_DEAD_LETTERS: usize = 10;
 
 const PAGE: &str = include_str!("admin.html");
 
-/// What the status page keeps between ticks.
-pub struct Admin {
-    started: Instant,
-    sample: Mutex<Sample>,
-    slow: tokio::sync::Mutex<Slow>,
-}
-
-struct Sample {
-    at: Instant,
-    totals: (u64, u64),
-    /// (broadcasts/s, drops/s) over the last tick.
-    rates: (f64, f64),
-}
-
-struct Slow {
-    refreshed: Option<Instant>,
-    queues: Value,
-    rails: Value,
-    /// `null` while Redis cannot be read.
-    dead_letters: Value,
-}
-
-impl Default for Admin {
-    fn default() -> Self {
-        Admin {
-            started: Instant::now(),
-            sample: Mutex::new(Sample {
-                at: Instant::now(),
-                totals: (0, 0),
-                rates: (0.0, 0.0),
-            }),
-            slow: tokio::sync::Mutex::new(Slow {
-                refreshed: None,
-                queues: json!([]),
-                rails: json!({"status": "unknown"}),
-                dead_letters: Value::Null,
-            }),
-        }
-    }
-}
-
-impl Admin {
-    fn sample(&self, totals: (u64, u64)) {
-        let mut sample = self.sample.lock().expect("admin sample lock");
+/// Records the hub's totals and the rates since the last sample.
+fn sample(admin: &Admin, totals: (u64, u64)) {
+    {
+        let mut sample = admin.sample.lock().expect("admin sample lock");
         let seconds = sample.at.elapsed().as_secs_f64().max(0.001);
         sample.rates = (
             totals.0.saturating_sub(sample.totals.0) as f64 / seconds,
@@ -187,7 +149,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let hub = &app.session_deps.hub;
-        app.admin.sample(hub.totals());
+        sample(&app.admin, hub.totals());
         if hub.has_subscribers(TOPIC) {
             let body = status(&app).await;
             let payload = Bytes::from(serde_json::to_vec(&body).expect("status serializes"));
@@ -196,47 +158,8 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
-/// An internal JWT, or `ADMIN_TOKEN`, from `Authorization: Bearer` or `?token=`.
-fn authorized(
-    app: &App,
-    headers: &HeaderMap,
-    query: &std::collections::HashMap<String, String>,
-) -> bool {
-    let offered = crate::http::bearer_token(headers).or(query.get("token").map(String::as_str));
-    let Some(offered) = offered else {
-        return false;
-    };
-    if let Some(admin_token) = &app.config.admin_token {
-        if auth::api_key_matches(admin_token, Some(offered)) {
-            return true;
-        }
-    }
-    matches!(
-        app.verifier.verify(offered),
-        Ok(authenticated) if authenticated.identity == Identity::Internal
-    )
-}
-
-fn refused() -> Response {
-    metrics::counter!(crate::metrics::INBOUND_REJECTED, "reason" => "admin_unauthorized")
-        .increment(1);
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
-        Json(json!({"error": "unauthorized: an internal token or ADMIN_TOKEN is required"})),
-    )
-        .into_response()
-}
-
 /// `GET /admin`.
-pub async fn page(
-    State(app): State<Arc<App>>,
-    Query(query): Query<std::collections::HashMap<String, String>>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&app, &headers, &query) {
-        return refused();
-    }
+pub async fn page(State(app): State<Arc<App>>, _: Operator) -> Response {
     let token = auth::mint_admin_token(&app.config.internal_jwt_secret, PAGE_TOKEN_TTL_S);
     let html = PAGE.replace("__SOCKET_TOKEN__", &token);
     (
@@ -258,14 +181,7 @@ pub async fn page(
 }
 
 /// `GET /admin/status`: the page's figures as JSON.
-pub async fn status_json(
-    State(app): State<Arc<App>>,
-    Query(query): Query<std::collections::HashMap<String, String>>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&app, &headers, &query) {
-        return refused();
-    }
+pub async fn status_json(State(app): State<Arc<App>>, _: Operator) -> Response {
     (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Json(status(&app).await),

@@ -11,6 +11,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 
+use crate::id::Id;
+
 /// Who is on the other end of a socket or HTTP call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
@@ -38,6 +40,16 @@ impl Identity {
         }
     }
 
+    /// The key presence, revocations and the per-identity connection cap know a person by:
+    /// `user:{id}` or `player:{id}`; `None` for services and the status page.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            Identity::User { user_id, .. } => Some(format!("user:{user_id}")),
+            Identity::Player { player_id, .. } => Some(format!("player:{player_id}")),
+            Identity::Internal | Identity::Admin => None,
+        }
+    }
+
     /// Short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -45,6 +57,25 @@ impl Identity {
             Identity::Player { .. } => "player",
             Identity::Internal => "internal",
             Identity::Admin => "admin",
+        }
+    }
+}
+
+/// What a revocation takes away.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "scope", content = "org_id", rename_all = "snake_case")]
+pub enum Scope {
+    /// The org's topics (`inhouse:{org}`, `org_events:{org}`).
+    Org(String),
+    /// Every socket, long-poll session and SSE stream, and every connect.
+    All,
+}
+
+impl Scope {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Scope::Org(_) => "org",
+            Scope::All => "all",
         }
     }
 }
@@ -235,12 +266,9 @@ fn timestamp_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64
     }
 }
 
+/// An id claim ([`Id`]'s rule: an over-long or blank id is no id).
 fn claim_id(claims: &Map<String, Value>, name: &str) -> Option<String> {
-    match claims.get(name)? {
-        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    Id::from_json(claims.get(name)?).map(Id::into_string)
 }
 
 /// Maps the claim shapes of DESIGN.md onto identities.
@@ -269,6 +297,13 @@ pub fn identity_from_claims(claims: &Map<String, Value>) -> Result<Identity, Aut
         }
     }
     Err(AuthError::MissingIdentityClaims)
+}
+
+/// A token's expiry (unix seconds) as a timer instant.
+pub fn expiry_instant(expires_at: u64) -> tokio::time::Instant {
+    let at = UNIX_EPOCH + std::time::Duration::from_secs(expires_at);
+    let remaining = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + remaining
 }
 
 pub fn unix_now() -> u64 {

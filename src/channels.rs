@@ -6,83 +6,16 @@
 use serde_json::{json, Value};
 
 use crate::auth::Identity;
+use crate::id::Id;
 use crate::inhouse::{Inhouse, QueueError, Snapshot};
-use crate::limits::{MAX_ID_BYTES, MAX_ROLE_BYTES};
+use crate::limits::MAX_ROLE_BYTES;
 use crate::logsafe::LogSafe;
-
-/// The four topic families of DESIGN.md.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TopicFamily {
-    Notifications {
-        user_id: String,
-    },
-    Tournament {
-        tournament_id: String,
-    },
-    Inhouse {
-        org_id: String,
-    },
-    OrgEvents {
-        org_id: String,
-    },
-    /// `admin:status`: the status page's live figures, for admin and internal identities.
-    Admin,
-}
-
-impl TopicFamily {
-    /// `None` for a topic that matches no family (`unmatched topic`).
-    pub fn parse(topic: &str) -> Option<TopicFamily> {
-        let (prefix, id) = topic.split_once(':')?;
-        if id.is_empty() {
-            return None;
-        }
-        let id = id.to_string();
-        Some(match prefix {
-            "notifications" => TopicFamily::Notifications { user_id: id },
-            "tournament" => TopicFamily::Tournament { tournament_id: id },
-            "inhouse" => TopicFamily::Inhouse { org_id: id },
-            "org_events" => TopicFamily::OrgEvents { org_id: id },
-            "admin" if id == "status" => TopicFamily::Admin,
-            _ => return None,
-        })
-    }
-
-    /// Metric label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            TopicFamily::Notifications { .. } => "notifications",
-            TopicFamily::Tournament { .. } => "tournament",
-            TopicFamily::Inhouse { .. } => "inhouse",
-            TopicFamily::OrgEvents { .. } => "org_events",
-            TopicFamily::Admin => "admin",
-        }
-    }
-
-    /// Join rules: notifications are per user; inhouse and org_events per organisation;
-    /// tournaments are open to any authenticated identity; internal services may join anything.
-    pub fn may_join(&self, identity: &Identity) -> bool {
-        match (self, identity) {
-            (TopicFamily::Admin, identity) => {
-                matches!(identity, Identity::Internal | Identity::Admin)
-            }
-            (_, Identity::Internal) => true,
-            (_, Identity::Admin) => false,
-            (TopicFamily::Tournament { .. }, _) => true,
-            (TopicFamily::Notifications { user_id }, Identity::User { user_id: own, .. }) => {
-                user_id == own
-            }
-            (TopicFamily::Notifications { .. }, Identity::Player { .. }) => false,
-            (TopicFamily::Inhouse { org_id } | TopicFamily::OrgEvents { org_id }, identity) => {
-                identity.org_id() == Some(org_id.as_str())
-            }
-        }
-    }
-}
+use crate::topic::Topic;
 
 /// The `ok` response of a successful join.
-pub async fn join_response(family: &TopicFamily, inhouse: &Inhouse) -> Value {
+pub async fn join_response(family: &Topic, inhouse: &Inhouse) -> Value {
     match family {
-        TopicFamily::Inhouse { org_id } => match inhouse.snapshot(org_id).await {
+        Topic::Inhouse { org_id } => match inhouse.snapshot(org_id).await {
             Snapshot::Known(queue) => json!({ "queue": queue }),
             // Redis is down: say so rather than pretend there is no queue.
             Snapshot::Unavailable => json!({ "queue": null, "stale": true }),
@@ -97,13 +30,13 @@ pub struct Refusal(pub &'static str);
 
 /// Handles a client event on a joined channel and returns the reply's response.
 pub async fn handle_in(
-    family: &TopicFamily,
+    family: &Topic,
     identity: &Identity,
     event: &str,
     payload: Option<&Value>,
     inhouse: &Inhouse,
 ) -> Result<Value, Refusal> {
-    let TopicFamily::Inhouse { org_id } = family else {
+    let Topic::Inhouse { org_id } = family else {
         return Err(Refusal("unknown_event"));
     };
     let action = match event {
@@ -147,13 +80,9 @@ fn role_param(payload: Option<&Value>) -> Option<String> {
     }
 }
 
-/// An id may be a string or a number (Rails ids are integers); it is compared as a string.
+/// An id parameter of a client push ([`Id`]'s rule).
 fn string_param(payload: Option<&Value>, name: &str) -> Option<String> {
-    match payload?.get(name)? {
-        Value::String(s) if !s.trim().is_empty() && s.len() <= MAX_ID_BYTES => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    Id::field(payload?, name).map(Id::into_string)
 }
 
 fn player_of(payload: Option<&Value>) -> Option<String> {
@@ -204,21 +133,21 @@ mod tests {
     #[test]
     fn parse_topics() {
         assert_eq!(
-            TopicFamily::parse("inhouse:o1"),
-            Some(TopicFamily::Inhouse {
+            Topic::parse("inhouse:o1"),
+            Some(Topic::Inhouse {
                 org_id: "o1".into()
             })
         );
         assert_eq!(
-            TopicFamily::parse("tournament:1:2"),
-            Some(TopicFamily::Tournament {
+            Topic::parse("tournament:1:2"),
+            Some(Topic::Tournament {
                 tournament_id: "1:2".into()
             })
         );
-        assert_eq!(TopicFamily::parse("inhouse:"), None);
-        assert_eq!(TopicFamily::parse("rooms:1"), None);
-        assert_eq!(TopicFamily::parse("admin:other"), None);
-        assert_eq!(TopicFamily::parse("phoenix"), None);
+        assert_eq!(Topic::parse("inhouse:"), None);
+        assert_eq!(Topic::parse("rooms:1"), None);
+        assert_eq!(Topic::parse("admin:other"), None);
+        assert_eq!(Topic::parse("phoenix"), None);
     }
 
     #[test]
@@ -249,7 +178,7 @@ mod tests {
             ("notifications:u1", Identity::Admin, false),
         ];
         for (topic, identity, allowed) in cases {
-            let family = TopicFamily::parse(topic).unwrap();
+            let family = Topic::parse(topic).unwrap();
             assert_eq!(family.may_join(&identity), allowed, "{topic} {identity:?}");
         }
     }

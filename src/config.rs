@@ -189,14 +189,33 @@ pub struct Config {
     pub history_ttl: Duration,
     /// `REVOCATION_TTL_S`: how long a revocation is kept and enforced.
     pub revocation_ttl: Duration,
-    pub presence: crate::presence::PresenceConfig,
-    pub longpoll: crate::longpoll::LongPollConfig,
+    pub presence: PresenceConfig,
+    pub longpoll: LongPollConfig,
     /// Opens `/admin` (besides an internal JWT) when set.
     pub admin_token: Option<String>,
     /// `EVENT_SCHEMAS`.
     pub event_schemas: SchemaMode,
     /// `DEAD_LETTER_MAXLEN`.
     pub dead_letter_maxlen: u64,
+}
+
+/// Presence settings.
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// Topic families with presence (labels: `inhouse`, `org_events`, …); empty turns it off.
+    pub families: Vec<String>,
+    pub ttl: Duration,
+    /// Metas (sockets) tracked per topic at most, across instances.
+    pub max_members: usize,
+}
+
+/// Long-poll settings.
+#[derive(Debug, Clone)]
+pub struct LongPollConfig {
+    /// A GET waits this long for messages before answering 204.
+    pub hold: Duration,
+    /// A session without any request for this long ends.
+    pub session_timeout: Duration,
 }
 
 /// `EVENT_SCHEMAS`: what ingest does with an envelope its type's schema rejects.
@@ -374,7 +393,7 @@ impl Config {
             .map(str::trim)
             .filter(|family| !family.is_empty())
             .map(|family| match family {
-                "notifications" | "tournament" | "inhouse" | "org_events" => Ok(family.to_string()),
+                family if crate::topic::FAMILIES.contains(&family) => Ok(family.to_string()),
                 other => Err(invalid(
                     "PRESENCE_FAMILIES",
                     format!("unknown topic family {other:?}"),
@@ -483,12 +502,12 @@ impl Config {
             revocation_ttl: Duration::from_secs(parse_positive(&get, "REVOCATION_TTL_S", 86_400)?),
             event_schemas,
             dead_letter_maxlen: parse_positive(&get, "DEAD_LETTER_MAXLEN", 10_000)?,
-            presence: crate::presence::PresenceConfig {
+            presence: PresenceConfig {
                 families: presence_families,
                 ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS", 30_000)?),
                 max_members: parse_positive(&get, "PRESENCE_MAX_MEMBERS", 5_000)?,
             },
-            longpoll: crate::longpoll::LongPollConfig {
+            longpoll: LongPollConfig {
                 hold: Duration::from_millis(parse_positive(&get, "LONGPOLL_HOLD_MS", 10_000)?),
                 session_timeout: Duration::from_millis(parse_positive(
                     &get,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::types::scripts::Script;
 
-use crate::ingest::redis::{RedisLink, ScriptError};
+use crate::redis::{RedisError, RedisLink};
 
 /// A history epoch: 1–32 ASCII alphanumerics, stored inline. Every socket compares the epoch
 /// of each broadcast with the last one its channel saw; inline, that comparison reads memory
@@ -185,14 +185,6 @@ end
 return reply
 "#;
 
-#[derive(Debug, thiserror::Error)]
-pub enum HistoryError {
-    #[error("redis is not connected")]
-    Disconnected,
-    #[error("history call failed: {0}")]
-    Failed(String),
-}
-
 /// The history store; `None` size means history is off (`HISTORY_SIZE=0`).
 pub struct History {
     redis: Arc<RedisLink>,
@@ -247,15 +239,12 @@ impl History {
         script: &Script,
         keys: Vec<String>,
         args: Vec<String>,
-    ) -> Result<Vec<String>, HistoryError> {
+    ) -> Result<Vec<String>, RedisError> {
         let started = std::time::Instant::now();
         let result = self.redis.eval(script, keys, args).await;
         metrics::histogram!(crate::metrics::HISTORY_SCRIPT_SECONDS)
             .record(started.elapsed().as_secs_f64());
-        result.map_err(|error| match error {
-            ScriptError::Disconnected => HistoryError::Disconnected,
-            ScriptError::Failed(reason) => HistoryError::Failed(reason),
-        })
+        result
     }
 
     /// Appends broadcasts of one topic, in order, each once per `dedup` key across every
@@ -264,7 +253,7 @@ impl History {
         &self,
         topic: &str,
         items: &[AppendItem<'_>],
-    ) -> Result<Vec<Position>, HistoryError> {
+    ) -> Result<Vec<Position>, RedisError> {
         let (meta, stream) = keys(topic);
         let mut keys = Vec::with_capacity(items.len() + 2);
         keys.push(meta);
@@ -277,7 +266,7 @@ impl History {
         for item in items {
             keys.push(format!("hist:{{{topic}}}:d:{}", item.dedup));
             let payload = std::str::from_utf8(item.payload)
-                .map_err(|_| HistoryError::Failed("payload is not UTF-8".into()))?;
+                .map_err(|_| RedisError::Malformed("payload is not UTF-8"))?;
             args.push(item.event.to_string());
             args.push(payload.to_string());
         }
@@ -286,7 +275,7 @@ impl History {
             reply.iter().map(|text| Position::parse(text)).collect();
         match positions {
             Some(positions) if positions.len() == items.len() => Ok(positions),
-            _ => Err(HistoryError::Failed("malformed append reply".into())),
+            _ => Err(RedisError::Malformed("append reply")),
         }
     }
 
@@ -296,7 +285,7 @@ impl History {
         &self,
         topic: &str,
         since: Option<&Position>,
-    ) -> Result<Recovery, HistoryError> {
+    ) -> Result<Recovery, RedisError> {
         let (meta, stream) = keys(topic);
         let (since_epoch, since_offset) = match since {
             Some(p) => (p.epoch.to_string(), p.offset.to_string()),
@@ -315,7 +304,7 @@ impl History {
                 ],
             )
             .await?;
-        let malformed = || HistoryError::Failed("malformed recover reply".into());
+        let malformed = || RedisError::Malformed("recover reply");
         let (Some(flag), Some(epoch), Some(offset)) = (reply.first(), reply.get(1), reply.get(2))
         else {
             return Err(malformed());

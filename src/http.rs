@@ -6,7 +6,7 @@
 //! are logged, never sent.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,10 +18,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use dashmap::DashMap;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -29,38 +27,14 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 use tracing::Instrument;
 
-use crate::auth::{self, Identity, TokenVerifier};
+use crate::admission::{self, Admitted, Internal, Scraper, Transport};
+use crate::app::{ApiError, App};
 use crate::config::{Config, OriginPolicy};
-use crate::ingest::publish::{self, Rejection};
-use crate::ingest::redis::RedisLink;
-use crate::ingest::Pipeline;
+use crate::ingest::publish;
 use crate::logsafe::LogSafe;
 use crate::metrics as m;
-use crate::phoenix::codec::Vsn;
-use crate::phoenix::session::{self, SessionDeps};
+use crate::phoenix::session;
 use crate::phoenix::ws::WsStream;
-use crate::rails::RailsClient;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-
-/// Everything the HTTP handlers share.
-pub struct App {
-    pub config: Config,
-    pub pipeline: Arc<Pipeline>,
-    pub redis: Arc<RedisLink>,
-    pub rails: RailsClient,
-    pub longpoll: Arc<crate::longpoll::LongPoll>,
-    /// The status page's rates and cached figures.
-    pub admin: crate::admin::Admin,
-    pub verifier: TokenVerifier,
-    pub session_deps: Arc<SessionDeps>,
-    /// Set at the start of shutdown: readiness fails and new sockets are refused.
-    pub draining: AtomicBool,
-    pub connections: Arc<AtomicUsize>,
-    /// Open sockets per identity key (see `identity_key`).
-    pub per_identity: Arc<DashMap<String, usize>>,
-    /// Tracks socket sessions (axum's graceful shutdown does not see upgraded connections).
-    pub sessions: TaskTracker,
-}
 
 const X_REQUEST_ID: &str = "x-request-id";
 
@@ -137,68 +111,6 @@ fn cors_layer(config: &Config) -> CorsLayer {
         .max_age(Duration::from_secs(3600))
 }
 
-/// A JSON error response `{"error": message}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-    fn unauthorized() -> Self {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized")
-    }
-}
-
-impl From<publish::PublishFailure> for ApiError {
-    fn from(_: publish::PublishFailure) -> Self {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "publish to redis failed; the event was not delivered, retry",
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
-    }
-}
-
-impl From<crate::catalogue::Violation> for ApiError {
-    fn from(violation: crate::catalogue::Violation) -> Self {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, violation.to_string())
-    }
-}
-
-impl From<Rejection> for ApiError {
-    fn from(rejection: Rejection) -> Self {
-        let status = match rejection {
-            Rejection::MalformedJson | Rejection::NotAnObject => StatusCode::BAD_REQUEST,
-            _ => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, rejection.to_string())
-    }
-}
-
-impl From<BytesRejection> for ApiError {
-    fn from(rejection: BytesRejection) -> Self {
-        match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-            }
-            status if status.is_client_error() => ApiError::new(status, "unreadable request body"),
-            _ => ApiError::new(StatusCode::BAD_REQUEST, "unreadable request body"),
-        }
-    }
-}
-
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not found")
 }
@@ -220,6 +132,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         app.redis.ping(CHECK_TIMEOUT),
         app.rails.health(CHECK_TIMEOUT)
     );
+    let redis = redis.map_err(|error| error.label().to_string());
     let draining = app.draining.load(Ordering::Acquire);
     let label = |result: &Result<(), String>| match result {
         Ok(()) => "ok".to_string(),
@@ -245,7 +158,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 /// `GET /metrics`, behind `METRICS_TOKEN` when set.
 async fn metrics_text(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Some(expected) = &app.config.metrics_token {
-        if !auth::api_key_matches(expected, bearer_token(&headers)) {
+        if !crate::auth::api_key_matches(expected, admission::bearer_token(&headers)) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -287,13 +200,10 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 /// `POST /events/notify` — the scraper, authenticated by `X-Api-Key`.
 async fn notify(
     State(app): State<Arc<App>>,
+    _: Scraper,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    if !auth::api_key_matches(&app.config.scraper_api_key, key) {
-        return Err(ApiError::unauthorized());
-    }
     let body = body?;
     check_json_content_type(&headers)?;
     let accepted = publish::complete_envelope(&body)?;
@@ -321,10 +231,10 @@ async fn notify(
 /// `POST /api/events` — internal services, authenticated by an internal JWT.
 async fn api_events(
     State(app): State<Arc<App>>,
+    _: Internal,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    require_internal(&app, &headers)?;
     let body = body?;
     check_json_content_type(&headers)?;
     let accepted = publish::complete_envelope(&body)?;
@@ -350,24 +260,15 @@ async fn catalogue(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// The internal services' routes: `Authorization: Bearer <internal JWT>` or 401.
-fn require_internal(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let token = bearer_token(headers).ok_or_else(ApiError::unauthorized)?;
-    match app.verifier.verify(token) {
-        Ok(authenticated) if authenticated.identity == Identity::Internal => Ok(()),
-        _ => Err(ApiError::unauthorized()),
-    }
-}
-
 /// `POST /api/revocations` — internal services: `{identity, scope, org_id?, reason?}` →
 /// 202. Published as an `access.revoked` envelope, so every instance applies it (or applied
 /// here alone when Redis is down, like `/api/events`).
 async fn api_revocations(
     State(app): State<Arc<App>>,
+    _: Internal,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    require_internal(&app, &headers)?;
     let body = body?;
     check_json_content_type(&headers)?;
     let request: Value = serde_json::from_slice(&body)
@@ -375,9 +276,9 @@ async fn api_revocations(
     let (identity, scope, reason) = crate::revocation::parse_request(&request, None)
         .map_err(|invalid| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, invalid.to_string()))?;
     let org_id = match &scope {
-        crate::revocation::Scope::Org(org) => org.clone(),
+        crate::auth::Scope::Org(org) => org.clone(),
         // A scope-all revocation names no org: its envelope travels on the hub's own channel.
-        crate::revocation::Scope::All => "_hub".to_string(),
+        crate::auth::Scope::All => "_hub".to_string(),
     };
     let envelope = json!({
         "type": "access.revoked",
@@ -390,33 +291,20 @@ async fn api_revocations(
     Ok((StatusCode::ACCEPTED, Json(json!({ "ok": true }))))
 }
 
-pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
-}
-
 /// `GET /api/realtime/stream?topics=a,b[&types=x.*,y.z]` — Server-Sent Events with
 /// `Last-Event-ID` resume and an optional type filter.
 async fn realtime_stream(
     State(app): State<Arc<App>>,
+    admitted: Admitted<admission::Sse>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
     use crate::sse::{self, StreamRefusal};
-    if app.draining.load(Ordering::Acquire) {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
-    }
-    let token = bearer_token(&headers).or(params.get("token").map(String::as_str));
-    let authenticated = match token.map(|t| app.verifier.verify(t)) {
-        Some(Ok(authenticated)) => authenticated,
-        _ => return ApiError::unauthorized().into_response(),
-    };
-    if app.session_deps.revocations.refuses_connect(&authenticated) {
-        return ApiError::new(StatusCode::FORBIDDEN, "access revoked").into_response();
-    }
+    let Admitted {
+        authenticated,
+        permits,
+        ..
+    } = admitted;
     let refusal = |refusal: StreamRefusal| {
         let status = match refusal {
             StreamRefusal::Forbidden => StatusCode::FORBIDDEN,
@@ -448,13 +336,6 @@ async fn realtime_stream(
             Ok(types) => types,
             Err(invalid) => return refusal(invalid.into()),
         };
-    let permits = match ConnectionPermits::acquire(&app, &authenticated.identity) {
-        Ok(permits) => permits,
-        Err(full) => {
-            metrics::counter!(m::SOCKET_CONNECTS, "outcome" => full.reason()).increment(1);
-            return ApiError::new(full.status(), "too many connections").into_response();
-        }
-    };
     let opened = sse::open(
         app.session_deps.clone(),
         authenticated,
@@ -486,21 +367,19 @@ async fn realtime_stream(
 /// answer is HTTP 200 with the status in the JSON body, as phoenix.js reads it.
 async fn longpoll(
     State(app): State<Arc<App>>,
-    method: Method,
     Query(params): Query<Vec<(String, String)>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
+    request: Request,
 ) -> Response {
     use crate::longpoll::{Answer, SessionToken, TOKEN_PREFIX};
     // phoenix.js sends the socket params (maybe a JWT as `token`) and then its session token
     // as a second `token`; session tokens have their own prefix.
-    let (session_tokens, auth_tokens): (Vec<&str>, Vec<&str>) = params
+    let session = params
         .iter()
-        .filter(|(key, _)| key == "token")
-        .map(|(_, value)| value.as_str())
-        .partition(|value| value.starts_with(TOKEN_PREFIX));
-    let session = session_tokens.last().map(|t| SessionToken::parse(t));
-    let answer = match (method, session) {
+        .filter(|(key, value)| key == "token" && value.starts_with(TOKEN_PREFIX))
+        .map(|(_, value)| SessionToken::parse(value))
+        .last();
+    let (parts, body) = request.into_parts();
+    let answer = match (parts.method.clone(), session) {
         (Method::OPTIONS, _) => Answer::status(200),
         (method, Some(None)) => {
             let op = if method == Method::POST {
@@ -513,9 +392,10 @@ async fn longpoll(
             Answer::status(410)
         }
         (Method::GET, Some(Some(token))) => app.longpoll.poll(&token).await,
-        (Method::GET, None) => {
-            longpoll_create(&app, &params, auth_tokens.first().copied(), &headers)
-        }
+        (Method::GET, None) => match admission::admit::<admission::LongPoll>(&parts, &app) {
+            Ok(admitted) => longpoll_create(&app, admitted),
+            Err(refusal) => return <admission::LongPoll as Transport>::refuse(refusal),
+        },
         (Method::POST, Some(Some(token))) => {
             let limit = app
                 .config
@@ -541,56 +421,10 @@ async fn longpoll(
 /// may carry this many frames of `MAX_FRAME_BYTES`.
 const LONGPOLL_BATCH: usize = 100;
 
-/// A GET without a session token: authenticate like a WebSocket upgrade and start a session.
-fn longpoll_create(
-    app: &App,
-    params: &[(String, String)],
-    auth_token: Option<&str>,
-    headers: &HeaderMap,
-) -> crate::longpoll::Answer {
-    use crate::longpoll::Answer;
-    let refused = |outcome: &'static str, status: u16| {
-        metrics::counter!(m::LONGPOLL_REQUESTS, "op" => "create", "outcome" => outcome)
-            .increment(1);
-        metrics::counter!(m::SOCKET_CONNECTS, "outcome" => outcome).increment(1);
-        Answer::status(status)
-    };
-    // phoenix.js retries on 500 (and stops for good on 403).
-    if app.draining.load(Ordering::Acquire) {
-        return refused("draining", 500);
-    }
-    let vsn_param = params
-        .iter()
-        .find(|(key, _)| key == "vsn")
-        .map(|(_, value)| value.as_str());
-    let Some(vsn) = Vsn::from_param(vsn_param) else {
-        return refused("bad_vsn", 403);
-    };
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        if !app.config.origins.allows(origin.to_str().unwrap_or("")) {
-            return refused("bad_origin", 403);
-        }
-    }
-    let token = auth_token
-        .or_else(|| {
-            headers
-                .get("x-phoenix-authtoken")
-                .and_then(|v| v.to_str().ok())
-        })
-        .or_else(|| bearer_token(headers));
-    let authenticated = match token.map(|t| app.verifier.verify(t)) {
-        Some(Ok(authenticated)) => authenticated,
-        Some(Err(error)) => return refused(error.reason(), 403),
-        None => return refused("missing_token", 403),
-    };
-    if app.session_deps.revocations.refuses_connect(&authenticated) {
-        return refused("revoked", 403);
-    }
-    let permits = match ConnectionPermits::acquire(app, &authenticated.identity) {
-        Ok(permits) => permits,
-        Err(full) => return refused(full.reason(), 500),
-    };
+/// A GET without a session token, admitted like a WebSocket upgrade: start a session.
+fn longpoll_create(app: &App, admitted: Admitted<admission::LongPoll>) -> crate::longpoll::Answer {
     metrics::counter!(m::LONGPOLL_REQUESTS, "op" => "create", "outcome" => "ok").increment(1);
+    let authenticated = admitted.authenticated;
     let span = tracing::info_span!(
         "longpoll",
         identity = authenticated.identity.kind(),
@@ -598,200 +432,72 @@ fn longpoll_create(
     );
     app.longpoll.create(
         app.session_deps.clone(),
-        vsn,
+        admitted.vsn,
         authenticated,
         (&app.sessions, span),
-        permits,
+        admitted.permits,
     )
 }
 
-/// The key `MAX_CONNECTIONS_PER_IDENTITY` counts under: one person, or all internal services.
-fn identity_key(identity: &Identity) -> String {
-    match identity {
-        Identity::User { user_id, .. } => format!("user:{user_id}"),
-        Identity::Player { player_id, .. } => format!("player:{player_id}"),
-        Identity::Internal => "internal".to_string(),
-        Identity::Admin => "admin".to_string(),
-    }
-}
-
-/// Holds one of an identity's `MAX_CONNECTIONS_PER_IDENTITY` slots for the life of a socket;
-/// the map entry goes away with the identity's last socket.
-struct IdentityPermit {
-    counts: Arc<DashMap<String, usize>>,
+/// A WebSocket upgrade request: its `Sec-WebSocket-Key` and hyper's upgrade handle. Extracted
+/// before admission, so a plain GET is told it is not an upgrade (400) whatever its token.
+struct Upgrade {
     key: String,
+    on_upgrade: hyper::upgrade::OnUpgrade,
 }
 
-impl IdentityPermit {
-    fn acquire(
-        counts: &Arc<DashMap<String, usize>>,
-        key: String,
-        max: Option<usize>,
-    ) -> Option<IdentityPermit> {
-        let mut count = counts.entry(key.clone()).or_insert(0);
-        if max.is_some_and(|max| *count >= max) {
-            return None;
-        }
-        *count += 1;
-        drop(count);
-        Some(IdentityPermit {
-            counts: counts.clone(),
-            key,
-        })
+impl axum::extract::FromRequestParts<Arc<App>> for Upgrade {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &Arc<App>,
+    ) -> Result<Self, ApiError> {
+        let key = websocket_key(&parts.headers)
+            .ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "not a WebSocket upgrade request")
+            })?
+            .to_string();
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "connection cannot be upgraded",
+                )
+            })?;
+        Ok(Upgrade { key, on_upgrade })
     }
 }
 
-impl Drop for IdentityPermit {
-    fn drop(&mut self) {
-        if let Some(mut count) = self.counts.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-        }
-        self.counts.remove_if(&self.key, |_, count| *count == 0);
-    }
-}
-
-/// Which connection cap refused a socket or stream.
-#[derive(Debug, Clone, Copy)]
-enum ConnectionsFull {
-    /// `MAX_CONNECTIONS` (503: the client retries, likely elsewhere).
-    Instance,
-    /// `MAX_CONNECTIONS_PER_IDENTITY` (429).
-    Identity,
-}
-
-impl ConnectionsFull {
-    fn reason(self) -> &'static str {
-        match self {
-            ConnectionsFull::Instance => "too_many_connections",
-            ConnectionsFull::Identity => "too_many_connections_per_identity",
-        }
-    }
-
-    fn status(self) -> StatusCode {
-        match self {
-            ConnectionsFull::Instance => StatusCode::SERVICE_UNAVAILABLE,
-            ConnectionsFull::Identity => StatusCode::TOO_MANY_REQUESTS,
-        }
-    }
-}
-
-/// The slots a socket or an SSE stream holds for its whole life: one of `MAX_CONNECTIONS` and
-/// one of its identity's `MAX_CONNECTIONS_PER_IDENTITY`. Both are given back on drop.
-struct ConnectionPermits {
-    _instance: ConnectionPermit,
-    _identity: IdentityPermit,
-}
-
-impl ConnectionPermits {
-    fn acquire(app: &App, identity: &Identity) -> Result<ConnectionPermits, ConnectionsFull> {
-        let previous = app.connections.fetch_add(1, Ordering::AcqRel);
-        let instance = ConnectionPermit(app.connections.clone());
-        if app
-            .config
-            .limits
-            .max_connections
-            .is_some_and(|max| previous >= max)
-        {
-            return Err(ConnectionsFull::Instance);
-        }
-        let identity = IdentityPermit::acquire(
-            &app.per_identity,
-            identity_key(identity),
-            app.config.limits.max_connections_per_identity,
-        )
-        .ok_or(ConnectionsFull::Identity)?;
-        Ok(ConnectionPermits {
-            _instance: instance,
-            _identity: identity,
-        })
-    }
-}
-
-/// Holds one slot of `MAX_CONNECTIONS` for the life of a socket.
-struct ConnectionPermit(Arc<AtomicUsize>);
-
-impl Drop for ConnectionPermit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-fn refuse(reason: &'static str, status: StatusCode) -> Response {
-    metrics::counter!(m::SOCKET_CONNECTS, "outcome" => reason).increment(1);
-    tracing::debug!(reason, "socket refused");
-    // Phoenix refuses with an empty body; the client only looks at "not 101".
-    status.into_response()
-}
-
-/// `GET /socket/websocket` — authenticate, then upgrade to a Phoenix socket.
+/// `GET /socket/websocket` — admit, then upgrade to a Phoenix socket served by a tracked task.
 async fn socket(
     State(app): State<Arc<App>>,
-    Query(params): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    mut request: Request,
+    upgrade: Upgrade,
+    admitted: Admitted<admission::WebSocket>,
 ) -> Response {
-    let Some(key) = websocket_key(&headers) else {
-        return ApiError::new(StatusCode::BAD_REQUEST, "not a WebSocket upgrade request")
-            .into_response();
-    };
-    let Some(on_upgrade) = request
-        .extensions_mut()
-        .remove::<hyper::upgrade::OnUpgrade>()
-    else {
-        return ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "connection cannot be upgraded",
-        )
-        .into_response();
-    };
-    if app.draining.load(Ordering::Acquire) {
-        return refuse("draining", StatusCode::SERVICE_UNAVAILABLE);
-    }
-    let Some(vsn) = Vsn::from_param(params.get("vsn").map(String::as_str)) else {
-        return refuse("bad_vsn", StatusCode::FORBIDDEN);
-    };
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        if !app.config.origins.allows(origin.to_str().unwrap_or("")) {
-            return refuse("bad_origin", StatusCode::FORBIDDEN);
-        }
-    }
-    let offered: Vec<&str> = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    if !offered.is_empty() && !offered.contains(&"phoenix") {
-        return refuse("bad_subprotocol", StatusCode::FORBIDDEN);
-    }
-    let token = params
-        .get("token")
-        .cloned()
-        .or_else(|| bearer_token(&headers).map(str::to_string))
-        .or_else(|| {
-            offered
-                .iter()
-                .find_map(|entry| auth::token_from_subprotocol(entry))
-        });
-    let authenticated = match token.as_deref().map(|t| app.verifier.verify(t)) {
-        Some(Ok(authenticated)) => authenticated,
-        Some(Err(error)) => return refuse(error.reason(), StatusCode::FORBIDDEN),
-        None => return refuse("missing_token", StatusCode::FORBIDDEN),
-    };
-    if app.session_deps.revocations.refuses_connect(&authenticated) {
-        return refuse("revoked", StatusCode::FORBIDDEN);
-    }
-    let permits = match ConnectionPermits::acquire(&app, &authenticated.identity) {
-        Ok(permits) => permits,
-        Err(full) => return refuse(full.reason(), full.status()),
-    };
+    let offered_subprotocol = admitted.offered_subprotocol;
+    spawn_session(&app, upgrade.on_upgrade, admitted);
+    switching_protocols(&upgrade.key, offered_subprotocol)
+}
 
+/// The socket's session, once hyper hands the connection over after the 101.
+fn spawn_session(
+    app: &App,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    admitted: Admitted<admission::WebSocket>,
+) {
     // Larger than MAX_FRAME_BYTES so the session itself sees (and closes with 1009) messages
     // up to twice the limit; beyond that the reader refuses them before buffering them whole.
     let max_message = app.config.limits.max_frame_bytes * 2 + 1024;
     let deps = app.session_deps.clone();
+    let Admitted {
+        authenticated,
+        vsn,
+        permits,
+        ..
+    } = admitted;
     let span = tracing::info_span!(
         "socket",
         identity = authenticated.identity.kind(),
@@ -825,16 +531,20 @@ async fn socket(
             .instrument(span),
         ),
     );
+}
+
+/// The 101 answer (RFC 6455 §4.2.2), naming `phoenix` when the client offered subprotocols.
+fn switching_protocols(key: &str, offered_subprotocol: bool) -> Response {
     let mut response = Response::new(axum::body::Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let response_headers = response.headers_mut();
-    response_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&crate::phoenix::ws::accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
-    if !offered.is_empty() {
-        response_headers.insert(
+    if offered_subprotocol {
+        headers.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static("phoenix"),
         );

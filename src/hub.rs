@@ -56,7 +56,7 @@ struct OutboxState {
     dropped: Vec<(Arc<str>, u64)>,
     closing: Option<CloseReason>,
     /// Revocations of the subscriber's identity not acted on yet.
-    revoked: Vec<crate::revocation::Scope>,
+    revoked: Vec<crate::auth::Scope>,
 }
 
 /// What [`Outbox::push`] did with a frame.
@@ -77,7 +77,7 @@ pub struct Drained {
     pub dropped: Vec<(Arc<str>, u64)>,
     pub closing: Option<CloseReason>,
     /// Revocations of the subscriber's identity: leave the org's topics, or close.
-    pub revoked: Vec<crate::revocation::Scope>,
+    pub revoked: Vec<crate::auth::Scope>,
 }
 
 impl Outbox {
@@ -95,7 +95,7 @@ impl Outbox {
     }
 
     /// Asks the subscriber to act on a revocation of its identity.
-    pub fn revoke(&self, scope: crate::revocation::Scope) {
+    pub fn revoke(&self, scope: crate::auth::Scope) {
         self.state.lock().expect("outbox lock").revoked.push(scope);
         self.notify.notify_one();
     }
@@ -263,7 +263,7 @@ impl Hub {
 
     /// Tells every local subscriber of `identity` about a revocation; returns how many. A scan:
     /// revocations are rare, and no per-socket index is kept for them.
-    pub fn revoke(&self, identity: &str, scope: crate::revocation::Scope) -> usize {
+    pub fn revoke(&self, identity: &str, scope: crate::auth::Scope) -> usize {
         let outboxes: Vec<Arc<Outbox>> = self
             .sockets
             .iter()

@@ -38,6 +38,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
+pub mod app;
 pub mod auth;
 pub mod catalogue;
 pub mod channels;
@@ -49,6 +51,7 @@ pub mod fuzzing;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod id;
 pub mod ingest;
 pub mod inhouse;
 pub mod limits;
@@ -58,10 +61,12 @@ pub mod metrics;
 pub mod phoenix;
 pub mod presence;
 pub mod rails;
+pub mod redis;
 pub mod revocation;
 pub mod router;
 pub mod sse;
 pub mod subscriber;
+pub mod topic;
 pub mod type_filter;
 
 use std::future::Future;
@@ -76,11 +81,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::hub::{CloseReason, Hub};
-use crate::ingest::redis::RedisLink;
 use crate::ingest::Pipeline;
 use crate::inhouse::reconciler::Reconciler;
 use crate::inhouse::{Inhouse, QueueStore};
-use crate::phoenix::session::SessionDeps;
+use crate::redis::RedisLink;
+use crate::subscriber::SessionDeps;
 
 /// Serves the hub on `listener` until `shutdown` resolves, then drains: readiness fails at once,
 /// sockets are closed with 1012 in batches, and the function returns within
@@ -129,8 +134,6 @@ pub async fn run(
         hub: hub.clone(),
         inhouse: inhouse.clone(),
         history: history.clone(),
-        presence: presence.clone(),
-        longpoll: longpoll.clone(),
         revocations: revocations.clone(),
         catalogue,
         schemas: config.event_schemas,
@@ -143,11 +146,10 @@ pub async fn run(
 
     let background = CancellationToken::new();
     let background_tasks = TaskTracker::new();
-    background_tasks.spawn(
-        redis
-            .clone()
-            .run(pipeline.clone(), background.child_token()),
-    );
+    pipeline.subscribe(&redis);
+    redis.subscribe(presence::CHANNEL_PATTERN, presence.clone());
+    longpoll.subscribe(&redis);
+    background_tasks.spawn(redis.clone().run(background.child_token()));
     background_tasks.spawn(
         Reconciler {
             inhouse: inhouse.clone(),
@@ -178,7 +180,7 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let hard_stop = CancellationToken::new();
     let metrics_bind_addr = config.metrics_bind_addr;
-    let app = Arc::new(http::App {
+    let app = Arc::new(app::App {
         session_deps: Arc::new(SessionDeps {
             hub: hub.clone(),
             inhouse,
@@ -200,7 +202,7 @@ pub async fn run(
         redis,
         rails,
         longpoll,
-        admin: admin::Admin::default(),
+        admin: app::Admin::default(),
         draining: AtomicBool::new(false),
         connections: Arc::new(AtomicUsize::new(0)),
         per_identity: Arc::default(),

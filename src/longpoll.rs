@@ -43,10 +43,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::Authenticated;
-use crate::ingest::redis::RedisLink;
+use crate::config::LongPollConfig;
 use crate::metrics as m;
 use crate::phoenix::codec::Vsn;
-use crate::phoenix::session::{self, SessionDeps};
+use crate::phoenix::session;
+use crate::redis::{self, Handler, HandlerFuture, RedisLink};
+use crate::subscriber::SessionDeps;
 
 /// Channel prefix of routed requests and answers (`prostaff:lp:{instance}`).
 pub const CHANNEL_PREFIX: &str = "prostaff:lp:";
@@ -60,14 +62,6 @@ const INBOUND_CAPACITY: usize = 256;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A routed request whose answer has not come back within the hold plus this is a 500.
 const ROUTE_MARGIN: Duration = Duration::from_secs(3);
-
-#[derive(Debug, Clone)]
-pub struct LongPollConfig {
-    /// A GET waits this long for messages before answering 204.
-    pub hold: Duration,
-    /// A session without any request for this long ends.
-    pub session_timeout: Duration,
-}
 
 /// The JSON body of every long-poll answer (the HTTP status is always 200; phoenix.js reads
 /// this one).
@@ -286,7 +280,27 @@ impl Drop for InFlight {
     }
 }
 
+/// The long-poll handler of this instance's channel `prostaff:lp:<instance>`.
+struct Routed(Arc<LongPoll>);
+
+impl Handler for Routed {
+    fn messages(&self, batch: Vec<redis::Message>) -> HandlerFuture<'_> {
+        for message in batch {
+            self.0.on_message(&message.payload);
+        }
+        Box::pin(async {})
+    }
+}
+
 impl LongPoll {
+    /// Subscribes this instance's channel on the link.
+    pub fn subscribe(self: &Arc<Self>, redis: &RedisLink) {
+        redis.subscribe(
+            format!("{CHANNEL_PREFIX}{}", self.instance),
+            Arc::new(Routed(self.clone())),
+        );
+    }
+
     pub fn new(redis: Arc<RedisLink>, config: LongPollConfig) -> Self {
         LongPoll {
             instance: redis.instance().to_string(),
@@ -446,7 +460,7 @@ impl LongPoll {
         let payload = Bytes::from(serde_json::to_vec(wire).expect("wire message serializes"));
         let answer = match self
             .redis
-            .publish_to(format!("{CHANNEL_PREFIX}{owner}"), payload)
+            .publish(format!("{CHANNEL_PREFIX}{owner}"), payload)
             .await
         {
             // Nobody listens there any more: the owner is gone, and the session with it.
@@ -509,7 +523,7 @@ impl LongPoll {
         let payload = Bytes::from(serde_json::to_vec(&wire).expect("wire message serializes"));
         if let Err(error) = self
             .redis
-            .publish_to(format!("{CHANNEL_PREFIX}{to}"), payload)
+            .publish(format!("{CHANNEL_PREFIX}{to}"), payload)
             .await
         {
             tracing::warn!(%error, "cannot answer routed long-poll request");

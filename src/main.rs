@@ -204,7 +204,7 @@ fn catalogue(command: CatalogueCommand) -> ExitCode {
 fn dead_letters(config: &Config, command: DeadLetterCommand) -> ExitCode {
     use prostaff_events::ingest::dead_letter::{DeadLetters, Replayed};
     runtime().block_on(async {
-        let link = prostaff_events::ingest::redis::RedisLink::new(&config.redis_url);
+        let link = prostaff_events::redis::RedisLink::new(&config.redis_url);
         if let Err(error) = link.connect_commands().await {
             eprintln!("dead-letters: redis: {error}");
             return ExitCode::FAILURE;

@@ -24,38 +24,18 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{unix_now_ms, Authenticated};
+use crate::auth::{unix_now_ms, Authenticated, Scope};
 use crate::envelope::Envelope;
 use crate::hub::Hub;
-use crate::ingest::redis::RedisLink;
-use crate::limits::MAX_ID_BYTES;
+use crate::id::Id;
 use crate::logsafe::LogSafe;
 use crate::metrics as m;
-use crate::presence::presence_key;
+use crate::redis::RedisLink;
 
 /// The Redis hash of revocations in force: field `<identity>|<scope>`, value the JSON record.
 pub const INDEX_KEY: &str = "rev:index";
 /// Longest accepted `reason`.
 const MAX_REASON_BYTES: usize = 200;
-
-/// What a revocation takes away.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "scope", content = "org_id", rename_all = "snake_case")]
-pub enum Scope {
-    /// The org's topics (`inhouse:{org}`, `org_events:{org}`).
-    Org(String),
-    /// Every socket, long-poll session and SSE stream, and every connect.
-    All,
-}
-
-impl Scope {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Scope::Org(_) => "org",
-            Scope::All => "all",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
@@ -86,10 +66,7 @@ pub fn valid_identity(identity: &str) -> bool {
     let Some((kind, id)) = identity.split_once(':') else {
         return false;
     };
-    matches!(kind, "user" | "player")
-        && !id.is_empty()
-        && id.len() <= MAX_ID_BYTES
-        && !id.chars().any(char::is_control)
+    matches!(kind, "user" | "player") && Id::parse(id).is_some()
 }
 
 /// Reads `{identity, scope, org_id?, reason?}`: the API body (`envelope_org` `None`: the org
@@ -113,9 +90,7 @@ pub fn parse_request(
     let scope = match body.get("scope").and_then(Value::as_str) {
         Some("all") => Scope::All,
         Some("org") => match org {
-            Some(org) if !org.is_empty() && org.len() <= MAX_ID_BYTES => {
-                Scope::Org(org.to_string())
-            }
+            Some(org) if Id::parse(org).is_some() => Scope::Org(org.to_string()),
             _ => return Err(Invalid::OrgId),
         },
         _ => return Err(Invalid::Scope),
@@ -228,7 +203,7 @@ impl Revocations {
     }
 
     fn refuses(&self, auth: &Authenticated, org: Option<&str>, what: &'static str) -> bool {
-        let Some(key) = presence_key(&auth.identity) else {
+        let Some(key) = auth.identity.key() else {
             return false;
         };
         let now = unix_now_ms();
@@ -405,15 +380,6 @@ impl Revocations {
                 _ = prune.tick() => self.prune(),
             }
         }
-    }
-}
-
-/// Whether a family belongs to `org` (the topics a scope-org revocation takes away).
-pub fn family_org(family: &crate::channels::TopicFamily) -> Option<&str> {
-    match family {
-        crate::channels::TopicFamily::Inhouse { org_id }
-        | crate::channels::TopicFamily::OrgEvents { org_id } => Some(org_id),
-        _ => None,
     }
 }
 

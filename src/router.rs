@@ -1,9 +1,8 @@
 //! Routing: which topics an envelope goes to, and under which event name. Pure.
 
-use serde_json::Value;
-
 use crate::envelope::Envelope;
-use crate::limits::MAX_ID_BYTES;
+use crate::id::Id;
+use crate::topic::Topic;
 
 /// The topics one envelope is delivered to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,21 +16,23 @@ pub struct Route {
 /// `tournament_match.*` → `tournament:{payload.tournament_id}` when present;
 /// `inhouse.*` → `inhouse:{org}`.
 pub fn route(envelope: &Envelope) -> Route {
-    let mut topics = vec![format!("org_events:{}", envelope.org_id)];
+    let org_id = envelope.org_id.clone();
+    let mut topics = vec![Topic::OrgEvents {
+        org_id: org_id.clone(),
+    }
+    .to_string()];
     let event_type = envelope.event_type.as_str();
     let mut unrouted = false;
     if event_type.starts_with("notification.") {
-        topics.push(format!("notifications:{}", envelope.user_id));
+        let user_id = envelope.user_id.clone();
+        topics.push(Topic::Notifications { user_id }.to_string());
     } else if event_type.starts_with("tournament_match.") {
-        match envelope.payload().get("tournament_id") {
-            Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_BYTES => {
-                topics.push(format!("tournament:{id}"))
-            }
-            Some(Value::Number(id)) => topics.push(format!("tournament:{id}")),
-            _ => {}
+        if let Some(id) = Id::field(envelope.payload(), "tournament_id") {
+            let tournament_id = id.into_string();
+            topics.push(Topic::Tournament { tournament_id }.to_string());
         }
     } else if event_type.starts_with("inhouse.") {
-        topics.push(format!("inhouse:{}", envelope.org_id));
+        topics.push(Topic::Inhouse { org_id }.to_string());
     } else {
         unrouted = true;
     }

@@ -21,12 +21,11 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::auth::Authenticated;
-use crate::channels::TopicFamily;
 use crate::history::{Entry, Position};
 use crate::hub::Drained;
 use crate::limits::MAX_TOPIC_BYTES;
-use crate::phoenix::session::SessionDeps;
-use crate::subscriber::{JoinRefusal, JoinRequest, Subscriber, Transport};
+use crate::subscriber::{JoinRefusal, JoinRequest, SessionDeps, Subscriber, Transport};
+use crate::topic::Topic;
 
 /// Comment sent when the stream is idle, so proxies keep it open.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -70,7 +69,7 @@ pub fn parse_topics(
         return Err(StreamRefusal::BadTopics(max));
     }
     for topic in &topics {
-        let family = TopicFamily::parse(topic).ok_or(StreamRefusal::UnmatchedTopic)?;
+        let family = Topic::parse(topic).ok_or(StreamRefusal::UnmatchedTopic)?;
         if !family.may_join(&auth.identity) {
             return Err(StreamRefusal::Forbidden);
         }
@@ -151,7 +150,7 @@ impl StreamTask {
             self.positions.insert(topic, entry.position);
             ok = self.send(&entry.event, &entry.payload).await;
         }
-        let expiry = expires_at.map(crate::phoenix::session::expiry_instant);
+        let expiry = expires_at.map(crate::auth::expiry_instant);
         let mut drained = Drained::default();
         let outbox = self.sub.outbox().clone();
         while ok {
@@ -165,11 +164,11 @@ impl StreamTask {
             }
             outbox.drain(256, &mut drained);
             let revoked = drained.revoked.drain(..).any(|scope| match scope {
-                crate::revocation::Scope::All => true,
-                crate::revocation::Scope::Org(org) => self
+                crate::auth::Scope::All => true,
+                crate::auth::Scope::Org(org) => self
                     .sub
                     .channels()
-                    .any(|(_, c)| crate::revocation::family_org(&c.family) == Some(org.as_str())),
+                    .any(|(_, c)| c.family.org() == Some(org.as_str())),
             });
             if revoked {
                 // The stream ends; a reconnect is refused (403) for what was revoked.
@@ -242,7 +241,7 @@ pub async fn open(
     let mut missed = Vec::new();
     let mut recovered = true;
     for topic in &topics {
-        let Some(family) = TopicFamily::parse(topic) else {
+        let Some(family) = Topic::parse(topic) else {
             return Err(StreamRefusal::UnmatchedTopic);
         };
         let since = resume.get(topic);

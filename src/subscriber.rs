@@ -21,12 +21,33 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::auth::Identity;
-use crate::channels::TopicFamily;
+use crate::config::Limits;
+use crate::history::History;
 use crate::history::{Entry, Position};
+use crate::hub::Hub;
 use crate::hub::{Outbox, SocketId};
+use crate::inhouse::Inhouse;
 use crate::metrics as m;
-use crate::phoenix::session::SessionDeps;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::topic::Topic;
 use crate::type_filter::TypeFilter;
+use tokio_util::sync::CancellationToken;
+
+/// What a subscriber (a socket session, a long-poll session, an SSE stream) needs from the rest
+/// of the hub.
+pub struct SessionDeps {
+    pub hub: Arc<Hub>,
+    pub inhouse: Arc<Inhouse>,
+    pub history: Arc<History>,
+    pub presence: Arc<Presence>,
+    pub revocations: Arc<crate::revocation::Revocations>,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    /// Cancelled at the end of the shutdown grace period: a session stuck in a write gives up
+    /// and closes with 1001.
+    pub hard_stop: CancellationToken,
+}
 
 /// Which connection gauge a subscriber counts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +62,7 @@ pub enum Transport {
 /// One joined topic.
 pub struct Channel {
     pub join_ref: Option<String>,
-    pub family: TopicFamily,
+    pub family: Topic,
     /// The last position this channel has seen: broadcasts at or before it (same epoch) are not
     /// sent again (recovery overlap, a re-published event).
     pub seen: Option<Position>,
@@ -106,7 +127,7 @@ pub enum JoinRefusal {
 /// What a join asks for besides the topic.
 pub struct JoinRequest<'a> {
     pub topic: &'a str,
-    pub family: TopicFamily,
+    pub family: Topic,
     pub join_ref: Option<&'a str>,
     pub since: Option<&'a Position>,
     pub identity: &'a Identity,
@@ -134,7 +155,7 @@ pub struct Subscriber {
 impl Subscriber {
     pub fn register(deps: Arc<SessionDeps>, transport: Transport, identity: &Identity) -> Self {
         // The identity key (`user:<id>`, `player:<id>`): revocations find its outboxes by it.
-        let key = crate::presence::presence_key(identity);
+        let key = identity.key();
         let (id, outbox) = deps.hub.register_identity(key);
         match transport {
             Transport::Socket => deps.metrics.sockets_connected.increment(1.0),
@@ -218,7 +239,7 @@ impl Subscriber {
             presence,
             types,
         } = request;
-        let history = self.deps.history.enabled() && family != TopicFamily::Admin;
+        let history = self.deps.history.enabled() && family != Topic::Admin;
         if since.is_some() && history && !self.deps.history.available() {
             metrics::counter!(m::RECOVERIES, "outcome" => "unavailable").increment(1);
             return Err(JoinRefusal::Unavailable);

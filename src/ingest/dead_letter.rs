@@ -20,8 +20,8 @@ use fred::types::scripts::Script;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use super::redis::{RedisLink, ScriptError};
 use crate::metrics as m;
+use crate::redis::{RedisError, RedisLink};
 
 /// The stream's key (DESIGN.md).
 pub const STREAM_KEY: &str = "prostaff:events:dead";
@@ -161,7 +161,7 @@ impl DeadLetters {
     }
 
     /// The newest `count` entries (without their envelopes) and the counts per reason.
-    pub async fn list(&self, count: usize) -> Result<Listing, ScriptError> {
+    pub async fn list(&self, count: usize) -> Result<Listing, RedisError> {
         let keys = vec![STREAM_KEY.to_string(), COUNTS_KEY.to_string()];
         let args = vec!["list".to_string(), count.max(1).to_string()];
         let flat = self.link.eval(&self.script, keys, args).await?;
@@ -169,7 +169,7 @@ impl DeadLetters {
     }
 
     /// Publishes an entry's envelope again on its channel and removes it.
-    pub async fn replay(&self, id: &str) -> Result<Replayed, ScriptError> {
+    pub async fn replay(&self, id: &str) -> Result<Replayed, RedisError> {
         let keys = vec![STREAM_KEY.to_string(), COUNTS_KEY.to_string()];
         let args = vec!["replay".to_string(), id.to_string()];
         let answer = self.link.eval(&self.script, keys, args).await?;

@@ -1,12 +1,10 @@
-//! Ingestion: how events enter the hub. [`redis`] owns the Redis connections (PSUBSCRIBE and
-//! PUBLISH); [`publish`] turns HTTP bodies into envelopes; [`Pipeline`] decodes, routes and
-//! delivers every envelope, whatever its source.
-//!
-//! Invariant: only this module talks to Redis.
+//! Ingestion: how events enter the hub. The [`Pipeline`] subscribes `prostaff:events:*`
+//! (envelopes) and `prostaff:inhouse:*` (queue updates) on the Redis link and decodes, checks,
+//! routes and delivers every envelope, whatever its source; [`publish`] turns HTTP bodies into
+//! envelopes; [`dead_letter`] keeps what was dropped.
 
 pub mod dead_letter;
 pub mod publish;
-pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,8 +18,7 @@ use crate::history::{self, AppendItem, History, Position};
 use crate::hub::Hub;
 use crate::inhouse::Inhouse;
 use crate::logsafe::LogSafe;
-use crate::longpoll::LongPoll;
-use crate::presence::Presence;
+use crate::redis::{Handler, HandlerFuture, Message};
 use crate::router;
 use dead_letter::{DeadLetter, DeadLetters};
 
@@ -50,19 +47,41 @@ impl Source {
     }
 }
 
-/// What the Redis subscriber hands the pipeline.
+/// The pattern the Rails API publishes envelopes on.
+pub const CHANNEL_PATTERN: &str = "prostaff:events:*";
+pub const CHANNEL_PREFIX: &str = "prostaff:events:";
+
+/// The pub/sub channel an organisation's envelopes are published on.
+pub fn events_channel(org_id: &str) -> String {
+    format!("{CHANNEL_PREFIX}{org_id}")
+}
+
+/// What the pipeline delivers.
 #[derive(Debug, Clone)]
 pub enum Incoming {
     /// An envelope from `prostaff:events:{org}` (or posted over HTTP).
     Envelope { raw: Bytes, channel: String },
     /// A `queue_update` that `queue.lua` published on `prostaff:inhouse:{org}`.
     QueueUpdate { org_id: String, raw: Bytes },
-    /// A `presence_diff` that the presence script published on `prostaff:presence:{topic}`:
-    /// delivered as is, without a history position (presence is state, not a stream).
-    PresenceDiff { topic: String, raw: Bytes },
-    /// A long-poll request routed to this instance, or the answer to one it routed
-    /// (`prostaff:lp:{instance}`).
-    LongPoll { raw: Bytes },
+}
+
+impl Incoming {
+    /// A message of one of the pipeline's two patterns.
+    fn from_message(message: Message) -> Incoming {
+        match message
+            .channel
+            .strip_prefix(crate::inhouse::store::QUEUE_CHANNEL_PREFIX)
+        {
+            Some(org_id) => Incoming::QueueUpdate {
+                org_id: org_id.to_string(),
+                raw: message.payload,
+            },
+            None => Incoming::Envelope {
+                raw: message.payload,
+                channel: message.channel,
+            },
+        }
+    }
 }
 
 static UNROUTED_WARNINGS: LogLimiter = LogLimiter::new();
@@ -142,8 +161,6 @@ pub struct Pipeline {
     pub hub: Arc<Hub>,
     pub inhouse: Arc<Inhouse>,
     pub history: Arc<History>,
-    pub presence: Arc<Presence>,
-    pub longpoll: Arc<LongPoll>,
     pub revocations: Arc<crate::revocation::Revocations>,
     pub catalogue: &'static Catalogue,
     /// `EVENT_SCHEMAS`.
@@ -151,7 +168,24 @@ pub struct Pipeline {
     pub dead_letters: Arc<DeadLetters>,
 }
 
+impl Handler for Pipeline {
+    fn messages(&self, batch: Vec<Message>) -> HandlerFuture<'_> {
+        let batch = batch.into_iter().map(Incoming::from_message).collect();
+        Box::pin(self.ingest_batch(batch, Source::Redis))
+    }
+
+    fn connected(&self) -> HandlerFuture<'_> {
+        Box::pin(self.catch_up())
+    }
+}
+
 impl Pipeline {
+    /// Subscribes the pipeline's patterns on the link.
+    pub fn subscribe(self: &Arc<Self>, redis: &crate::redis::RedisLink) {
+        redis.subscribe(CHANNEL_PATTERN, self.clone());
+        redis.subscribe(crate::inhouse::store::QUEUE_CHANNEL_PATTERN, self.clone());
+    }
+
     /// The schema check of an HTTP publish route, before it publishes: under `enforce` an
     /// envelope its type's schema rejects is refused (the route answers 422 with the reason) and
     /// kept as a dead letter; otherwise it goes on (ingest counts it on every instance).
@@ -169,7 +203,7 @@ impl Pipeline {
                     reason: "schema",
                     detail: violation.to_string(),
                     source: "http",
-                    channel: redis::events_channel(&accepted.org_id),
+                    channel: events_channel(&accepted.org_id),
                     event_type: Some(accepted.event_type.clone()),
                     org_id: Some(accepted.org_id.clone()),
                     raw: accepted.raw.clone(),
@@ -237,21 +271,7 @@ impl Pipeline {
     pub async fn ingest_batch(&self, batch: Vec<Incoming>, source: Source) {
         let broadcasts: Vec<Broadcast> = batch
             .into_iter()
-            .filter_map(|incoming| match incoming {
-                Incoming::PresenceDiff { topic, raw } => {
-                    self.presence.on_diff(&topic, &raw);
-                    let sockets = self.hub.publish_at(&topic, "presence_diff", raw, None);
-                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "delivered")
-                        .increment(1);
-                    tracing::trace!(topic = %LogSafe(&topic), sockets, "presence diff delivered");
-                    None
-                }
-                Incoming::LongPoll { raw } => {
-                    self.longpoll.on_message(&raw);
-                    None
-                }
-                incoming => self.prepare(incoming, source),
-            })
+            .filter_map(|incoming| self.prepare(incoming, source))
             .collect();
         let positions = self.positions(&broadcasts, source).await;
         for (index, broadcast) in broadcasts.into_iter().enumerate() {
@@ -273,7 +293,7 @@ impl Pipeline {
                         reason: "invalid_revocation",
                         detail: format!("access.revoked ignored: {invalid}"),
                         source: source.origin(),
-                        channel: redis::events_channel(&envelope.org_id),
+                        channel: events_channel(&envelope.org_id),
                         event_type: Some(envelope.event_type.clone()),
                         org_id: Some(envelope.org_id.clone()),
                         raw: envelope.raw.clone(),
@@ -354,13 +374,15 @@ impl Pipeline {
     fn prepare(&self, incoming: Incoming, source: Source) -> Option<Broadcast> {
         match incoming {
             Incoming::QueueUpdate { org_id, raw } => Some(Broadcast {
-                topics: vec![(format!("inhouse:{org_id}"), "queue_update".to_string())],
+                topics: vec![(
+                    crate::topic::Topic::Inhouse { org_id }.to_string(),
+                    "queue_update".to_string(),
+                )],
                 dedup: history::content_key(&raw),
                 raw,
                 envelope: None,
                 unrouted: false,
             }),
-            Incoming::PresenceDiff { .. } | Incoming::LongPoll { .. } => None,
             Incoming::Envelope { raw, channel } => {
                 let envelope = match envelope::decode(raw.clone()) {
                     Ok(envelope) => envelope,

@@ -7,10 +7,10 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::redis::{PublishError, RedisLink};
 use super::{Pipeline, Source};
 use crate::limits::{MAX_EVENT_BYTES, MAX_ID_BYTES};
 use crate::logsafe::LogSafe;
+use crate::redis::{RedisError, RedisLink};
 
 /// Why a body was refused; `Display` is the client-facing message (never the payload).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,11 +166,11 @@ pub async fn publish(
     pipeline: &Pipeline,
     accepted: Accepted,
 ) -> Result<Delivery, PublishFailure> {
-    match link.publish(&accepted.org_id, accepted.raw.clone()).await {
-        Ok(()) => Ok(Delivery::Redis),
-        Err(PublishError::Disconnected) => {
+    let channel = super::events_channel(&accepted.org_id);
+    match link.publish(channel.clone(), accepted.raw.clone()).await {
+        Ok(_) => Ok(Delivery::Redis),
+        Err(RedisError::Disconnected) => {
             tracing::warn!(org = %LogSafe(&accepted.org_id), "redis is down; delivering locally only");
-            let channel = super::redis::events_channel(&accepted.org_id);
             pipeline
                 .ingest(accepted.raw, Source::HttpLocal, &channel)
                 .await;

@@ -15,6 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::envelope::Envelope;
+use crate::id::Id;
 use crate::logsafe::LogSafe;
 pub use store::QueueStore;
 
@@ -206,15 +207,9 @@ impl Inhouse {
     }
 }
 
-/// Reads an id that may be a string or a number.
+/// Reads an id ([`Id`]'s rule) as a string.
 pub fn id_field(value: &Value, name: &str) -> Option<String> {
-    match value.get(name)? {
-        Value::String(s) if !s.is_empty() && s.len() <= crate::limits::MAX_ID_BYTES => {
-            Some(s.clone())
-        }
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    Id::field(value, name).map(Id::into_string)
 }
 
 pub fn parse_deadline(text: &str) -> Option<OffsetDateTime> {
@@ -253,8 +248,7 @@ pub fn entries_field(payload: &Value) -> Vec<EntrySummary> {
             .collect(),
         Some(Value::Object(entries)) => entries
             .iter()
-            .filter(|(id, _)| !id.is_empty() && id.len() <= crate::limits::MAX_ID_BYTES)
-            .filter_map(|(id, e)| entry(Some(id.clone()), e))
+            .filter_map(|(id, e)| entry(Id::parse(id).map(Id::into_string), e))
             .collect(),
         _ => Vec::new(),
     }

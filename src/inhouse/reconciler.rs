@@ -14,9 +14,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Change, StoreError};
+use super::store::Change;
 use super::Inhouse;
 use crate::rails::{RailsClient, RailsError};
+use crate::redis::RedisError;
 
 /// How long one reconcile may hold the lock (the Rails fetch alone is bounded at 5 s).
 const LOCK_TTL: Duration = Duration::from_secs(15);
@@ -28,7 +29,7 @@ pub enum ReconcileError {
     #[error("rails: {0}")]
     Rails(#[from] RailsError),
     #[error("queue state: {0}")]
-    Store(#[from] StoreError),
+    Store(#[from] RedisError),
 }
 
 /// What one reconcile did.

@@ -3,7 +3,7 @@
 //! Every transition is one call of `queue.lua` (validate, mutate, bump the version, `PUBLISH`
 //! the `queue_update` on `prostaff:inhouse:{org}`), so any number of hub instances behave as
 //! one and a restart loses nothing. Instances keep no queue state; each delivers what the
-//! script publishes to its own subscribers (see `ingest::redis`).
+//! script publishes to its own subscribers (see `crate::redis`).
 //!
 //! Keys of one organisation's queue share the hash tag `{org_id}` (`iq:{org}:q`, `:e`, `:gone`,
 //! `:closed`, `:rl`), so each script call touches one Redis Cluster slot. The deadline index
@@ -23,10 +23,12 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{EntrySummary, QueueError, QueueSpec, QueueStatus};
-use crate::ingest::redis::{RedisLink, ScriptError};
+use crate::redis::{RedisError, RedisLink};
 
 /// Channel prefix of `queue_update` messages (`prostaff:inhouse:{org_id}`).
 pub const QUEUE_CHANNEL_PREFIX: &str = "prostaff:inhouse:";
+/// The pattern the pipeline subscribes for queue updates.
+pub const QUEUE_CHANNEL_PATTERN: &str = "prostaff:inhouse:*";
 /// Global index of pending check-in deadlines.
 pub const DEADLINES_KEY: &str = "iq:deadlines";
 const RECONCILE_LOCK_KEY: &str = "iq:reconcile:lock";
@@ -121,16 +123,8 @@ impl IndexedDeadline {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("redis is not connected")]
-    Disconnected,
-    #[error("redis call failed: {0}")]
-    Failed(String),
-}
-
-impl From<StoreError> for QueueError {
-    fn from(_: StoreError) -> Self {
+impl From<RedisError> for QueueError {
+    fn from(_: RedisError) -> Self {
         QueueError::Unavailable
     }
 }
@@ -184,8 +178,8 @@ impl QueueStore {
         }
     }
 
-    fn client(&self) -> Result<Client, StoreError> {
-        self.redis.commands().ok_or(StoreError::Disconnected)
+    fn client(&self) -> Result<Client, RedisError> {
+        self.redis.commands().ok_or(RedisError::Disconnected)
     }
 
     async fn eval(
@@ -194,18 +188,18 @@ impl QueueStore {
         label: &'static str,
         keys: Vec<String>,
         args: Vec<String>,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<String>, RedisError> {
         let started = Instant::now();
         let result = self.redis.eval(script, keys, args).await;
         metrics::histogram!(crate::metrics::INHOUSE_SCRIPT_SECONDS, "op" => label)
             .record(started.elapsed().as_secs_f64());
-        result.map_err(|error| match error {
-            ScriptError::Disconnected => StoreError::Disconnected,
-            ScriptError::Failed(reason) => {
-                tracing::warn!(op = label, error = %reason, "queue script failed");
-                StoreError::Failed(reason)
-            }
-        })
+        if let Err(
+            error @ (RedisError::Failed(_) | RedisError::Malformed(_) | RedisError::Timeout),
+        ) = &result
+        {
+            tracing::warn!(op = label, %error, "queue script failed");
+        }
+        result
     }
 
     async fn queue_op(
@@ -213,7 +207,7 @@ impl QueueStore {
         op: &'static str,
         org_id: &str,
         extra: Vec<String>,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<String>, RedisError> {
         let mut args = vec![
             op.to_string(),
             org_id.to_string(),
@@ -225,7 +219,7 @@ impl QueueStore {
 
     /// Organisations that have a queue in Redis (at most `limit`, bounded work): the status
     /// page's list. Not for hot paths.
-    pub async fn queue_orgs(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+    pub async fn queue_orgs(&self, limit: usize) -> Result<Vec<String>, RedisError> {
         self.eval(
             &self.queue_orgs_script,
             "queue_orgs",
@@ -236,7 +230,7 @@ impl QueueStore {
     }
 
     /// The org's active queue, or `None`.
-    pub async fn snapshot(&self, org_id: &str) -> Result<Option<Value>, StoreError> {
+    pub async fn snapshot(&self, org_id: &str) -> Result<Option<Value>, RedisError> {
         let reply = self.queue_op("snapshot", org_id, vec![]).await?;
         Ok(reply.get(1).and_then(|s| parse_summary(s)))
     }
@@ -293,7 +287,7 @@ impl QueueStore {
         op: &'static str,
         org_id: &str,
         args: Vec<String>,
-    ) -> Result<Change, StoreError> {
+    ) -> Result<Change, RedisError> {
         let reply = self.queue_op(op, org_id, args).await?;
         if let Some(index) = reply.get(2).filter(|s| !s.is_empty()) {
             self.index_deadline(org_id, index).await?;
@@ -312,7 +306,7 @@ impl QueueStore {
 
     /// `"<fence>:<deadline_ms>"` from the script → `ZADD iq:deadlines`. Close ops return a bare
     /// fence instead, whose index entry is removed.
-    async fn index_deadline(&self, org_id: &str, index: &str) -> Result<(), StoreError> {
+    async fn index_deadline(&self, org_id: &str, index: &str) -> Result<(), RedisError> {
         match index.split_once(':') {
             Some((fence, deadline_ms)) => {
                 let score: f64 = deadline_ms.parse().unwrap_or(0.0);
@@ -326,7 +320,7 @@ impl QueueStore {
         }
     }
 
-    async fn unindex(&self, member: &str) -> Result<(), StoreError> {
+    async fn unindex(&self, member: &str) -> Result<(), RedisError> {
         self.edit_index(
             "return redis.call('ZREM', KEYS[1], ARGV[1])",
             vec![member.to_string()],
@@ -335,12 +329,12 @@ impl QueueStore {
     }
 
     /// One command on the deadline index (a plain `EVAL`: the features stay lean).
-    async fn edit_index(&self, lua: &str, args: Vec<String>) -> Result<(), StoreError> {
+    async fn edit_index(&self, lua: &str, args: Vec<String>) -> Result<(), RedisError> {
         self.client()?
             .eval::<i64, _, _, _>(lua, vec![DEADLINES_KEY], args)
             .await
             .map(|_| ())
-            .map_err(|e| StoreError::Failed(e.kind().to_str().to_string()))
+            .map_err(|e| RedisError::Failed(e.kind().to_str()))
     }
 
     pub async fn open(
@@ -348,7 +342,7 @@ impl QueueStore {
         org_id: &str,
         queue_id: &str,
         entries: &[EntrySummary],
-    ) -> Result<Change, StoreError> {
+    ) -> Result<Change, RedisError> {
         self.transition(
             "open",
             org_id,
@@ -363,7 +357,7 @@ impl QueueStore {
         queue_id: &str,
         deadline: OffsetDateTime,
         entries: &[EntrySummary],
-    ) -> Result<Change, StoreError> {
+    ) -> Result<Change, RedisError> {
         let (text, ms) = deadline_text(deadline);
         self.transition(
             "start_check_in",
@@ -378,7 +372,7 @@ impl QueueStore {
         org_id: &str,
         queue_id: &str,
         reason: &str,
-    ) -> Result<Change, StoreError> {
+    ) -> Result<Change, RedisError> {
         self.transition(
             "close",
             org_id,
@@ -388,7 +382,7 @@ impl QueueStore {
     }
 
     /// Merges one queue listed by Rails.
-    pub async fn reconcile(&self, spec: &QueueSpec) -> Result<Change, StoreError> {
+    pub async fn reconcile(&self, spec: &QueueSpec) -> Result<Change, RedisError> {
         let (text, ms) = match spec.check_in_deadline {
             Some(deadline) => deadline_text(deadline),
             None => (String::new(), "0".to_string()),
@@ -417,7 +411,7 @@ impl QueueStore {
         &self,
         deadline: &IndexedDeadline,
         fetch_started_ms: u64,
-    ) -> Result<Change, StoreError> {
+    ) -> Result<Change, RedisError> {
         self.transition(
             "absent",
             &deadline.org_id,
@@ -427,7 +421,7 @@ impl QueueStore {
     }
 
     /// Runs one indexed deadline and drops its index entry unless it is still ahead.
-    pub async fn expire(&self, deadline: &IndexedDeadline) -> Result<Expiry, StoreError> {
+    pub async fn expire(&self, deadline: &IndexedDeadline) -> Result<Expiry, RedisError> {
         let reply = self
             .queue_op("expire", &deadline.org_id, vec![deadline.fence.clone()])
             .await?;
@@ -451,7 +445,7 @@ impl QueueStore {
         &self,
         ahead: bool,
         limit: usize,
-    ) -> Result<(u64, Vec<IndexedDeadline>), StoreError> {
+    ) -> Result<(u64, Vec<IndexedDeadline>), RedisError> {
         let mut reply = self
             .eval(
                 &self.deadlines_script,
@@ -464,7 +458,7 @@ impl QueueStore {
             )
             .await?;
         if reply.is_empty() {
-            return Err(StoreError::Failed("empty deadline reply".into()));
+            return Err(RedisError::Malformed("empty deadline reply"));
         }
         let now: u64 = reply.remove(0).parse().unwrap_or(0);
         Ok((
@@ -482,7 +476,7 @@ impl QueueStore {
         &self,
         token: &str,
         ttl: Duration,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<u64>, RedisError> {
         let reply = self
             .eval(
                 &self.lock_script,

@@ -9,26 +9,23 @@
 //! network in tests.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, BroadcastFrame, Inbound, InboundPayload, ReplyStatus, Vsn};
 use crate::auth::Authenticated;
-use crate::channels::{self, TopicFamily};
-use crate::config::Limits;
-use crate::history::{History, Position};
-use crate::hub::{CloseReason, Drained, Hub, Outbox, SocketId};
-use crate::inhouse::Inhouse;
+use crate::channels;
+use crate::history::Position;
+use crate::hub::{CloseReason, Drained, Outbox, SocketId};
 use crate::limits::{MAX_EVENT_BYTES, MAX_TOPIC_BYTES};
 use crate::logsafe::LogSafe;
-use crate::metrics::{self as m, Metrics};
-use crate::presence::Presence;
-use crate::subscriber::{Channel, JoinRefusal, JoinRequest, Subscriber, Transport};
+use crate::metrics as m;
+use crate::subscriber::{Channel, JoinRefusal, JoinRequest, SessionDeps, Subscriber, Transport};
+use crate::topic::Topic;
 
 /// WebSocket close codes used by the hub. Never 1000: phoenix.js 1.8.0–1.8.15 does not
 /// reconnect after it.
@@ -39,20 +36,6 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     pub const SERVICE_RESTART: u16 = 1012;
     pub const TRY_AGAIN_LATER: u16 = 1013;
-}
-
-/// What a session needs from the rest of the hub.
-pub struct SessionDeps {
-    pub hub: Arc<Hub>,
-    pub inhouse: Arc<Inhouse>,
-    pub history: Arc<History>,
-    pub presence: Arc<Presence>,
-    pub revocations: Arc<crate::revocation::Revocations>,
-    pub limits: Limits,
-    pub metrics: Metrics,
-    /// Cancelled at the end of the shutdown grace period: a session stuck in a write gives up
-    /// and closes with 1001.
-    pub hard_stop: CancellationToken,
 }
 
 /// Why the session ended (metric label) and the close frame to send, if any.
@@ -127,13 +110,6 @@ impl TokenBucket {
             false
         }
     }
-}
-
-/// Token-expiry deadline as a timer instant.
-pub fn expiry_instant(expires_at: u64) -> Instant {
-    let at = UNIX_EPOCH + Duration::from_secs(expires_at);
-    let remaining = at.duration_since(SystemTime::now()).unwrap_or_default();
-    Instant::now() + remaining
 }
 
 /// A transport's read error: how the session fails the connection for it.
@@ -215,8 +191,11 @@ where
     tokio::pin!(idle);
     let mut last_inbound = Instant::now();
     let expires_at = session.auth.expires_at;
-    let expiry =
-        tokio::time::sleep_until(expires_at.map(expiry_instant).unwrap_or_else(Instant::now));
+    let expiry = tokio::time::sleep_until(
+        expires_at
+            .map(crate::auth::expiry_instant)
+            .unwrap_or_else(Instant::now),
+    );
     tokio::pin!(expiry);
     let mut drained = Drained::default();
 
@@ -502,7 +481,7 @@ impl Session {
         topic: &str,
         params: InboundPayload,
     ) {
-        let Some(family) = TopicFamily::parse(topic) else {
+        let Some(family) = Topic::parse(topic) else {
             metrics::counter!(m::CHANNEL_JOINS, "family" => "none", "outcome" => "unmatched_topic")
                 .increment(1);
             self.error_reply(None, msg_ref, topic, "unmatched topic");
@@ -520,7 +499,7 @@ impl Session {
             self.error_reply(join_ref, msg_ref, topic, "unauthorized");
             return;
         }
-        if let Some(org) = crate::revocation::family_org(&family) {
+        if let Some(org) = family.org() {
             if self.deps.revocations.refuses_join(&self.auth, org) {
                 metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "revoked")
                     .increment(1);
@@ -558,7 +537,7 @@ impl Session {
             }
         };
         let mut response = joined.response;
-        if self.deps.history.enabled() && label != TopicFamily::Admin.label() {
+        if self.deps.history.enabled() && label != Topic::Admin.label() {
             if let Some(object) = response.as_object_mut() {
                 let position = joined.position.as_ref().map(Position::to_string);
                 object.insert("position".into(), json!(position));
@@ -702,15 +681,15 @@ impl Session {
         messages.append(&mut self.pending);
         for scope in drained.revoked.drain(..) {
             match scope {
-                crate::revocation::Scope::All => {
+                crate::auth::Scope::All => {
                     return Err(Ending::closed("revoked", close_code::POLICY, "revoked"));
                 }
-                crate::revocation::Scope::Org(org) => {
+                crate::auth::Scope::Org(org) => {
                     // phoenix.js leaves a channel on `phx_close` and does not rejoin it.
                     let topics: Vec<Arc<str>> = self
                         .sub
                         .channels()
-                        .filter(|(_, c)| crate::revocation::family_org(&c.family) == Some(&org))
+                        .filter(|(_, c)| c.family.org() == Some(&org))
                         .map(|(topic, _)| topic.clone())
                         .collect();
                     for topic in topics {
@@ -880,8 +859,13 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::redis::RedisLink;
-    use crate::inhouse::QueueStore;
+    use crate::config::Limits;
+    use crate::history::History;
+    use crate::hub::Hub;
+    use crate::inhouse::{Inhouse, QueueStore};
+    use crate::presence::Presence;
+    use crate::redis::RedisLink;
+    use tokio_util::sync::CancellationToken;
 
     /// Every socket's task holds one `run` future for its whole life: its size is per-socket
     /// memory (issue 14: RSS per socket). Rarely taken paths (joins, pushes, presence resyncs)

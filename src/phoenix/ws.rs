@@ -77,6 +77,18 @@ impl WsError {
 /// Close codes an endpoint may send (RFC 6455 §7.4.1 and the IANA registry, 1012–1014
 /// included) or that applications use (3000–4999). 1005, 1006 and 1015 are reserved for
 /// reporting and never appear on the wire.
+/// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key` (RFC 6455 §4.2.2):
+/// base64(SHA-1(key ‖ the protocol's GUID)).
+pub fn accept_key(key: &[u8]) -> String {
+    use base64::Engine;
+    use sha1::{Digest, Sha1};
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha1 = Sha1::new();
+    sha1.update(key);
+    sha1.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
+}
+
 pub fn is_valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
@@ -474,6 +486,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for WsStream<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_key_of_the_rfc_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaLU9zfQ4ZmXzxOo+xo="
+        );
+    }
     use futures_util::{SinkExt, StreamExt};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

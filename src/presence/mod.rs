@@ -34,10 +34,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
-use crate::channels::TopicFamily;
+use crate::config::PresenceConfig;
 use crate::hub::Hub;
-use crate::ingest::redis::{RedisLink, ScriptError, COMMAND_TIMEOUT};
 use crate::logsafe::LogSafe;
+use crate::redis::{Handler, HandlerFuture, Message, RedisError, RedisLink, COMMAND_TIMEOUT};
+use crate::topic::Topic;
 
 /// Diffs of one topic are gathered this long on each instance before one is published.
 pub const DIFF_INTERVAL: Duration = Duration::from_millis(200);
@@ -116,16 +117,6 @@ fn topics_key(instance: &str) -> String {
 
 fn channel(topic: &str) -> String {
     format!("{CHANNEL_PREFIX}{topic}")
-}
-
-/// The Presence key of an identity (`user:{id}`, `player:{id}`); internal services are not
-/// tracked.
-pub fn presence_key(identity: &Identity) -> Option<String> {
-    match identity {
-        Identity::User { user_id, .. } => Some(format!("user:{user_id}")),
-        Identity::Player { player_id, .. } => Some(format!("player:{player_id}")),
-        Identity::Internal | Identity::Admin => None,
-    }
 }
 
 /// One tracked socket on a topic: the key (as JSON) and the meta (as JSON).
@@ -259,16 +250,6 @@ pub struct StateView {
     pub pending: Option<Bytes>,
 }
 
-/// Presence settings.
-#[derive(Debug, Clone)]
-pub struct PresenceConfig {
-    /// Topic families with presence (labels: `inhouse`, `org_events`, …); empty turns it off.
-    pub families: Vec<String>,
-    pub ttl: Duration,
-    /// Metas (sockets) tracked per topic at most, across instances.
-    pub max_members: usize,
-}
-
 /// This instance's presence tracker.
 pub struct Presence {
     redis: Arc<RedisLink>,
@@ -288,6 +269,26 @@ pub struct Presence {
     find_script: Script,
     bury_script: Script,
     withdraw_script: Script,
+}
+
+impl Handler for Presence {
+    /// Diffs published on `prostaff:presence:{topic}`: applied to the mirror, then fanned out
+    /// as they are, without a history position (presence is state, not a stream).
+    fn messages(&self, batch: Vec<Message>) -> HandlerFuture<'_> {
+        for message in batch {
+            let Some(topic) = message.channel.strip_prefix(CHANNEL_PREFIX) else {
+                continue;
+            };
+            self.on_diff(topic, &message.payload);
+            let sockets = self
+                .hub
+                .publish_at(topic, "presence_diff", message.payload, None);
+            metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "delivered")
+                .increment(1);
+            tracing::trace!(topic = %LogSafe(topic), sockets, "presence diff delivered");
+        }
+        Box::pin(async {})
+    }
 }
 
 impl Presence {
@@ -315,7 +316,7 @@ impl Presence {
     }
 
     /// Whether joins of this family get presence.
-    pub fn covers(&self, family: &TopicFamily) -> bool {
+    pub fn covers(&self, family: &Topic) -> bool {
         self.config
             .families
             .iter()
@@ -324,7 +325,7 @@ impl Presence {
 
     /// Tracks a socket on `topic`; returns its `phx_ref`, or `None` for an untracked identity.
     pub fn track(&self, topic: &str, identity: &Identity) -> Option<String> {
-        let key = presence_key(identity)?;
+        let key = identity.key()?;
         let phx_ref = format!(
             "{}-{:x}",
             self.instance,
@@ -754,7 +755,7 @@ impl Presence {
         self.failed(failed.into_iter());
     }
 
-    async fn write(&self, topic: &str, batch: Batch) -> Result<Vec<String>, ScriptError> {
+    async fn write(&self, topic: &str, batch: Batch) -> Result<Vec<String>, RedisError> {
         let cap = self.config.max_members.to_string();
         let args = match batch {
             Batch::Changes { leaves, joins } => {
@@ -993,10 +994,10 @@ mod tests {
             user_id: "a\"\nb".into(),
             org_id: "o".into(),
         };
-        let key = presence_key(&user).unwrap();
+        let key = user.key().unwrap();
         let json = serde_json::to_string(&key).unwrap();
         assert!(!json.contains('\n'), "the stored form splits on a newline");
-        assert_eq!(presence_key(&Identity::Internal), None);
+        assert_eq!(Identity::Internal.key(), None);
     }
 
     #[test]

@@ -1,0 +1,512 @@
+//! The Redis link, at the bottom of the module graph: one subscriber connection and one command
+//! connection, managed by a single loop, plus the one typed error every Redis caller sees.
+//!
+//! Subsystems do not share a dispatcher that knows them: each one [`RedisLink::subscribe`]s its
+//! own channel pattern with a [`Handler`] before the link runs (ingest: envelopes and queue
+//! updates; presence: diffs; long-poll: this instance's channel). The link PSUBSCRIBEs every
+//! registered pattern, hands each handler its messages in Redis's order (a burst is taken in
+//! batches of up to [`MAX_BATCH`], split into runs per handler), and after every (re)connect
+//! calls each handler's [`Handler::connected`] before any message of the new subscription.
+//!
+//! The loop owns reconnection: connect both, subscribe, read until either connection ends or
+//! stops answering, then back off (capped, jittered) and start again. A half-open connection
+//! (packets silently dropped) is caught by an application PING on both connections every
+//! [`LIVENESS_INTERVAL`], bounded by [`LIVENESS_TIMEOUT`], plus TCP keepalive. Each successful
+//! connect is announced ([`RedisLink::connects`]) so the reconciler, presence and revocations
+//! can catch up. Redis being down never blocks sockets.
+//!
+//! Invariant: this is the only place that opens Redis connections, and it names no module above
+//! it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::Client;
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::config::Config as FredConfig;
+use fred::types::scripts::Script;
+use fred::types::Builder;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Both connections are PINGed this often; a PING unanswered within [`LIVENESS_TIMEOUT`] ends
+/// the connection, so a half-open link is replaced within about 5 s.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Messages taken from the subscriber at once at most (a burst is split into batches this big).
+pub const MAX_BATCH: usize = 256;
+
+/// Why a Redis call did not answer: the one error type of every Redis caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis is not connected")]
+    Disconnected,
+    #[error("redis did not answer in time")]
+    Timeout,
+    /// Redis answered with an error (its kind, never a value).
+    #[error("redis call failed: {0}")]
+    Failed(&'static str),
+    /// Redis answered, but not in the shape the caller's script promises.
+    #[error("malformed redis reply: {0}")]
+    Malformed(&'static str),
+}
+
+impl RedisError {
+    /// A short label (readiness checks, logs).
+    pub fn label(&self) -> &'static str {
+        match self {
+            RedisError::Disconnected => "disconnected",
+            RedisError::Timeout => "timeout",
+            RedisError::Failed(kind) => kind,
+            RedisError::Malformed(_) => "malformed reply",
+        }
+    }
+
+    fn from_fred(error: &fred::error::Error) -> Self {
+        RedisError::Failed(error.kind().to_str())
+    }
+}
+
+/// One pub/sub message.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub channel: String,
+    pub payload: Bytes,
+}
+
+/// A boxed future a [`Handler`] returns.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// What a subsystem that subscribes a channel pattern does with it.
+pub trait Handler: Send + Sync + 'static {
+    /// Messages on the handler's patterns, in the order Redis delivered them. The link waits
+    /// for the future before handing over the next run.
+    fn messages(&self, batch: Vec<Message>) -> HandlerFuture<'_>;
+
+    /// After every (re)connect, once subscribed and before any message of the new
+    /// subscription (those wait in the link's buffer meanwhile).
+    fn connected(&self) -> HandlerFuture<'_> {
+        Box::pin(async {})
+    }
+}
+
+/// A registered pattern: `prefix*` matches channels that start with `prefix`; a pattern without
+/// `*` matches that channel only. No other glob syntax is used.
+struct Subscription {
+    pattern: String,
+    handler: Arc<dyn Handler>,
+}
+
+impl Subscription {
+    fn matches(&self, channel: &str) -> bool {
+        match self.pattern.strip_suffix('*') {
+            Some(prefix) => channel.starts_with(prefix),
+            None => channel == self.pattern,
+        }
+    }
+}
+
+/// The registered handlers, in registration order.
+#[derive(Default, Clone)]
+struct Registry(Vec<Arc<Subscription>>);
+
+impl Registry {
+    fn patterns(&self) -> Vec<String> {
+        self.0.iter().map(|s| s.pattern.clone()).collect()
+    }
+
+    /// Each distinct handler once, in registration order.
+    fn handlers(&self) -> Vec<Arc<dyn Handler>> {
+        let mut handlers: Vec<Arc<dyn Handler>> = Vec::new();
+        for subscription in &self.0 {
+            if !handlers
+                .iter()
+                .any(|h| Arc::ptr_eq(h, &subscription.handler))
+            {
+                handlers.push(subscription.handler.clone());
+            }
+        }
+        handlers
+    }
+
+    /// Hands `batch` over in order, as consecutive runs per handler. A message no pattern
+    /// matches (impossible unless Redis misbehaves) is counted and dropped.
+    async fn dispatch(&self, batch: Vec<fred::types::Message>) {
+        let mut run: Option<(Arc<dyn Handler>, Vec<Message>)> = None;
+        for message in batch {
+            let channel = message.channel.to_string();
+            let Some(subscription) = self.0.iter().find(|s| s.matches(&channel)) else {
+                metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => "redis", "outcome" => "unmatched_channel")
+                    .increment(1);
+                continue;
+            };
+            let message = Message {
+                channel,
+                payload: message.value.into_bytes().unwrap_or_default(),
+            };
+            match &mut run {
+                Some((handler, messages)) if Arc::ptr_eq(handler, &subscription.handler) => {
+                    messages.push(message)
+                }
+                _ => {
+                    if let Some((handler, messages)) = run.take() {
+                        handler.messages(messages).await;
+                    }
+                    run = Some((subscription.handler.clone(), vec![message]));
+                }
+            }
+        }
+        if let Some((handler, messages)) = run {
+            handler.messages(messages).await;
+        }
+    }
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Shared view of the Redis link: the command connection for every caller, the registry of
+/// subscribed patterns, and the connect signal.
+pub struct RedisLink {
+    url: String,
+    /// This hub instance's id (12 hex digits, random per process): presence leases and
+    /// long-poll session tokens name it.
+    instance: String,
+    publisher: RwLock<Option<Client>>,
+    /// Counts successful connects, the first one included: subscribers catch up after each.
+    connects: watch::Sender<u64>,
+    registry: Mutex<Registry>,
+}
+
+impl RedisLink {
+    pub fn new(url: &str) -> Arc<Self> {
+        Arc::new(RedisLink {
+            url: url.to_string(),
+            instance: format!("{:012x}", fastrand::u64(..) >> 16),
+            publisher: RwLock::new(None),
+            connects: watch::Sender::new(0),
+            registry: Mutex::default(),
+        })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Registers `handler` for the channels `pattern` matches (`prefix*` or one exact channel).
+    /// Takes effect at the next connect: subsystems register before [`RedisLink::run`].
+    pub fn subscribe(&self, pattern: impl Into<String>, handler: Arc<dyn Handler>) {
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .0
+            .push(Arc::new(Subscription {
+                pattern: pattern.into(),
+                handler,
+            }));
+    }
+
+    /// A receiver that sees every later connect (the first one included).
+    pub fn connects(&self) -> watch::Receiver<u64> {
+        self.connects.subscribe()
+    }
+
+    /// Runs `script` (EVALSHA, loading it on `NOSCRIPT`) within [`COMMAND_TIMEOUT`]; the script
+    /// must answer with an array of strings.
+    pub async fn eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<String>, RedisError> {
+        let client = self.commands().ok_or(RedisError::Disconnected)?;
+        bounded(
+            COMMAND_TIMEOUT,
+            script.evalsha_with_reload::<Vec<String>, _, _>(&client, keys, args),
+        )
+        .await
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.commands().is_some()
+    }
+
+    /// The command connection (PUBLISH, PING, the queue and history scripts), present only
+    /// while Redis is connected.
+    pub fn commands(&self) -> Option<Client> {
+        self.publisher.read().expect("publisher lock").clone()
+    }
+
+    /// PINGs Redis through the command connection.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), RedisError> {
+        let client = self.commands().ok_or(RedisError::Disconnected)?;
+        bounded(timeout, client.ping::<String>(None))
+            .await
+            .map(|_| ())
+    }
+
+    /// PUBLISHes `payload` on `channel`; answers how many subscribers received it.
+    pub async fn publish(&self, channel: String, payload: Bytes) -> Result<i64, RedisError> {
+        let client = self.commands().ok_or(RedisError::Disconnected)?;
+        bounded(
+            COMMAND_TIMEOUT,
+            client.publish::<i64, _, _>(channel, payload),
+        )
+        .await
+    }
+
+    fn set_connected(&self, publisher: Option<Client>) {
+        let connected = publisher.is_some();
+        *self.publisher.write().expect("publisher lock") = publisher;
+        metrics::gauge!(crate::metrics::REDIS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    }
+
+    fn build_client(config: &FredConfig) -> Result<Client, fred::error::Error> {
+        Builder::from_config(config.clone())
+            .with_connection_config(|c| {
+                c.connection_timeout = CONNECT_TIMEOUT;
+                c.internal_command_timeout = COMMAND_TIMEOUT;
+                // Commands are not retried on another connection: a caller that timed out has
+                // already answered its client, and a retried PUBLISH would deliver twice.
+                c.max_command_attempts = 1;
+                c.unresponsive = fred::types::config::UnresponsiveConfig {
+                    max_timeout: Some(LIVENESS_TIMEOUT),
+                    interval: Duration::from_secs(1),
+                };
+                c.tcp = fred::types::config::TcpConfig {
+                    nodelay: Some(true),
+                    keepalive: Some(
+                        socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(5))
+                            .with_interval(Duration::from_secs(2)),
+                    ),
+                    ..Default::default()
+                };
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = COMMAND_TIMEOUT;
+                // Pub/sub messages wait here between the connection task and our loop.
+                p.broadcast_channel_capacity = 16 * 1024;
+            })
+            .build()
+    }
+
+    /// Connects the command connection only (for a CLI command: no subscription, no
+    /// reconnects); `Err` says why it could not.
+    pub async fn connect_commands(&self) -> Result<(), String> {
+        let config = FredConfig::from_url(&self.url).map_err(|e| e.details().to_string())?;
+        let commands = Self::build_client(&config).map_err(|e| e.details().to_string())?;
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, commands.init()).await {
+            Ok(Ok(_task)) => {
+                self.set_connected(Some(commands));
+                Ok(())
+            }
+            Ok(Err(error)) => Err(format!("connect failed: {}", error.kind().to_str())),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    /// Runs until `shutdown`: connect, subscribe, deliver, reconnect.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let config = match FredConfig::from_url(&self.url) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(error = %error.details(), "REDIS_URL is not a valid Redis URL; running without Redis");
+                return;
+            }
+        };
+        let mut backoff = BACKOFF_MIN;
+        let mut ever_connected = false;
+        self.set_connected(None);
+        while !shutdown.is_cancelled() {
+            let registry = self.registry.lock().expect("registry lock").clone();
+            let connection = Connection {
+                link: &self,
+                config: &config,
+                registry: &registry,
+                shutdown: &shutdown,
+            };
+            match connection.serve(&mut ever_connected, &mut backoff).await {
+                Ok(()) => return,
+                Err(reason) => {
+                    self.set_connected(None);
+                    let jittered = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+                    tracing::warn!(
+                        reason,
+                        retry_in_ms = jittered.as_millis() as u64,
+                        "redis unavailable"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(jittered) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// A fred call bounded by `timeout`, its error typed.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(RedisError::from_fred(&error)),
+        Err(_) => Err(RedisError::Timeout),
+    }
+}
+
+type Tasks = (fred::types::ConnectHandle, fred::types::ConnectHandle);
+
+/// One connection lifetime of the link.
+struct Connection<'a> {
+    link: &'a RedisLink,
+    config: &'a FredConfig,
+    registry: &'a Registry,
+    shutdown: &'a CancellationToken,
+}
+
+impl Connection<'_> {
+    /// Connects, subscribes, tells the handlers, then reads until the link fails (`Err` with
+    /// the reason) or shutdown is requested (`Ok`).
+    async fn serve(&self, ever_connected: &mut bool, backoff: &mut Duration) -> Result<(), String> {
+        let subscriber =
+            RedisLink::build_client(self.config).map_err(|e| e.details().to_string())?;
+        let commands = RedisLink::build_client(self.config).map_err(|e| e.details().to_string())?;
+        let messages = subscriber.message_rx();
+        let patterns = self.registry.patterns();
+        let (mut sub_task, mut cmd_task) =
+            match self.connect(&subscriber, &commands, &patterns).await {
+                Ok(tasks) => tasks,
+                Err(reason) => {
+                    let _ = subscriber.quit().await;
+                    let _ = commands.quit().await;
+                    return Err(reason);
+                }
+            };
+        self.link.set_connected(Some(commands.clone()));
+        *backoff = BACKOFF_MIN;
+        if *ever_connected {
+            metrics::counter!(crate::metrics::REDIS_RECONNECTS).increment(1);
+        }
+        tracing::info!(patterns = %patterns.join(" "), reconnect = *ever_connected, "redis connected");
+        // Subscribed, and what arrives now waits in the message channel: every handler catches
+        // up to here first, so what it missed comes before the live messages.
+        for handler in self.registry.handlers() {
+            handler.connected().await;
+        }
+        // Every connect, the first included: a hub that booted without Redis reconciles too.
+        self.link.connects.send_modify(|count| *count += 1);
+        *ever_connected = true;
+        let outcome = tokio::select! {
+            outcome = self.read(messages, &subscriber, &commands) => outcome,
+            _ = &mut sub_task => Err("subscriber connection closed".to_string()),
+            _ = &mut cmd_task => Err("command connection closed".to_string()),
+        };
+        self.link.set_connected(None);
+        let _ = tokio::time::timeout(Duration::from_millis(500), subscriber.quit()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), commands.quit()).await;
+        sub_task.abort();
+        cmd_task.abort();
+        outcome
+    }
+
+    async fn connect(
+        &self,
+        subscriber: &Client,
+        commands: &Client,
+        patterns: &[String],
+    ) -> Result<Tasks, String> {
+        let connect = async {
+            let sub_task = subscriber.init().await?;
+            let cmd_task = commands.init().await?;
+            subscriber.psubscribe(patterns.to_vec()).await?;
+            Ok::<_, fred::error::Error>((sub_task, cmd_task))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
+            Ok(Ok(tasks)) => Ok(tasks),
+            Ok(Err(error)) => Err(format!("connect failed: {}", error.kind().to_str())),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    /// Delivers messages and checks liveness until the link fails or shutdown.
+    async fn read(
+        &self,
+        mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+        subscriber: &Client,
+        commands: &Client,
+    ) -> Result<(), String> {
+        let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        liveness.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = liveness.tick() => {
+                    let pings = async {
+                        tokio::try_join!(
+                            subscriber.ping::<fred::types::Value>(None),
+                            commands.ping::<fred::types::Value>(None)
+                        )
+                    };
+                    match tokio::time::timeout(LIVENESS_TIMEOUT, pings).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => return Err(format!("ping failed: {}", error.kind().to_str())),
+                        Err(_) => return Err("redis unresponsive (ping timed out)".to_string()),
+                    }
+                }
+                first = messages.recv() => {
+                    // Take whatever else is already waiting too: one batch costs one history
+                    // call per topic instead of one round trip per message.
+                    let (batch, closed) = take_batch(first, &mut messages);
+                    if !batch.is_empty() {
+                        self.registry.dispatch(batch).await;
+                    }
+                    if closed {
+                        return Err("subscriber channel closed".to_string());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `first` and whatever else is already waiting, up to [`MAX_BATCH`]; `true` when the channel
+/// closed. A lag (messages fred's buffer overwrote) is counted and logged.
+fn take_batch(
+    first: Result<fred::types::Message, RecvError>,
+    messages: &mut tokio::sync::broadcast::Receiver<fred::types::Message>,
+) -> (Vec<fred::types::Message>, bool) {
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(message) = next.take() {
+        match message {
+            Ok(message) => batch.push(message),
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "redis subscriber lagged; messages dropped");
+                metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => "redis", "outcome" => "subscriber_lagged")
+                    .increment(missed);
+            }
+            Err(RecvError::Closed) => return (batch, true),
+        }
+        if batch.len() < MAX_BATCH {
+            next = match messages.try_recv() {
+                Ok(message) => Some(Ok(message)),
+                Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
+                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                Err(TryRecvError::Empty) => None,
+            };
+        }
+    }
+    (batch, false)
+}
