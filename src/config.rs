@@ -110,18 +110,31 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The defaults of [`SETTINGS`].
     fn default() -> Self {
-        Limits {
-            max_frame_bytes: 64 * 1024,
-            max_channels_per_socket: 100,
-            outbound_buffer_frames: 1024,
-            write_timeout: Duration::from_millis(10_000),
-            idle_timeout: Duration::from_millis(60_000),
-            max_connections: None,
-            max_pushes_per_second: Some(50),
-            max_body_bytes: 64 * 1024,
-            max_connections_per_identity: Some(100),
-        }
+        Limits::from_settings(&|_| None).expect("the SETTINGS defaults parse")
+    }
+}
+
+impl Limits {
+    fn from_settings(get: &impl Fn(&str) -> Option<String>) -> Result<Limits, ConfigError> {
+        let max_connections_per_identity: usize = parse_or(get, "MAX_CONNECTIONS_PER_IDENTITY")?;
+
+        let max_connections: usize = parse_or(get, "MAX_CONNECTIONS")?;
+        let max_pushes: u32 = parse_or(get, "MAX_PUSHES_PER_SECOND")?;
+
+        Ok(Limits {
+            max_frame_bytes: parse_positive(get, "MAX_FRAME_BYTES")?,
+            max_channels_per_socket: parse_positive(get, "MAX_CHANNELS_PER_SOCKET")?,
+            outbound_buffer_frames: parse_positive(get, "OUTBOUND_BUFFER_FRAMES")?,
+            write_timeout: Duration::from_millis(parse_positive(get, "WRITE_TIMEOUT_MS")?),
+            idle_timeout: Duration::from_millis(parse_positive(get, "IDLE_TIMEOUT_MS")?),
+            max_connections: (max_connections > 0).then_some(max_connections),
+            max_pushes_per_second: (max_pushes > 0).then_some(max_pushes),
+            max_body_bytes: parse_positive(get, "MAX_BODY_BYTES")?,
+            max_connections_per_identity: (max_connections_per_identity > 0)
+                .then_some(max_connections_per_identity),
+        })
     }
 }
 
@@ -291,60 +304,18 @@ impl Config {
                 .filter(|v| !v.is_empty())
         };
 
-        let app_env = match get("APP_ENV")
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("dev") | Some("development") => AppEnv::Dev,
-            Some("test") => AppEnv::Test,
-            Some("prod") | Some("production") => AppEnv::Production,
-            Some(other) => {
-                return Err(invalid(
-                    "APP_ENV",
-                    format!("expected dev, test or production, got {other:?}"),
-                ))
-            }
-        };
-
+        let app_env = app_env(&get)?;
         let production = app_env == AppEnv::Production;
-        let (internal_jwt_secret, using_dev_secret) = match get("INTERNAL_JWT_SECRET") {
-            Some(secret) => {
-                if production && secret == DEV_INTERNAL_SECRET {
-                    return Err(invalid(
-                        "INTERNAL_JWT_SECRET",
-                        "is the development secret; set a real one when APP_ENV=production",
-                    ));
-                }
-                check_production_secret(production, "INTERNAL_JWT_SECRET", &secret)?;
-                (secret, false)
-            }
-            None if app_env == AppEnv::Production => {
-                return Err(invalid(
-                    "INTERNAL_JWT_SECRET",
-                    "is required when APP_ENV=production",
-                ))
-            }
-            None => (DEV_INTERNAL_SECRET.to_string(), true),
-        };
-
-        let jwt_secret_key = get("JWT_SECRET_KEY");
-        if let Some(secret) = &jwt_secret_key {
-            check_production_secret(production, "JWT_SECRET_KEY", secret)?;
-        }
-        let scraper_api_key = get("SCRAPER_API_KEY").unwrap_or_default();
-        if !scraper_api_key.is_empty() {
-            check_production_secret(production, "SCRAPER_API_KEY", &scraper_api_key)?;
-        }
-        let admin_token = get("ADMIN_TOKEN");
-        if let Some(token) = &admin_token {
-            check_production_secret(production, "ADMIN_TOKEN", token)?;
-        }
+        let Secrets {
+            internal_jwt_secret,
+            using_dev_secret,
+            jwt_secret_key,
+            scraper_api_key,
+            admin_token,
+        } = Secrets::from_settings(&get, production)?;
 
         let redis_url = normalize_redis_url(
-            get("REDIS_URL")
-                .as_deref()
-                .unwrap_or("redis://127.0.0.1:6379/0"),
+            &value_or_default(&get, "REDIS_URL").unwrap_or_default(),
             get("REDIS_PASSWORD").as_deref(),
         );
         fred::types::config::Config::from_url(&redis_url).map_err(|error| {
@@ -354,7 +325,7 @@ impl Config {
             )
         })?;
 
-        let phx_host = get("PHX_HOST").unwrap_or_else(|| "localhost".to_string());
+        let phx_host = value_or_default(&get, "PHX_HOST").unwrap_or_default();
         let origins = match get("ALLOWED_ORIGINS") {
             Some(list) => OriginPolicy::List(
                 list.split(',')
@@ -386,69 +357,127 @@ impl Config {
                 )
             })?),
         };
-        let presence_families = get("PRESENCE_FAMILIES")
-            .unwrap_or_else(|| "inhouse,org_events".to_string())
-            .split(',')
-            .filter(|family| family.trim() != "none")
-            .map(str::trim)
-            .filter(|family| !family.is_empty())
-            .map(|family| match family {
-                family if crate::topic::FAMILIES.contains(&family) => Ok(family.to_string()),
-                other => Err(invalid(
-                    "PRESENCE_FAMILIES",
-                    format!("unknown topic family {other:?}"),
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let max_connections_per_identity: usize =
-            parse_or(&get, "MAX_CONNECTIONS_PER_IDENTITY", 100)?;
+        let reconcile_interval_ms: u64 = parse_or(&get, "RECONCILE_INTERVAL_MS")?;
+        Ok(Config {
+            port: parse_or(&get, "PORT")?,
+            bind_addr: parse_or(&get, "BIND_ADDR")?,
+            redis_url,
+            internal_jwt_secret,
+            using_dev_secret,
+            jwt_secret_key,
+            rails_api_url: value_or_default(&get, "RAILS_API_URL")
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_string(),
+            scraper_api_key,
+            phx_host,
+            origins,
+            force_ssl: parse_bool(&get, "FORCE_SSL")?,
+            rate_limit_max: parse_positive(&get, "RATE_LIMIT_MAX")?,
+            rate_limit_window: Duration::from_millis(parse_positive(&get, "RATE_LIMIT_WINDOW_MS")?),
+            reconciler_retry_delays: reconciler_retry_delays(&get)?,
+            reconcile_interval: (reconcile_interval_ms > 0)
+                .then(|| Duration::from_millis(reconcile_interval_ms)),
+            app_env,
+            log_format: log_format(&get)?,
+            require_token_exp: parse_bool(&get, "REQUIRE_TOKEN_EXP")?,
+            shutdown_grace: Duration::from_millis(parse_or(&get, "SHUTDOWN_GRACE_MS")?),
+            limits: Limits::from_settings(&get)?,
+            jwt_leeway_s: parse_or(&get, "JWT_LEEWAY_S")?,
+            notify_allowed_types,
+            readiness_requires_rails: parse_bool(&get, "READINESS_REQUIRES_RAILS")?,
+            metrics_token: get("METRICS_TOKEN"),
+            metrics_bind_addr,
+            history_size: parse_or(&get, "HISTORY_SIZE")?,
+            history_ttl: Duration::from_millis(parse_positive(&get, "HISTORY_TTL_MS")?),
+            revocation_ttl: Duration::from_secs(parse_positive(&get, "REVOCATION_TTL_S")?),
+            event_schemas: event_schemas(&get)?,
+            dead_letter_maxlen: parse_positive(&get, "DEAD_LETTER_MAXLEN")?,
+            presence: PresenceConfig {
+                families: presence_families(&get)?,
+                ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS")?),
+                max_members: parse_positive(&get, "PRESENCE_MAX_MEMBERS")?,
+            },
+            longpoll: LongPollConfig {
+                hold: Duration::from_millis(parse_positive(&get, "LONGPOLL_HOLD_MS")?),
+                session_timeout: Duration::from_millis(parse_positive(
+                    &get,
+                    "LONGPOLL_SESSION_TIMEOUT_MS",
+                )?),
+            },
+            admin_token,
+        })
+    }
+}
 
-        let reconciler_retry_delays = match get("RECONCILER_RETRY_DELAYS_MS") {
-            None => vec![1000, 2000, 4000],
-            Some(list) => list
-                .split(',')
-                .map(|item| item.trim().parse::<u64>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    invalid(
-                        "RECONCILER_RETRY_DELAYS_MS",
-                        "expected a comma list of milliseconds",
-                    )
-                })?,
-        }
-        .into_iter()
-        .map(Duration::from_millis)
-        .collect();
-
-        let reconcile_interval_ms: u64 = parse_or(&get, "RECONCILE_INTERVAL_MS", 30_000)?;
-        let max_connections: usize = parse_or(&get, "MAX_CONNECTIONS", 0)?;
-        let max_pushes: u32 = parse_or(&get, "MAX_PUSHES_PER_SECOND", 50)?;
-
-        let limits = Limits {
-            max_frame_bytes: parse_positive(&get, "MAX_FRAME_BYTES", 64 * 1024)?,
-            max_channels_per_socket: parse_positive(&get, "MAX_CHANNELS_PER_SOCKET", 100)?,
-            outbound_buffer_frames: parse_positive(&get, "OUTBOUND_BUFFER_FRAMES", 1024)?,
-            write_timeout: Duration::from_millis(parse_positive(&get, "WRITE_TIMEOUT_MS", 10_000)?),
-            idle_timeout: Duration::from_millis(parse_positive(&get, "IDLE_TIMEOUT_MS", 60_000)?),
-            max_connections: (max_connections > 0).then_some(max_connections),
-            max_pushes_per_second: (max_pushes > 0).then_some(max_pushes),
-            max_body_bytes: parse_positive(&get, "MAX_BODY_BYTES", 64 * 1024)?,
-            max_connections_per_identity: (max_connections_per_identity > 0)
-                .then_some(max_connections_per_identity),
-        };
-
-        let log_format = match get("LOG_FORMAT").as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
+fn app_env(get: &impl Fn(&str) -> Option<String>) -> Result<AppEnv, ConfigError> {
+    Ok(
+        match get("APP_ENV")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("dev") | Some("development") => AppEnv::Dev,
+            Some("test") => AppEnv::Test,
+            Some("prod") | Some("production") => AppEnv::Production,
             Some(other) => {
                 return Err(invalid(
-                    "LOG_FORMAT",
-                    format!("expected text or json, got {other:?}"),
+                    "APP_ENV",
+                    format!("expected dev, test or production, got {other:?}"),
                 ))
             }
-        };
+        },
+    )
+}
 
-        let event_schemas = match get("EVENT_SCHEMAS").map(|v| v.trim().to_ascii_lowercase()) {
+fn presence_families(get: &impl Fn(&str) -> Option<String>) -> Result<Vec<String>, ConfigError> {
+    value_or_default(get, "PRESENCE_FAMILIES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|family| family.trim() != "none")
+        .map(str::trim)
+        .filter(|family| !family.is_empty())
+        .map(|family| match family {
+            family if crate::topic::FAMILIES.contains(&family) => Ok(family.to_string()),
+            other => Err(invalid(
+                "PRESENCE_FAMILIES",
+                format!("unknown topic family {other:?}"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+}
+
+fn reconciler_retry_delays(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Vec<Duration>, ConfigError> {
+    let list = value_or_default(get, "RECONCILER_RETRY_DELAYS_MS").unwrap_or_default();
+    list.split(',')
+        .map(|item| item.trim().parse::<u64>().map(Duration::from_millis))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            invalid(
+                "RECONCILER_RETRY_DELAYS_MS",
+                "expected a comma list of milliseconds",
+            )
+        })
+}
+
+fn log_format(get: &impl Fn(&str) -> Option<String>) -> Result<LogFormat, ConfigError> {
+    Ok(match get("LOG_FORMAT").as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(invalid(
+                "LOG_FORMAT",
+                format!("expected text or json, got {other:?}"),
+            ))
+        }
+    })
+}
+
+fn event_schemas(get: &impl Fn(&str) -> Option<String>) -> Result<SchemaMode, ConfigError> {
+    Ok(
+        match get("EVENT_SCHEMAS").map(|v| v.trim().to_ascii_lowercase()) {
             None => SchemaMode::Warn,
             Some(mode) => match mode.as_str() {
                 "enforce" => SchemaMode::Enforce,
@@ -461,60 +490,62 @@ impl Config {
                     ))
                 }
             },
+        },
+    )
+}
+
+/// The secrets and keys, checked for production.
+struct Secrets {
+    internal_jwt_secret: String,
+    using_dev_secret: bool,
+    jwt_secret_key: Option<String>,
+    scraper_api_key: String,
+    admin_token: Option<String>,
+}
+
+impl Secrets {
+    fn from_settings(
+        get: &impl Fn(&str) -> Option<String>,
+        production: bool,
+    ) -> Result<Secrets, ConfigError> {
+        let (internal_jwt_secret, using_dev_secret) = match get("INTERNAL_JWT_SECRET") {
+            Some(secret) => {
+                if production && secret == DEV_INTERNAL_SECRET {
+                    return Err(invalid(
+                        "INTERNAL_JWT_SECRET",
+                        "is the development secret; set a real one when APP_ENV=production",
+                    ));
+                }
+                check_production_secret(production, "INTERNAL_JWT_SECRET", &secret)?;
+                (secret, false)
+            }
+            None if production => {
+                return Err(invalid(
+                    "INTERNAL_JWT_SECRET",
+                    "is required when APP_ENV=production",
+                ))
+            }
+            None => (DEV_INTERNAL_SECRET.to_string(), true),
         };
 
-        Ok(Config {
-            port: parse_or(&get, "PORT", 4000)?,
-            bind_addr: parse_or(&get, "BIND_ADDR", IpAddr::from([0, 0, 0, 0]))?,
-            redis_url,
+        let jwt_secret_key = get("JWT_SECRET_KEY");
+        if let Some(secret) = &jwt_secret_key {
+            check_production_secret(production, "JWT_SECRET_KEY", secret)?;
+        }
+        let scraper_api_key = get("SCRAPER_API_KEY").unwrap_or_default();
+        if !scraper_api_key.is_empty() {
+            check_production_secret(production, "SCRAPER_API_KEY", &scraper_api_key)?;
+        }
+        let admin_token = get("ADMIN_TOKEN");
+        if let Some(token) = &admin_token {
+            check_production_secret(production, "ADMIN_TOKEN", token)?;
+        }
+
+        Ok(Secrets {
             internal_jwt_secret,
             using_dev_secret,
             jwt_secret_key,
-            rails_api_url: get("RAILS_API_URL")
-                .unwrap_or_else(|| "http://localhost:3333".to_string())
-                .trim_end_matches('/')
-                .to_string(),
             scraper_api_key,
-            phx_host,
-            origins,
-            force_ssl: parse_bool(&get, "FORCE_SSL")?,
-            rate_limit_max: parse_positive(&get, "RATE_LIMIT_MAX", 10)?,
-            rate_limit_window: Duration::from_millis(parse_positive(
-                &get,
-                "RATE_LIMIT_WINDOW_MS",
-                60_000,
-            )?),
-            reconciler_retry_delays,
-            reconcile_interval: (reconcile_interval_ms > 0)
-                .then(|| Duration::from_millis(reconcile_interval_ms)),
-            app_env,
-            log_format,
-            require_token_exp: parse_bool(&get, "REQUIRE_TOKEN_EXP")?,
-            shutdown_grace: Duration::from_millis(parse_or(&get, "SHUTDOWN_GRACE_MS", 10_000)?),
-            limits,
-            jwt_leeway_s: parse_or(&get, "JWT_LEEWAY_S", 30)?,
-            notify_allowed_types,
-            readiness_requires_rails: parse_bool(&get, "READINESS_REQUIRES_RAILS")?,
-            metrics_token: get("METRICS_TOKEN"),
-            metrics_bind_addr,
-            history_size: parse_or(&get, "HISTORY_SIZE", 300)?,
-            history_ttl: Duration::from_millis(parse_positive(&get, "HISTORY_TTL_MS", 600_000)?),
-            revocation_ttl: Duration::from_secs(parse_positive(&get, "REVOCATION_TTL_S", 86_400)?),
-            event_schemas,
-            dead_letter_maxlen: parse_positive(&get, "DEAD_LETTER_MAXLEN", 10_000)?,
-            presence: PresenceConfig {
-                families: presence_families,
-                ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS", 30_000)?),
-                max_members: parse_positive(&get, "PRESENCE_MAX_MEMBERS", 5_000)?,
-            },
-            longpoll: LongPollConfig {
-                hold: Duration::from_millis(parse_positive(&get, "LONGPOLL_HOLD_MS", 10_000)?),
-                session_timeout: Duration::from_millis(parse_positive(
-                    &get,
-                    "LONGPOLL_SESSION_TIMEOUT_MS",
-                    20_000,
-                )?),
-            },
             admin_token,
         })
     }
@@ -535,26 +566,36 @@ fn check_production_secret(
     Ok(())
 }
 
+/// The default of a setting, from [`SETTINGS`] (the one home of defaults): its first word, or
+/// `None` when the table describes it in words (`(any)`) or leaves it empty.
+fn default_of(name: &str) -> Option<&'static str> {
+    let setting = SETTINGS.iter().find(|setting| setting.name == name)?;
+    let first = setting.default.split_whitespace().next()?;
+    (!first.starts_with('(')).then_some(first)
+}
+
+/// A setting's value, or its default from [`SETTINGS`].
+fn value_or_default(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Option<String> {
+    get(name).or_else(|| default_of(name).map(str::to_string))
+}
+
+/// Parses a setting that has a default in [`SETTINGS`].
 fn parse_or<T: std::str::FromStr>(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
-    default: T,
 ) -> Result<T, ConfigError> {
-    match get(name) {
-        None => Ok(default),
-        Some(raw) => raw
-            .parse::<T>()
-            .map_err(|_| invalid(name, format!("cannot parse {raw:?}"))),
-    }
+    let raw =
+        value_or_default(get, name).ok_or_else(|| invalid(name, "has no default in SETTINGS"))?;
+    raw.parse::<T>()
+        .map_err(|_| invalid(name, format!("cannot parse {raw:?}")))
 }
 
 /// Parses a setting that must be greater than zero.
 fn parse_positive<T: std::str::FromStr + PartialOrd + Default>(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
-    default: T,
 ) -> Result<T, ConfigError> {
-    let value = parse_or(get, name, default)?;
+    let value: T = parse_or(get, name)?;
     if value > T::default() {
         Ok(value)
     } else {

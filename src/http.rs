@@ -375,9 +375,9 @@ async fn longpoll(
     // as a second `token`; session tokens have their own prefix.
     let session = params
         .iter()
-        .filter(|(key, value)| key == "token" && value.starts_with(TOKEN_PREFIX))
-        .map(|(_, value)| SessionToken::parse(value))
-        .last();
+        .rev()
+        .find(|(key, value)| key == "token" && value.starts_with(TOKEN_PREFIX))
+        .map(|(_, value)| SessionToken::parse(value));
     let (parts, body) = request.into_parts();
     let answer = match (parts.method.clone(), session) {
         (Method::OPTIONS, _) => Answer::status(200),

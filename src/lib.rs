@@ -79,30 +79,108 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::App;
 use crate::config::Config;
 use crate::hub::{CloseReason, Hub};
 use crate::ingest::Pipeline;
 use crate::inhouse::reconciler::Reconciler;
 use crate::inhouse::{Inhouse, QueueStore};
+use crate::presence::Presence;
 use crate::redis::RedisLink;
+use crate::revocation::Revocations;
 use crate::subscriber::SessionDeps;
 
 /// Serves the hub on `listener` until `shutdown` resolves, then drains: readiness fails at once,
 /// sockets are closed with 1012 in batches, and the function returns within
-/// `config.shutdown_grace`.
+/// `config.shutdown_grace`. Config → build → spawn → drain.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let timings = DrainTimings::for_grace(config.shutdown_grace);
+    let built = build(config)?;
+    let background = CancellationToken::new();
+    let background_tasks = TaskTracker::new();
+    let mut server = spawn(&built, listener, &background, &background_tasks).await?;
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut server.task => {
+            background.cancel();
+            return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        }
+    }
+    drain(&built, &timings).await;
+    server.stop_accepting.cancel();
+    // Every session has untracked its presence: publish those leaves before going.
+    let _ = tokio::time::timeout(timings.presence_flush, built.presence.shutdown()).await;
+    background.cancel();
+    background_tasks.close();
+    let _ = tokio::time::timeout(timings.background_stop, background_tasks.wait()).await;
+    match tokio::time::timeout(timings.background_stop, server.task).await {
+        Ok(Ok(result)) => result,
+        _ => Ok(()),
+    }
+}
+
+/// Every bound of the drain, in one place (derived from `SHUTDOWN_GRACE_MS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainTimings {
+    pub grace: Duration,
+    /// Sockets are closed with 1012 in this many batches, so reconnects spread out…
+    pub batches: usize,
+    /// …of at least this many sockets each…
+    pub min_batch: usize,
+    /// …with this pause between batches (a quarter of the grace spread over the batches, at
+    /// most 100 ms).
+    pub pause: Duration,
+    /// Left for the 1001 pass after the grace's wait for sessions.
+    pub margin: Duration,
+    /// How long sessions get to send their 1001 once the grace is over.
+    pub going_away: Duration,
+    /// The final presence flush (the leaves of every closed session).
+    pub presence_flush: Duration,
+    /// Background tasks and the listener stop within this.
+    pub background_stop: Duration,
+}
+
+impl DrainTimings {
+    pub fn for_grace(grace: Duration) -> Self {
+        const BATCHES: usize = 20;
+        DrainTimings {
+            grace,
+            batches: BATCHES,
+            min_batch: 200,
+            pause: (grace / 4 / BATCHES as u32).min(Duration::from_millis(100)),
+            margin: Duration::from_millis(500),
+            going_away: Duration::from_millis(300),
+            presence_flush: Duration::from_millis(500),
+            background_stop: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Everything `run` builds before it serves.
+struct Built {
+    app: Arc<App>,
+    hub: Arc<Hub>,
+    redis: Arc<RedisLink>,
+    pipeline: Arc<Pipeline>,
+    presence: Arc<Presence>,
+    revocations: Arc<Revocations>,
+    longpoll: Arc<longpoll::LongPoll>,
+    hard_stop: CancellationToken,
+    reconciler: Reconciler,
+}
+
+/// Builds the subsystems from the configuration and registers each one's Redis channel.
+fn build(config: Config) -> std::io::Result<Built> {
     let metrics = metrics::Metrics::global();
     let hub = Arc::new(Hub::new(
         config.limits.outbound_buffer_frames,
         metrics.clone(),
     ));
     let redis = RedisLink::new(&config.redis_url);
-    // Taken before the link runs, so that no connect (the first included) goes unseen.
-    let (reconciler_connects, presence_connects) = (redis.connects(), redis.connects());
     let inhouse = Arc::new(Inhouse::new(QueueStore::new(
         redis.clone(),
         config.rate_limit_max,
@@ -113,17 +191,16 @@ pub async fn run(
         config.history_size,
         config.history_ttl,
     ));
-    let presence = Arc::new(presence::Presence::new(
+    let presence = Arc::new(Presence::new(
         redis.clone(),
         hub.clone(),
         config.presence.clone(),
     ));
-    let revocations = Arc::new(revocation::Revocations::new(
+    let revocations = Arc::new(Revocations::new(
         redis.clone(),
         hub.clone(),
         config.revocation_ttl,
     ));
-    let revocation_connects = redis.connects();
     let longpoll = Arc::new(longpoll::LongPoll::new(
         redis.clone(),
         config.longpoll.clone(),
@@ -142,80 +219,102 @@ pub async fn run(
             config.dead_letter_maxlen,
         ),
     });
-    let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
-
-    let background = CancellationToken::new();
-    let background_tasks = TaskTracker::new();
     pipeline.subscribe(&redis);
     redis.subscribe(presence::CHANNEL_PATTERN, presence.clone());
     longpoll.subscribe(&redis);
-    background_tasks.spawn(redis.clone().run(background.child_token()));
-    background_tasks.spawn(
-        Reconciler {
-            inhouse: inhouse.clone(),
-            rails: rails.clone(),
-            retry_delays: config.reconciler_retry_delays.clone(),
-            interval: config.reconcile_interval,
-            redis_connected: reconciler_connects,
-        }
-        .run(background.child_token()),
-    );
-    background_tasks.spawn(inhouse::deadlines::run(
-        inhouse.clone(),
-        background.child_token(),
-    ));
-    background_tasks.spawn(metrics::upkeep(background.child_token()));
-    background_tasks.spawn(longpoll.clone().run(background.child_token()));
-    background_tasks.spawn(
-        revocations
-            .clone()
-            .run(revocation_connects, background.child_token()),
-    );
-    background_tasks.spawn(
-        presence
-            .clone()
-            .run(presence_connects, background.child_token()),
-    );
-
-    let grace = config.shutdown_grace;
+    let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);
+    let reconciler = Reconciler {
+        inhouse: inhouse.clone(),
+        rails: rails.clone(),
+        retry_delays: config.reconciler_retry_delays.clone(),
+        interval: config.reconcile_interval,
+        redis_connected: redis.connects(),
+    };
     let hard_stop = CancellationToken::new();
-    let metrics_bind_addr = config.metrics_bind_addr;
-    let app = Arc::new(app::App {
-        session_deps: Arc::new(SessionDeps {
-            hub: hub.clone(),
-            inhouse,
-            history,
-            presence: presence.clone(),
-            revocations,
-            limits: config.limits.clone(),
-            metrics,
-            hard_stop: hard_stop.clone(),
-        }),
-        verifier: auth::TokenVerifier::with_leeway(
-            &config.internal_jwt_secret,
-            config.jwt_secret_key.as_deref(),
-            config.require_token_exp,
-            config.jwt_leeway_s,
-        ),
+    let session_deps = Arc::new(SessionDeps {
+        hub: hub.clone(),
+        inhouse,
+        history,
+        presence: presence.clone(),
+        revocations: revocations.clone(),
+        limits: config.limits.clone(),
+        metrics,
+        hard_stop: hard_stop.clone(),
+    });
+    let verifier = auth::TokenVerifier::with_leeway(
+        &config.internal_jwt_secret,
+        config.jwt_secret_key.as_deref(),
+        config.require_token_exp,
+        config.jwt_leeway_s,
+    );
+    let app = Arc::new(App {
+        session_deps,
+        verifier,
         config,
-        pipeline,
-        redis,
+        pipeline: pipeline.clone(),
+        redis: redis.clone(),
         rails,
-        longpoll,
+        longpoll: longpoll.clone(),
         admin: app::Admin::default(),
         draining: AtomicBool::new(false),
         connections: Arc::new(AtomicUsize::new(0)),
         per_identity: Arc::default(),
         sessions: TaskTracker::new(),
     });
+    Ok(Built {
+        app,
+        hub,
+        redis,
+        pipeline,
+        presence,
+        revocations,
+        longpoll,
+        hard_stop,
+        reconciler,
+    })
+}
 
-    background_tasks.spawn(admin::run(app.clone(), background.child_token()));
-    let stop_accepting = CancellationToken::new();
-    if let Some(address) = metrics_bind_addr {
+/// The HTTP server task and the token that stops it accepting.
+struct Server {
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_accepting: CancellationToken,
+}
+
+/// Spawns the background tasks (each stops on `background`) and the HTTP server(s).
+async fn spawn(
+    built: &Built,
+    listener: TcpListener,
+    background: &CancellationToken,
+    tasks: &TaskTracker,
+) -> std::io::Result<Server> {
+    // Taken before the link runs, so that no connect (the first included) goes unseen.
+    let (presence_connects, revocation_connects) = (built.redis.connects(), built.redis.connects());
+    tasks.spawn(built.redis.clone().run(background.child_token()));
+    tasks.spawn(built.reconciler.clone().run(background.child_token()));
+    tasks.spawn(inhouse::deadlines::run(
+        built.pipeline.inhouse.clone(),
+        background.child_token(),
+    ));
+    tasks.spawn(metrics::upkeep(background.child_token()));
+    tasks.spawn(built.longpoll.clone().run(background.child_token()));
+    tasks.spawn(
+        built
+            .revocations
+            .clone()
+            .run(revocation_connects, background.child_token()),
+    );
+    tasks.spawn(
+        built
+            .presence
+            .clone()
+            .run(presence_connects, background.child_token()),
+    );
+    tasks.spawn(admin::run(built.app.clone(), background.child_token()));
+    if let Some(address) = built.app.config.metrics_bind_addr {
         let metrics_listener = TcpListener::bind(address).await?;
-        let metrics_server = axum::serve(metrics_listener, http::metrics_router(app.clone()))
+        let metrics_server = axum::serve(metrics_listener, http::metrics_router(built.app.clone()))
             .with_graceful_shutdown(background.clone().cancelled_owned());
-        background_tasks.spawn(async move {
+        tasks.spawn(async move {
             if let Err(error) = metrics_server.await {
                 tracing::error!(%error, "metrics listener failed");
             }
@@ -228,34 +327,38 @@ pub async fn run(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, http::router(app.clone()))
+    let stop_accepting = CancellationToken::new();
+    let server = axum::serve(listener, http::router(built.app.clone()))
         .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
+    Ok(Server {
+        task: tokio::spawn(async move { server.await }),
+        stop_accepting,
+    })
+}
 
-    tokio::select! {
-        _ = shutdown => {}
-        result = &mut server => {
-            background.cancel();
-            return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        }
-    }
-
-    // Drain: readiness goes 503 first, then sockets close in batches, then we stop.
+/// Readiness goes 503 first, then sockets close with 1012 in batches, then what is left after
+/// the grace closes with 1001 (stuck writes are cancelled).
+async fn drain(built: &Built, timings: &DrainTimings) {
+    let (app, hub) = (&built.app, &built.hub);
     let started = Instant::now();
     app.draining.store(true, Ordering::Release);
     let sockets = hub.socket_count();
-    tracing::info!(sockets, grace_ms = grace.as_millis() as u64, "draining");
-    const BATCHES: usize = 20;
-    let batch = sockets.div_ceil(BATCHES).max(200);
-    let pause = (grace / 4 / BATCHES as u32).min(Duration::from_millis(100));
-    hub.close_all(CloseReason::Restart, batch, pause).await;
+    tracing::info!(
+        sockets,
+        grace_ms = timings.grace.as_millis() as u64,
+        "draining"
+    );
+    let batch = sockets.div_ceil(timings.batches).max(timings.min_batch);
+    hub.close_all(CloseReason::Restart, batch, timings.pause)
+        .await;
     // Sockets upgraded while the batches ran (before `draining` was visible to them).
     hub.close_all(CloseReason::Restart, usize::MAX, Duration::ZERO)
         .await;
     app.sessions.close();
-    let remaining = grace
+    let remaining = timings
+        .grace
         .saturating_sub(started.elapsed())
-        .saturating_sub(Duration::from_millis(500));
+        .saturating_sub(timings.margin);
     if tokio::time::timeout(remaining, app.sessions.wait())
         .await
         .is_err()
@@ -264,19 +367,9 @@ pub async fn run(
             left = app.sessions.len(),
             "grace period over; stopping remaining sockets"
         );
-        hard_stop.cancel();
+        built.hard_stop.cancel();
         hub.close_all(CloseReason::GoingAway, usize::MAX, Duration::ZERO)
             .await;
-        let _ = tokio::time::timeout(Duration::from_millis(300), app.sessions.wait()).await;
-    }
-    stop_accepting.cancel();
-    // Every session has untracked its presence: publish those leaves before going.
-    let _ = tokio::time::timeout(Duration::from_millis(500), presence.shutdown()).await;
-    background.cancel();
-    background_tasks.close();
-    let _ = tokio::time::timeout(Duration::from_millis(200), background_tasks.wait()).await;
-    match tokio::time::timeout(Duration::from_millis(200), server).await {
-        Ok(Ok(result)) => result,
-        _ => Ok(()),
+        let _ = tokio::time::timeout(timings.going_away, app.sessions.wait()).await;
     }
 }

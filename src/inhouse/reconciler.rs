@@ -41,6 +41,7 @@ pub enum Reconciled {
     Skipped,
 }
 
+#[derive(Clone)]
 pub struct Reconciler {
     pub inhouse: Arc<Inhouse>,
     pub rails: RailsClient,

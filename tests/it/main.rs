@@ -12,6 +12,7 @@ mod hardening;
 mod ingest;
 mod inhouse;
 mod js;
+mod layers;
 mod limits;
 mod longpoll;
 mod presence;
