@@ -391,6 +391,26 @@ mod tests {
     }
 
     #[test]
+    fn identity_claims_follow_the_id_rule() {
+        let v = verifier();
+        let long = "x".repeat(crate::limits::MAX_ID_BYTES + 1);
+        for claims in [
+            json!({"user_id": long, "org_id": "o1"}),
+            json!({"user_id": "u1", "org_id": long}),
+            json!({"user_id": "u\n1", "org_id": "o1"}),
+            json!({"entity_type": "player", "player_id": long, "organization_id": "o1"}),
+        ] {
+            let error = v.verify(&mint(SECRET, &claims)).unwrap_err();
+            assert_eq!(error.reason(), "missing_identity_claims", "{claims}");
+        }
+        let longest = "x".repeat(crate::limits::MAX_ID_BYTES);
+        let ok = v
+            .verify(&mint(SECRET, &json!({"user_id": longest, "org_id": "o1"})))
+            .unwrap();
+        assert_eq!(ok.identity.key().unwrap(), format!("user:{longest}"));
+    }
+
+    #[test]
     fn identities_from_each_claim_shape() {
         let v = verifier();
         let user = v

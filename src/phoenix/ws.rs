@@ -492,7 +492,7 @@ mod tests {
         // RFC 6455 §1.3.
         assert_eq!(
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaLU9zfQ4ZmXzxOo+xo="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
     use futures_util::{SinkExt, StreamExt};
