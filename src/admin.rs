@@ -123,7 +123,7 @@ async fn slow_figures(app: &App) -> (Value, Value, Value) {
     };
     slow.rails = match app.rails.health(Duration::from_secs(1)).await {
         Ok(()) => json!({"status": "ok"}),
-        Err(error) => json!({"status": "down", "error": error}),
+        Err(error) => json!({"status": "down", "error": error.to_string()}),
     };
     // Reasons, types and times only: a listing never carries the envelope.
     slow.dead_letters = match app.pipeline.dead_letters.list(MAX_DEAD_LETTERS).await {

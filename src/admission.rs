@@ -21,6 +21,7 @@ use axum::Json;
 
 use crate::app::{ApiError, App, ConnectionPermits, ConnectionsFull};
 use crate::auth::{self, Authenticated, Identity};
+use crate::longpoll::{Answer, LpStatus};
 use crate::metrics as m;
 use crate::phoenix::codec::Vsn;
 
@@ -95,10 +96,10 @@ impl Transport for LongPoll {
             .increment(1);
         metrics::counter!(m::SOCKET_CONNECTS, "outcome" => refusal.reason).increment(1);
         let status = match refusal.kind {
-            RefusalKind::Draining | RefusalKind::Full(_) => 500,
-            _ => 403,
+            RefusalKind::Draining | RefusalKind::Full(_) => LpStatus::Error,
+            _ => LpStatus::Forbidden,
         };
-        Json(crate::longpoll::Answer::status(status)).into_response()
+        Json(Answer::status(status)).into_response()
     }
 }
 

@@ -38,10 +38,43 @@ pub struct App {
     /// Set at the start of shutdown: readiness fails and new sockets are refused.
     pub draining: AtomicBool,
     pub connections: Arc<AtomicUsize>,
-    /// Open sockets per identity key (see `identity_key`).
+    /// Open sockets per identity key (see `Identity::key`).
     pub per_identity: Arc<DashMap<String, usize>>,
     /// Tracks socket sessions (axum's graceful shutdown does not see upgraded connections).
     pub sessions: TaskTracker,
+}
+
+impl App {
+    /// The HTTP side's state, not draining and with no connection yet.
+    pub fn new(
+        config: Config,
+        session_deps: Arc<SessionDeps>,
+        pipeline: Arc<Pipeline>,
+        redis: Arc<RedisLink>,
+        rails: RailsClient,
+        longpoll: Arc<crate::longpoll::LongPoll>,
+    ) -> Self {
+        let verifier = TokenVerifier::with_leeway(
+            &config.internal_jwt_secret,
+            config.jwt_secret_key.as_deref(),
+            config.require_token_exp,
+            config.jwt_leeway_s,
+        );
+        App {
+            config,
+            pipeline,
+            redis,
+            rails,
+            longpoll,
+            admin: Admin::default(),
+            verifier,
+            session_deps,
+            draining: AtomicBool::new(false),
+            connections: Arc::new(AtomicUsize::new(0)),
+            per_identity: Arc::default(),
+            sessions: TaskTracker::new(),
+        }
+    }
 }
 
 /// A JSON error response `{"error": message}`.

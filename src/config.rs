@@ -6,7 +6,7 @@
 //! names the variable; `main` turns it into exit code 64.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -196,7 +196,7 @@ pub struct Config {
     pub notify_allowed_types: Option<Vec<String>>,
     pub readiness_requires_rails: bool,
     pub metrics_token: Option<String>,
-    pub metrics_bind_addr: Option<std::net::SocketAddr>,
+    pub metrics_bind_addr: Option<SocketAddr>,
     /// Broadcasts kept per topic; 0 turns history off.
     pub history_size: usize,
     pub history_ttl: Duration,
@@ -314,49 +314,9 @@ impl Config {
             admin_token,
         } = Secrets::from_settings(&get, production)?;
 
-        let redis_url = normalize_redis_url(
-            &value_or_default(&get, "REDIS_URL").unwrap_or_default(),
-            get("REDIS_PASSWORD").as_deref(),
-        );
-        fred::types::config::Config::from_url(&redis_url).map_err(|error| {
-            invalid(
-                "REDIS_URL",
-                format!("not a usable Redis URL: {}", error.details()),
-            )
-        })?;
-
+        let redis_url = redis_url(&get)?;
         let phx_host = value_or_default(&get, "PHX_HOST").unwrap_or_default();
-        let origins = match get("ALLOWED_ORIGINS") {
-            Some(list) => OriginPolicy::List(
-                list.split(',')
-                    .map(|origin| origin.trim().trim_end_matches('/').to_string())
-                    .filter(|origin| !origin.is_empty())
-                    .collect(),
-            ),
-            None if production => OriginPolicy::Host(phx_host.clone()),
-            None => OriginPolicy::Any,
-        };
-        let notify_allowed_types = match get("NOTIFY_ALLOWED_TYPES")
-            .as_deref()
-            .unwrap_or(DEFAULT_NOTIFY_ALLOWED_TYPES)
-        {
-            "*" => None,
-            list => Some(
-                list.split(',')
-                    .map(|prefix| prefix.trim().to_string())
-                    .filter(|prefix| !prefix.is_empty())
-                    .collect(),
-            ),
-        };
-        let metrics_bind_addr = match get("METRICS_BIND_ADDR") {
-            None => None,
-            Some(raw) => Some(raw.parse().map_err(|_| {
-                invalid(
-                    "METRICS_BIND_ADDR",
-                    format!("expected ip:port, got {raw:?}"),
-                )
-            })?),
-        };
+        let origins = origins(&get, production, &phx_host);
         let reconcile_interval_ms: u64 = parse_or(&get, "RECONCILE_INTERVAL_MS")?;
         Ok(Config {
             port: parse_or(&get, "PORT")?,
@@ -384,10 +344,10 @@ impl Config {
             shutdown_grace: Duration::from_millis(parse_or(&get, "SHUTDOWN_GRACE_MS")?),
             limits: Limits::from_settings(&get)?,
             jwt_leeway_s: parse_or(&get, "JWT_LEEWAY_S")?,
-            notify_allowed_types,
+            notify_allowed_types: notify_allowed_types(&get),
             readiness_requires_rails: parse_bool(&get, "READINESS_REQUIRES_RAILS")?,
             metrics_token: get("METRICS_TOKEN"),
-            metrics_bind_addr,
+            metrics_bind_addr: metrics_bind_addr(&get)?,
             history_size: parse_or(&get, "HISTORY_SIZE")?,
             history_ttl: Duration::from_millis(parse_positive(&get, "HISTORY_TTL_MS")?),
             revocation_ttl: Duration::from_secs(parse_positive(&get, "REVOCATION_TTL_S")?),
@@ -408,6 +368,71 @@ impl Config {
             admin_token,
         })
     }
+}
+
+/// `REDIS_URL` with `REDIS_PASSWORD` applied, checked to be a URL fred accepts.
+fn redis_url(get: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    let redis_url = normalize_redis_url(
+        &value_or_default(get, "REDIS_URL").unwrap_or_default(),
+        get("REDIS_PASSWORD").as_deref(),
+    );
+    fred::types::config::Config::from_url(&redis_url).map_err(|error| {
+        invalid(
+            "REDIS_URL",
+            format!("not a usable Redis URL: {}", error.details()),
+        )
+    })?;
+    Ok(redis_url)
+}
+
+/// `ALLOWED_ORIGINS`; unset, production accepts its own host only and development any.
+fn origins(
+    get: &impl Fn(&str) -> Option<String>,
+    production: bool,
+    phx_host: &str,
+) -> OriginPolicy {
+    match get("ALLOWED_ORIGINS") {
+        Some(list) => OriginPolicy::List(
+            list.split(',')
+                .map(|origin| origin.trim().trim_end_matches('/').to_string())
+                .filter(|origin| !origin.is_empty())
+                .collect(),
+        ),
+        None if production => OriginPolicy::Host(phx_host.to_string()),
+        None => OriginPolicy::Any,
+    }
+}
+
+/// `NOTIFY_ALLOWED_TYPES`: type prefixes the scraper key may publish (`*`: any).
+fn notify_allowed_types(get: &impl Fn(&str) -> Option<String>) -> Option<Vec<String>> {
+    match get("NOTIFY_ALLOWED_TYPES")
+        .as_deref()
+        .unwrap_or(DEFAULT_NOTIFY_ALLOWED_TYPES)
+    {
+        "*" => None,
+        list => Some(
+            list.split(',')
+                .map(|prefix| prefix.trim().to_string())
+                .filter(|prefix| !prefix.is_empty())
+                .collect(),
+        ),
+    }
+}
+
+/// `METRICS_BIND_ADDR`: a separate `ip:port` for `/metrics`, when set.
+fn metrics_bind_addr(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    get("METRICS_BIND_ADDR")
+        .map(|raw| {
+            raw.parse().map_err(|_| {
+                invalid(
+                    "METRICS_BIND_ADDR",
+                    format!("expected ip:port, got {raw:?}"),
+                )
+            })
+        })
+        .transpose()
 }
 
 fn app_env(get: &impl Fn(&str) -> Option<String>) -> Result<AppEnv, ConfigError> {

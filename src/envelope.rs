@@ -58,25 +58,61 @@ impl DropReason {
     }
 }
 
-/// Decodes and validates one envelope.
+/// Decodes and validates one envelope as received from Redis (the text is kept verbatim).
 pub fn decode(raw: Bytes) -> Result<Envelope, DropReason> {
     let value: Value = serde_json::from_slice(&raw).map_err(|_| DropReason::InvalidJson)?;
     let Value::Object(object) = value else {
         return Err(DropReason::NotAnObject);
     };
+    let fields = check(&object)?;
+    Ok(fields.into_envelope(raw, object))
+}
+
+/// Validates an envelope built in the hub (the HTTP routes, after filling their defaults) with
+/// the same rules as [`decode`], and serializes it.
+pub fn from_object(object: Map<String, Value>) -> Result<Envelope, DropReason> {
+    let fields = check(&object)?;
+    let raw = serde_json::to_vec(&object).expect("a JSON object serializes");
+    Ok(fields.into_envelope(raw.into(), object))
+}
+
+/// The checked members of an envelope.
+struct Fields {
+    id: Option<String>,
+    event_type: String,
+    org_id: String,
+    user_id: String,
+}
+
+impl Fields {
+    fn into_envelope(self, raw: Bytes, object: Map<String, Value>) -> Envelope {
+        Envelope {
+            raw,
+            id: self.id,
+            event_type: self.event_type,
+            org_id: self.org_id,
+            user_id: self.user_id,
+            document: Value::Object(object),
+        }
+    }
+}
+
+/// The envelope rules, in one place: a supported version, `type`, `org_id` and `user_id` as
+/// non-blank strings, an optional string or number `id`, and every name within its cap.
+fn check(object: &Map<String, Value>) -> Result<Fields, DropReason> {
     check_version(object.get("version"))?;
 
     let mut invalid = Vec::new();
-    let mut required = |name: &'static str, object: &Map<String, Value>| match object.get(name) {
+    let mut required = |name: &'static str| match object.get(name) {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         _ => {
             invalid.push(name);
             String::new()
         }
     };
-    let event_type = required("type", &object);
-    let org_id = required("org_id", &object);
-    let user_id = required("user_id", &object);
+    let event_type = required("type");
+    let org_id = required("org_id");
+    let user_id = required("user_id");
     if !invalid.is_empty() {
         return Err(DropReason::InvalidFields(invalid));
     }
@@ -98,13 +134,11 @@ pub fn decode(raw: Bytes) -> Result<Envelope, DropReason> {
     if !too_long.is_empty() {
         return Err(DropReason::TooLong(too_long));
     }
-    Ok(Envelope {
-        raw,
+    Ok(Fields {
         id,
         event_type,
         org_id,
         user_id,
-        document: Value::Object(object),
     })
 }
 

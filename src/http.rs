@@ -133,6 +133,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         app.rails.health(CHECK_TIMEOUT)
     );
     let redis = redis.map_err(|error| error.label().to_string());
+    let rails = rails.map_err(|error| error.to_string());
     let draining = app.draining.load(Ordering::Acquire);
     let label = |result: &Result<(), String>| match result {
         Ok(()) => "ok".to_string(),
@@ -370,7 +371,7 @@ async fn longpoll(
     Query(params): Query<Vec<(String, String)>>,
     request: Request,
 ) -> Response {
-    use crate::longpoll::{Answer, SessionToken, TOKEN_PREFIX};
+    use crate::longpoll::{Answer, LpStatus, SessionToken, TOKEN_PREFIX};
     // phoenix.js sends the socket params (maybe a JWT as `token`) and then its session token
     // as a second `token`; session tokens have their own prefix.
     let session = params
@@ -380,7 +381,7 @@ async fn longpoll(
         .map(|(_, value)| SessionToken::parse(value));
     let (parts, body) = request.into_parts();
     let answer = match (parts.method.clone(), session) {
-        (Method::OPTIONS, _) => Answer::status(200),
+        (Method::OPTIONS, _) => Answer::status(LpStatus::Ok),
         (method, Some(None)) => {
             let op = if method == Method::POST {
                 "post"
@@ -389,7 +390,7 @@ async fn longpoll(
             };
             metrics::counter!(m::LONGPOLL_REQUESTS, "op" => op, "outcome" => "malformed_token")
                 .increment(1);
-            Answer::status(410)
+            Answer::status(LpStatus::Gone)
         }
         (Method::GET, Some(Some(token))) => app.longpoll.poll(&token).await,
         (Method::GET, None) => match admission::admit::<admission::LongPoll>(&parts, &app) {
@@ -407,12 +408,12 @@ async fn longpoll(
                 Err(_) => {
                     metrics::counter!(m::INBOUND_REJECTED, "reason" => "longpoll_batch_too_big")
                         .increment(1);
-                    Answer::status(413)
+                    Answer::status(LpStatus::TooLarge)
                 }
             }
         }
-        (Method::POST, None) => Answer::status(410),
-        _ => Answer::status(405),
+        (Method::POST, None) => Answer::status(LpStatus::Gone),
+        _ => Answer::status(LpStatus::MethodNotAllowed),
     };
     Json(answer).into_response()
 }

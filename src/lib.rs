@@ -70,7 +70,7 @@ pub mod topic;
 pub mod type_filter;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,20 +205,14 @@ fn build(config: Config) -> std::io::Result<Built> {
         redis.clone(),
         config.longpoll.clone(),
     ));
-    let catalogue = catalogue::Catalogue::builtin()
-        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error.to_string()))?;
-    let pipeline = Arc::new(Pipeline {
-        hub: hub.clone(),
-        inhouse: inhouse.clone(),
-        history: history.clone(),
-        revocations: revocations.clone(),
-        catalogue,
-        schemas: config.event_schemas,
-        dead_letters: ingest::dead_letter::DeadLetters::new(
-            redis.clone(),
-            config.dead_letter_maxlen,
-        ),
-    });
+    let pipeline = Arc::new(pipeline(
+        &config,
+        &redis,
+        &hub,
+        &inhouse,
+        &history,
+        &revocations,
+    )?);
     pipeline.subscribe(&redis);
     redis.subscribe(presence::CHANNEL_PATTERN, presence.clone());
     longpoll.subscribe(&redis);
@@ -241,26 +235,14 @@ fn build(config: Config) -> std::io::Result<Built> {
         metrics,
         hard_stop: hard_stop.clone(),
     });
-    let verifier = auth::TokenVerifier::with_leeway(
-        &config.internal_jwt_secret,
-        config.jwt_secret_key.as_deref(),
-        config.require_token_exp,
-        config.jwt_leeway_s,
-    );
-    let app = Arc::new(App {
-        session_deps,
-        verifier,
+    let app = Arc::new(App::new(
         config,
-        pipeline: pipeline.clone(),
-        redis: redis.clone(),
+        session_deps,
+        pipeline.clone(),
+        redis.clone(),
         rails,
-        longpoll: longpoll.clone(),
-        admin: app::Admin::default(),
-        draining: AtomicBool::new(false),
-        connections: Arc::new(AtomicUsize::new(0)),
-        per_identity: Arc::default(),
-        sessions: TaskTracker::new(),
-    });
+        longpoll.clone(),
+    ));
     Ok(Built {
         app,
         hub,
@@ -271,6 +253,31 @@ fn build(config: Config) -> std::io::Result<Built> {
         longpoll,
         hard_stop,
         reconciler,
+    })
+}
+
+/// The ingest pipeline: routes events onto topics, with the catalogue and dead letters.
+fn pipeline(
+    config: &Config,
+    redis: &Arc<RedisLink>,
+    hub: &Arc<Hub>,
+    inhouse: &Arc<Inhouse>,
+    history: &Arc<history::History>,
+    revocations: &Arc<Revocations>,
+) -> std::io::Result<Pipeline> {
+    let catalogue = catalogue::Catalogue::builtin()
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error.to_string()))?;
+    Ok(Pipeline {
+        hub: hub.clone(),
+        inhouse: inhouse.clone(),
+        history: history.clone(),
+        revocations: revocations.clone(),
+        catalogue,
+        schemas: config.event_schemas,
+        dead_letters: ingest::dead_letter::DeadLetters::new(
+            redis.clone(),
+            config.dead_letter_maxlen,
+        ),
     })
 }
 

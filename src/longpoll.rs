@@ -63,11 +63,79 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A routed request whose answer has not come back within the hold plus this is a 500.
 const ROUTE_MARGIN: Duration = Duration::from_secs(3);
 
+/// The status phoenix.js's `LongPoll` reads from an answer's body (the HTTP status is 200).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u16", try_from = "u16")]
+pub enum LpStatus {
+    /// Messages (or a newly created session's token).
+    Ok,
+    /// Nothing arrived within the hold: poll again.
+    NoContent,
+    /// A request phoenix.js will not send (a method other than GET, POST or OPTIONS).
+    MethodNotAllowed,
+    /// The session is unknown or over: phoenix.js reconnects and rejoins.
+    Gone,
+    /// A POST batch over the frame limit times the batch size.
+    TooLarge,
+    /// phoenix.js stops for good (a refused token, origin or `vsn`).
+    Forbidden,
+    /// phoenix.js retries (draining, full, or an answer that did not come back in time).
+    Error,
+}
+
+impl LpStatus {
+    pub fn code(self) -> u16 {
+        match self {
+            LpStatus::Ok => 200,
+            LpStatus::NoContent => 204,
+            LpStatus::Forbidden => 403,
+            LpStatus::MethodNotAllowed => 405,
+            LpStatus::Gone => 410,
+            LpStatus::TooLarge => 413,
+            LpStatus::Error => 500,
+        }
+    }
+
+    /// The `outcome` label of `prostaff_longpoll_requests_total`.
+    fn outcome(self) -> &'static str {
+        match self {
+            LpStatus::Ok => "ok",
+            LpStatus::NoContent => "no_content",
+            LpStatus::Gone => "gone",
+            _ => "error",
+        }
+    }
+}
+
+impl From<LpStatus> for u16 {
+    fn from(status: LpStatus) -> u16 {
+        status.code()
+    }
+}
+
+impl TryFrom<u16> for LpStatus {
+    type Error = String;
+    fn try_from(code: u16) -> Result<Self, String> {
+        [
+            LpStatus::Ok,
+            LpStatus::NoContent,
+            LpStatus::Forbidden,
+            LpStatus::MethodNotAllowed,
+            LpStatus::Gone,
+            LpStatus::TooLarge,
+            LpStatus::Error,
+        ]
+        .into_iter()
+        .find(|status| status.code() == code)
+        .ok_or_else(|| format!("not a long-poll status: {code}"))
+    }
+}
+
 /// The JSON body of every long-poll answer (the HTTP status is always 200; phoenix.js reads
-/// this one).
+/// `status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Answer {
-    pub status: u16,
+    pub status: LpStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +143,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    pub fn status(status: u16) -> Self {
+    pub fn status(status: LpStatus) -> Self {
         Answer {
             status,
             token: None,
@@ -83,7 +151,7 @@ impl Answer {
         }
     }
 
-    fn with_token(status: u16, token: String) -> Self {
+    fn with_token(status: LpStatus, token: String) -> Self {
         Answer {
             status,
             token: Some(token),
@@ -357,7 +425,10 @@ impl LongPoll {
             }
             .instrument(span),
         );
-        Answer::with_token(410, SessionToken::format(&self.instance, &sid, 0))
+        Answer::with_token(
+            LpStatus::Gone,
+            SessionToken::format(&self.instance, &sid, 0),
+        )
     }
 
     /// A GET with a session token.
@@ -398,13 +469,16 @@ impl LongPoll {
 
     async fn poll_local(&self, sid: &str, ack: u64) -> Answer {
         let Some(session) = self.sessions.get(sid).map(|s| s.clone()) else {
-            return Answer::status(410);
+            return Answer::status(LpStatus::Gone);
         };
         let _in_flight = session.begin();
         session.preempt.notify_waiters();
         let hold = self.config.hold;
         let Ok(mut out) = tokio::time::timeout(hold, session.outgoing.lock()).await else {
-            return Answer::with_token(204, SessionToken::format(&self.instance, sid, ack));
+            return Answer::with_token(
+                LpStatus::NoContent,
+                SessionToken::format(&self.instance, sid, ack),
+            );
         };
         out.acknowledge(ack);
         if out.unacked.is_empty() && !out.ended {
@@ -417,10 +491,10 @@ impl LongPoll {
             let first = tokio::select! {
                 message = out.queue.recv() => message,
                 _ = tokio::time::sleep(hold) => {
-                    return Answer::with_token(204, SessionToken::format(&self.instance, sid, ack));
+                    return Answer::with_token(LpStatus::NoContent, SessionToken::format(&self.instance, sid, ack));
                 }
                 _ = preempted => {
-                    return Answer::with_token(204, SessionToken::format(&self.instance, sid, ack));
+                    return Answer::with_token(LpStatus::NoContent, SessionToken::format(&self.instance, sid, ack));
                 }
             };
             out.take_queued(first);
@@ -429,10 +503,10 @@ impl LongPoll {
             // Ended, and everything was acknowledged.
             drop(out);
             self.forget(sid);
-            return Answer::status(410);
+            return Answer::status(LpStatus::Gone);
         }
         Answer {
-            status: 200,
+            status: LpStatus::Ok,
             token: Some(SessionToken::format(&self.instance, sid, out.last_seq())),
             messages: Some(out.unacked.clone()),
         }
@@ -440,17 +514,17 @@ impl LongPoll {
 
     async fn post_local(&self, sid: &str, body: &[u8]) -> Answer {
         let Some(session) = self.sessions.get(sid).map(|s| s.clone()) else {
-            return Answer::status(410);
+            return Answer::status(LpStatus::Gone);
         };
         let _in_flight = session.begin();
         for message in batch_messages(body) {
             match tokio::time::timeout(session.write_timeout, session.inbound.send(message)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => return Answer::status(410),
-                Err(_) => return Answer::status(500),
+                Ok(Err(_)) => return Answer::status(LpStatus::Gone),
+                Err(_) => return Answer::status(LpStatus::Error),
             }
         }
-        Answer::status(200)
+        Answer::status(LpStatus::Ok)
     }
 
     /// Sends a request to the instance that owns the session and waits for its answer.
@@ -464,17 +538,17 @@ impl LongPoll {
             .await
         {
             // Nobody listens there any more: the owner is gone, and the session with it.
-            Ok(0) => Answer::status(410),
+            Ok(0) => Answer::status(LpStatus::Gone),
             Ok(_) => match tokio::time::timeout(self.config.hold + ROUTE_MARGIN, rx).await {
                 Ok(Ok(answer)) => answer,
                 _ => {
                     tracing::warn!(owner, "routed long-poll request unanswered");
-                    Answer::status(500)
+                    Answer::status(LpStatus::Error)
                 }
             },
             Err(error) => {
                 tracing::warn!(%error, "cannot route long-poll request");
-                Answer::status(500)
+                Answer::status(LpStatus::Error)
             }
         };
         self.routed.remove(&id);
@@ -570,13 +644,8 @@ impl LongPoll {
 }
 
 fn count(op: &'static str, answer: &Answer) {
-    let outcome = match answer.status {
-        200 => "ok",
-        204 => "no_content",
-        410 => "gone",
-        _ => "error",
-    };
-    metrics::counter!(m::LONGPOLL_REQUESTS, "op" => op, "outcome" => outcome).increment(1);
+    metrics::counter!(m::LONGPOLL_REQUESTS, "op" => op, "outcome" => answer.status.outcome())
+        .increment(1);
 }
 
 /// The socket session's side of a long-poll session: a `Stream + Sink` of WebSocket messages.
@@ -636,6 +705,23 @@ impl Sink<Message> for LpSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_carry_the_status_as_the_number_phoenix_js_reads() {
+        let answer = Answer::with_token(LpStatus::NoContent, "lp.a.b.3".into());
+        let text = serde_json::to_string(&answer).unwrap();
+        assert_eq!(text, r#"{"status":204,"token":"lp.a.b.3"}"#);
+        assert_eq!(serde_json::from_str::<Answer>(&text).unwrap(), answer);
+        for status in [
+            LpStatus::Ok,
+            LpStatus::Gone,
+            LpStatus::Forbidden,
+            LpStatus::Error,
+        ] {
+            assert_eq!(LpStatus::try_from(status.code()), Ok(status));
+        }
+        assert!(serde_json::from_str::<Answer>(r#"{"status":299}"#).is_err());
+    }
 
     #[test]
     fn session_tokens_round_trip_and_refuse_garbage() {

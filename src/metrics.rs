@@ -83,138 +83,67 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// What a metric is: how `/metrics` describes it.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    /// A histogram of durations in seconds.
+    Seconds,
+}
+
+/// Every metric's name, kind and `# HELP` text.
+const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
+    (SOCKETS_CONNECTED, Kind::Gauge, "WebSocket connections currently open"),
+    (SOCKET_CONNECTS, Kind::Counter, "socket upgrade attempts by outcome (accepted or the refusal reason)"),
+    (SOCKET_CLOSES, Kind::Counter, "sockets closed, by reason"),
+    (CHANNELS_JOINED, Kind::Gauge, "channels currently joined, by topic family"),
+    (CHANNEL_JOINS, Kind::Counter, "join attempts by topic family and outcome"),
+    (FRAMES_SENT, Kind::Counter, "frames written to sockets"),
+    (FRAMES_RECEIVED, Kind::Counter, "frames read from sockets"),
+    (BROADCASTS_DROPPED, Kind::Counter, "broadcast frames dropped before reaching a socket, by reason"),
+    (INBOUND_REJECTED, Kind::Counter, "client frames refused, by reason"),
+    (EVENTS_RECEIVED, Kind::Counter, "events received by source and outcome (routed or the drop reason)"),
+    (REDIS_CONNECTED, Kind::Gauge, "1 while the Redis subscriber is connected"),
+    (REDIS_RECONNECTS, Kind::Counter, "Redis subscriber reconnections"),
+    (HTTP_REQUESTS, Kind::Counter, "HTTP requests by route and status"),
+    (PUBLISH_TO_SEND, Kind::Seconds, "time from publish into the hub to the socket write (sampled: 1 in 16 sockets)"),
+    (INHOUSE_ACTIONS, Kind::Counter, "in-house queue actions by action and outcome"),
+    (INHOUSE_SCRIPT_SECONDS, Kind::Seconds, "latency of the queue scripts in Redis, by op"),
+    (INHOUSE_LIFECYCLE, Kind::Counter, "inhouse.* lifecycle events applied, by outcome (changed, unchanged, ignored_closed, unavailable)"),
+    (RECONCILE_MERGES, Kind::Counter, "queues merged by the reconciler, by outcome"),
+    (INHOUSE_EXPIRIES, Kind::Counter, "check-in deadline attempts, by outcome (kept, closed, early, stale, unavailable)"),
+    (RECONCILES, Kind::Counter, "reconcile runs by outcome"),
+    (HISTORY_SCRIPT_SECONDS, Kind::Seconds, "latency of the history scripts (append, recover) in Redis"),
+    (HISTORY_APPENDS, Kind::Counter, "broadcasts given a history position, by outcome (ok, or why they went without one)"),
+    (SSE_STREAMS, Kind::Gauge, "Server-Sent Events streams currently open"),
+    (SESSION_PANICS, Kind::Counter, "sessions that panicked (caught, logged with the socket's span, cleaned up)"),
+    (CATCH_UPS, Kind::Counter, "topics caught up from history after a redis reconnect, by outcome (caught_up, gap, failed)"),
+    (REVOCATIONS, Kind::Counter, "revocations applied on this instance, by scope (org, all)"),
+    (REVOKED_REFUSALS, Kind::Counter, "connects and joins refused because the identity's token predates a revocation, by what"),
+    (EVENTS_INVALID, Kind::Counter, "envelopes the event catalogue could not vouch for, by type (a catalogue entry, or unknown for a type with no schema) and mode (enforce: dropped, warn: delivered)"),
+    (DEAD_LETTERS, Kind::Counter, "dropped envelopes kept in prostaff:events:dead, by outcome (written; duplicate: another instance wrote it; failed: redis unavailable; shed: too many writes in flight)"),
+    (TYPE_FILTERED, Kind::Counter, "broadcasts not sent to a channel because its join's type filter excludes them"),
+    (CATCH_UP_BROADCASTS, Kind::Counter, "broadcasts delivered by catch-ups after a redis reconnect"),
+    (PRESENCE_TRACKED, Kind::Gauge, "presence metas (one per socket and topic) this instance tracks"),
+    (PRESENCE_DIFFS, Kind::Counter, "presence diff batches: written (one script call per topic per interval), failed (resynced later), delivered (received from Redis and fanned out)"),
+    (PRESENCE_EXPIRED, Kind::Counter, "presence metas removed because their instance stopped renewing its lease"),
+    (PRESENCE_REFUSED, Kind::Counter, "sockets not shown in presence, by reason (topic_full: PRESENCE_MAX_MEMBERS reached)"),
+    (PRESENCE_RESYNCS, Kind::Counter, "presence_state pushed again to a socket that lost broadcasts on a presence topic"),
+    (LONGPOLL_SESSIONS, Kind::Gauge, "long-poll sessions this instance runs (each is also counted as a socket)"),
+    (LONGPOLL_REQUESTS, Kind::Counter, "long-poll requests by op (create, poll, post, routed) and outcome (ok, no_content, gone, malformed_token, error, undecodable; for create: ok or the refusal reason)"),
+    (LONGPOLL_EXPIRED, Kind::Counter, "long-poll sessions ended after LONGPOLL_SESSION_TIMEOUT_MS without a request"),
+    (RECOVERIES, Kind::Counter, "joins with `since`, by outcome (recovered, not_recovered, unavailable)"),
+];
+
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
-    describe_counter!(
-        SOCKET_CONNECTS,
-        "socket upgrade attempts by outcome (accepted or the refusal reason)"
-    );
-    describe_counter!(SOCKET_CLOSES, "sockets closed, by reason");
-    describe_gauge!(
-        CHANNELS_JOINED,
-        "channels currently joined, by topic family"
-    );
-    describe_counter!(CHANNEL_JOINS, "join attempts by topic family and outcome");
-    describe_counter!(FRAMES_SENT, "frames written to sockets");
-    describe_counter!(FRAMES_RECEIVED, "frames read from sockets");
-    describe_counter!(
-        BROADCASTS_DROPPED,
-        "broadcast frames dropped before reaching a socket, by reason"
-    );
-    describe_counter!(INBOUND_REJECTED, "client frames refused, by reason");
-    describe_counter!(
-        EVENTS_RECEIVED,
-        "events received by source and outcome (routed or the drop reason)"
-    );
-    describe_gauge!(REDIS_CONNECTED, "1 while the Redis subscriber is connected");
-    describe_counter!(REDIS_RECONNECTS, "Redis subscriber reconnections");
-    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status");
-    describe_histogram!(
-        PUBLISH_TO_SEND,
-        metrics::Unit::Seconds,
-        "time from publish into the hub to the socket write (sampled: 1 in 16 sockets)"
-    );
-    describe_counter!(
-        INHOUSE_ACTIONS,
-        "in-house queue actions by action and outcome"
-    );
-    describe_histogram!(
-        INHOUSE_SCRIPT_SECONDS,
-        metrics::Unit::Seconds,
-        "latency of the queue scripts in Redis, by op"
-    );
-    describe_counter!(
-        INHOUSE_LIFECYCLE,
-        "inhouse.* lifecycle events applied, by outcome (changed, unchanged, ignored_closed, unavailable)"
-    );
-    describe_counter!(
-        RECONCILE_MERGES,
-        "queues merged by the reconciler, by outcome"
-    );
-    describe_counter!(
-        INHOUSE_EXPIRIES,
-        "check-in deadline attempts, by outcome (kept, closed, early, stale, unavailable)"
-    );
-    describe_counter!(RECONCILES, "reconcile runs by outcome");
-    describe_histogram!(
-        HISTORY_SCRIPT_SECONDS,
-        metrics::Unit::Seconds,
-        "latency of the history scripts (append, recover) in Redis"
-    );
-    describe_counter!(
-        HISTORY_APPENDS,
-        "broadcasts given a history position, by outcome (ok, or why they went without one)"
-    );
-    describe_gauge!(SSE_STREAMS, "Server-Sent Events streams currently open");
-    describe_counter!(
-        SESSION_PANICS,
-        "sessions that panicked (caught, logged with the socket's span, cleaned up)"
-    );
-    describe_counter!(
-        CATCH_UPS,
-        "topics caught up from history after a redis reconnect, by outcome (caught_up, gap, failed)"
-    );
-    describe_counter!(
-        REVOCATIONS,
-        "revocations applied on this instance, by scope (org, all)"
-    );
-    describe_counter!(
-        REVOKED_REFUSALS,
-        "connects and joins refused because the identity's token predates a revocation, by what"
-    );
-    describe_counter!(
-        EVENTS_INVALID,
-        "envelopes the event catalogue could not vouch for, by type (a catalogue entry, or unknown for a type with no schema) and mode (enforce: dropped, warn: delivered)"
-    );
-    describe_counter!(
-        DEAD_LETTERS,
-        "dropped envelopes kept in prostaff:events:dead, by outcome (written; duplicate: another instance wrote it; failed: redis unavailable; shed: too many writes in flight)"
-    );
-    describe_counter!(
-        TYPE_FILTERED,
-        "broadcasts not sent to a channel because its join's type filter excludes them"
-    );
-    describe_counter!(
-        CATCH_UP_BROADCASTS,
-        "broadcasts delivered by catch-ups after a redis reconnect"
-    );
-    describe_gauge!(
-        PRESENCE_TRACKED,
-        "presence metas (one per socket and topic) this instance tracks"
-    );
-    describe_counter!(
-        PRESENCE_DIFFS,
-        "presence diff batches: written (one script call per topic per interval), failed (resynced later), delivered (received from Redis and fanned out)"
-    );
-    describe_counter!(
-        PRESENCE_EXPIRED,
-        "presence metas removed because their instance stopped renewing its lease"
-    );
-    describe_counter!(
-        PRESENCE_REFUSED,
-        "sockets not shown in presence, by reason (topic_full: PRESENCE_MAX_MEMBERS reached)"
-    );
-    describe_counter!(
-        PRESENCE_RESYNCS,
-        "presence_state pushed again to a socket that lost broadcasts on a presence topic"
-    );
-    describe_gauge!(
-        LONGPOLL_SESSIONS,
-        "long-poll sessions this instance runs (each is also counted as a socket)"
-    );
-    describe_counter!(
-        LONGPOLL_REQUESTS,
-        "long-poll requests by op (create, poll, post, routed) and outcome (ok, no_content, gone, malformed_token, error, undecodable; for create: ok or the refusal reason)"
-    );
-    describe_counter!(
-        LONGPOLL_EXPIRED,
-        "long-poll sessions ended after LONGPOLL_SESSION_TIMEOUT_MS without a request"
-    );
-    describe_counter!(
-        RECOVERIES,
-        "joins with `since`, by outcome (recovered, not_recovered, unavailable)"
-    );
+    for &(name, kind, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Seconds => metrics::describe_histogram!(name, metrics::Unit::Seconds, help),
+        }
+    }
 }
 
 /// Handles for metrics recorded on hot paths.

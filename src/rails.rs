@@ -11,11 +11,16 @@ use crate::inhouse::{entries_field, id_field, parse_deadline, QueueSpec, QueueSt
 pub const ACTIVE_QUEUES_PATH: &str = "/internal/api/inhouse_queues/active";
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a call to Rails failed; `Display` is what readiness reports (never a URL).
 #[derive(Debug, thiserror::Error)]
 pub enum RailsError {
+    #[error("timeout")]
+    Timeout,
+    #[error("connection refused")]
+    Unreachable,
     #[error("request failed: {0}")]
     Request(String),
-    #[error("unexpected status {0}")]
+    #[error("status {0}")]
     Status(u16),
     #[error("unexpected body: {0}")]
     Body(&'static str),
@@ -50,7 +55,7 @@ impl RailsClient {
             .timeout(FETCH_TIMEOUT)
             .send()
             .await
-            .map_err(|e| RailsError::Request(without_url(e)))?;
+            .map_err(RailsError::from_reqwest)?;
         if !response.status().is_success() {
             return Err(RailsError::Status(response.status().as_u16()));
         }
@@ -62,35 +67,31 @@ impl RailsClient {
     }
 
     /// Rails `GET /health`, bounded by `timeout`.
-    pub async fn health(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn health(&self, timeout: Duration) -> Result<(), RailsError> {
         let response = self
             .http
             .get(format!("{}/health", self.base_url))
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    "timeout".to_string()
-                } else {
-                    without_url(e)
-                }
-            })?;
+            .map_err(RailsError::from_reqwest)?;
         if response.status().is_success() {
             Ok(())
         } else {
-            Err(format!("status {}", response.status().as_u16()))
+            Err(RailsError::Status(response.status().as_u16()))
         }
     }
 }
 
-fn without_url(error: reqwest::Error) -> String {
-    if error.is_timeout() {
-        "timeout".into()
-    } else if error.is_connect() {
-        "connection refused".into()
-    } else {
-        error.without_url().to_string()
+impl RailsError {
+    fn from_reqwest(error: reqwest::Error) -> Self {
+        if error.is_timeout() {
+            RailsError::Timeout
+        } else if error.is_connect() {
+            RailsError::Unreachable
+        } else {
+            RailsError::Request(error.without_url().to_string())
+        }
     }
 }
 

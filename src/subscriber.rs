@@ -124,6 +124,14 @@ pub enum JoinRefusal {
     Unavailable,
 }
 
+/// A join's position in the topic's history and what it missed.
+#[derive(Default)]
+struct Catchup {
+    position: Option<Position>,
+    recovered: Option<bool>,
+    missed: Vec<Entry>,
+}
+
 /// What a join asks for besides the topic.
 pub struct JoinRequest<'a> {
     pub topic: &'a str,
@@ -253,36 +261,22 @@ impl Subscriber {
         } else {
             Value::Object(Default::default())
         };
-        let (position, recovered, mut missed) = if history {
-            match self.deps.history.recover(topic, since).await {
-                Ok(recovery) => {
-                    let recovered = since.map(|_| recovery.missed.is_some());
-                    if let Some(recovered) = recovered {
-                        let outcome = if recovered {
-                            "recovered"
-                        } else {
-                            "not_recovered"
-                        };
-                        metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
-                    }
-                    (
-                        Some(recovery.position),
-                        recovered,
-                        recovery.missed.unwrap_or_default(),
-                    )
-                }
-                Err(_) if since.is_some() => {
-                    // The link dropped during the join: refuse rather than claim a gap.
+        let Catchup {
+            position,
+            recovered,
+            mut missed,
+        } = if history {
+            match self.catch_up(topic, since).await {
+                Ok(catchup) => catchup,
+                Err(refusal) => {
                     if !duplicate {
                         self.deps.hub.unsubscribe(topic, self.id);
                     }
-                    metrics::counter!(m::RECOVERIES, "outcome" => "unavailable").increment(1);
-                    return Err(JoinRefusal::Unavailable);
+                    return Err(refusal);
                 }
-                Err(_) => (None, None, Vec::new()),
             }
         } else {
-            (None, None, Vec::new())
+            Catchup::default()
         };
         let before = missed.len();
         missed.retain(|entry| crate::type_filter::admits(types.as_ref(), &entry.event));
@@ -299,17 +293,7 @@ impl Subscriber {
             presence,
             types,
         };
-        let replaced = match self.index(topic) {
-            Some(i) => Some(std::mem::replace(&mut self.channels[i].1, channel)),
-            None => {
-                if self.transport == Transport::Socket {
-                    metrics::gauge!(m::CHANNELS_JOINED, "family" => channel.family.label())
-                        .increment(1.0);
-                }
-                self.channels.push((shared.clone(), channel));
-                None
-            }
-        };
+        let replaced = self.install(&shared, channel);
         if let Some(Some(phx_ref)) = replaced.as_ref().and_then(|c| c.presence.as_ref()) {
             self.deps.presence.untrack(topic, phx_ref);
         }
@@ -322,6 +306,53 @@ impl Subscriber {
             presence: gets_presence,
             replaced,
         })
+    }
+
+    /// The topic's position and, for a resume (`since`), what was missed: a resume whose
+    /// history cannot be read while the link is down is refused rather than told of a gap.
+    async fn catch_up(
+        &self,
+        topic: &str,
+        since: Option<&Position>,
+    ) -> Result<Catchup, JoinRefusal> {
+        match self.deps.history.recover(topic, since).await {
+            Ok(recovery) => {
+                let recovered = since.map(|_| recovery.missed.is_some());
+                if let Some(recovered) = recovered {
+                    let outcome = if recovered {
+                        "recovered"
+                    } else {
+                        "not_recovered"
+                    };
+                    metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
+                }
+                Ok(Catchup {
+                    position: Some(recovery.position),
+                    recovered,
+                    missed: recovery.missed.unwrap_or_default(),
+                })
+            }
+            Err(_) if since.is_some() => {
+                metrics::counter!(m::RECOVERIES, "outcome" => "unavailable").increment(1);
+                Err(JoinRefusal::Unavailable)
+            }
+            Err(_) => Ok(Catchup::default()),
+        }
+    }
+
+    /// Puts a channel in place: replaces the topic's old channel (returned) or adds it.
+    fn install(&mut self, shared: &Arc<str>, channel: Channel) -> Option<Channel> {
+        match self.index(shared) {
+            Some(i) => Some(std::mem::replace(&mut self.channels[i].1, channel)),
+            None => {
+                if self.transport == Transport::Socket {
+                    metrics::gauge!(m::CHANNELS_JOINED, "family" => channel.family.label())
+                        .increment(1.0);
+                }
+                self.channels.push((shared.clone(), channel));
+                None
+            }
+        }
     }
 
     /// Leaves a topic: unsubscribes, untracks presence; returns the channel that was left.

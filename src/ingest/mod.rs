@@ -189,7 +189,7 @@ impl Pipeline {
     /// The schema check of an HTTP publish route, before it publishes: under `enforce` an
     /// envelope its type's schema rejects is refused (the route answers 422 with the reason) and
     /// kept as a dead letter; otherwise it goes on (ingest counts it on every instance).
-    pub fn refuse_invalid(&self, accepted: &publish::Accepted) -> Result<(), Violation> {
+    pub fn refuse_invalid(&self, accepted: &Envelope) -> Result<(), Violation> {
         if self.schemas != SchemaMode::Enforce {
             return Ok(());
         }

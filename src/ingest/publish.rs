@@ -2,13 +2,12 @@
 //! complete it into an envelope, and publish it to Redis so every hub instance delivers it —
 //! or deliver it locally when Redis is unavailable.
 
-use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{Pipeline, Source};
-use crate::limits::{MAX_EVENT_BYTES, MAX_ID_BYTES};
+use crate::envelope::{self, DropReason, Envelope};
 use crate::logsafe::LogSafe;
 use crate::redis::{RedisError, RedisLink};
 
@@ -27,17 +26,6 @@ pub enum Rejection {
     UnsupportedVersion,
     #[error("fields too long: {}", .0.join(", "))]
     TooLong(Vec<&'static str>),
-}
-
-/// A completed envelope ready to publish.
-#[derive(Debug, Clone)]
-pub struct Accepted {
-    pub id: String,
-    pub org_id: String,
-    pub event_type: String,
-    pub raw: Bytes,
-    /// The completed envelope, parsed (what `raw` serializes): the catalogue checks it.
-    pub document: Value,
 }
 
 /// Redis was connected but the PUBLISH failed or timed out: it may or may not have reached
@@ -64,14 +52,36 @@ impl Delivery {
     }
 }
 
-fn non_empty_string(object: &Map<String, Value>, name: &str) -> Option<bool> {
-    object
-        .get(name)
-        .map(|value| matches!(value, Value::String(s) if !s.trim().is_empty()))
+/// Fields HTTP publishers may leave out: the hub fills them before validating.
+const DEFAULTED: [&str; 3] = ["user_id", "id", "published_at"];
+
+impl From<DropReason> for Rejection {
+    /// The envelope rules' verdict in the HTTP routes' words: a field the hub cannot fill in is
+    /// "missing", a field it would have filled but was given in the wrong shape is "invalid".
+    fn from(reason: DropReason) -> Self {
+        match reason {
+            DropReason::InvalidJson => Rejection::MalformedJson,
+            DropReason::NotAnObject => Rejection::NotAnObject,
+            DropReason::UnsupportedVersion(_) => Rejection::UnsupportedVersion,
+            DropReason::TooLong(fields) => Rejection::TooLong(fields),
+            DropReason::InvalidFields(fields) => {
+                let (defaulted, required): (Vec<_>, Vec<_>) = fields
+                    .into_iter()
+                    .partition(|name| DEFAULTED.contains(name));
+                if required.is_empty() {
+                    Rejection::InvalidFields(defaulted)
+                } else {
+                    Rejection::MissingFields(required)
+                }
+            }
+        }
+    }
 }
 
-/// Validates a body and fills in `id` (uuid), `published_at` and `user_id` ("system").
-pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
+/// Fills in `id` (uuid), `published_at` (now) and `user_id` ("system") where the body leaves
+/// them out, then validates with the envelope rules every subscriber applies
+/// ([`envelope::from_object`]), so what HTTP accepts every instance accepts.
+pub fn complete_envelope(body: &[u8]) -> Result<Envelope, Rejection> {
     let value: Value = serde_json::from_slice(body).map_err(|_| Rejection::MalformedJson)?;
     let Value::Object(mut object) = value else {
         return Err(Rejection::NotAnObject);
@@ -86,76 +96,25 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
             "$serde_json::private::RawValue",
         ]));
     }
-
-    let mut missing = Vec::new();
-    for name in ["type", "org_id"] {
-        if non_empty_string(&object, name) != Some(true) {
-            missing.push(name);
-        }
-    }
-    if !missing.is_empty() {
-        return Err(Rejection::MissingFields(missing));
-    }
-    match object.get("version") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(v)) if v == "1" => {}
-        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
-        Some(_) => return Err(Rejection::UnsupportedVersion),
-    }
-    if non_empty_string(&object, "user_id") == Some(false)
-        && object.get("user_id") != Some(&Value::Null)
-    {
-        return Err(Rejection::InvalidFields(vec!["user_id"]));
-    }
-    if !matches!(object.get("user_id"), Some(Value::String(_))) {
+    if matches!(object.get("user_id"), None | Some(Value::Null)) {
         object.insert("user_id".into(), Value::String("system".into()));
     }
-    let id = match object.get("id") {
-        Some(Value::String(id)) if !id.is_empty() => id.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        _ => {
-            let id = uuid::Uuid::new_v4().to_string();
-            object.insert("id".into(), Value::String(id.clone()));
-            id
-        }
+    let has_id = match object.get("id") {
+        Some(Value::String(id)) => !id.is_empty(),
+        Some(Value::Number(_)) => true,
+        _ => false,
     };
+    if !has_id {
+        let id = uuid::Uuid::new_v4().to_string();
+        object.insert("id".into(), Value::String(id));
+    }
     if !matches!(object.get("published_at"), Some(Value::String(_))) {
         let now = OffsetDateTime::now_utc()
             .format(&Rfc3339)
             .expect("UTC time formats as RFC 3339");
         object.insert("published_at".into(), Value::String(now));
     }
-    let org_id = object["org_id"].as_str().expect("validated").to_string();
-    let event_type = object["type"].as_str().expect("validated").to_string();
-    let mut too_long = Vec::new();
-    for (name, value, cap) in [
-        ("type", event_type.as_str(), MAX_EVENT_BYTES),
-        ("org_id", org_id.as_str(), MAX_ID_BYTES),
-        ("id", id.as_str(), MAX_ID_BYTES),
-    ] {
-        if value.len() > cap {
-            too_long.push(name);
-        }
-    }
-    if let Some(Value::String(user_id)) = object.get("user_id") {
-        if user_id.len() > MAX_ID_BYTES {
-            too_long.push("user_id");
-        }
-    }
-    if !too_long.is_empty() {
-        return Err(Rejection::TooLong(too_long));
-    }
-    // What HTTP accepts every subscriber must accept too: the `envelope` fuzz target and
-    // `completes_missing_fields` check that this output decodes.
-    let document = Value::Object(object);
-    let raw = serde_json::to_vec(&document).expect("a JSON value serializes");
-    Ok(Accepted {
-        id,
-        org_id,
-        event_type,
-        raw: raw.into(),
-        document,
-    })
+    Ok(envelope::from_object(object)?)
 }
 
 /// Publishes to Redis. Only when Redis is known to be down (not connected) is the event
@@ -164,7 +123,7 @@ pub fn complete_envelope(body: &[u8]) -> Result<Accepted, Rejection> {
 pub async fn publish(
     link: &RedisLink,
     pipeline: &Pipeline,
-    accepted: Accepted,
+    accepted: Envelope,
 ) -> Result<Delivery, PublishFailure> {
     let channel = super::events_channel(&accepted.org_id);
     match link.publish(channel.clone(), accepted.raw.clone()).await {
@@ -196,7 +155,7 @@ mod tests {
                 .unwrap();
         let value: Value = serde_json::from_slice(&accepted.raw).unwrap();
         assert_eq!(value["user_id"], "system");
-        assert_eq!(value["id"], accepted.id.as_str());
+        assert_eq!(Some(value["id"].as_str().unwrap()), accepted.id.as_deref());
         assert!(value["published_at"].as_str().unwrap().ends_with('Z'));
         assert_eq!(value["payload"]["n"], 1);
         assert!(crate::envelope::decode(accepted.raw).is_ok());
@@ -216,6 +175,41 @@ mod tests {
                 value["published_at"].as_str()
             ),
             (Some("u"), Some("x"), Some("p"))
+        );
+    }
+
+    #[test]
+    fn http_applies_the_envelope_rules_of_every_subscriber() {
+        // One rule set: the same cap and the same version rule refuse on both paths.
+        let long = "x".repeat(crate::limits::MAX_ID_BYTES + 1);
+        let body = serde_json::json!({"type": "t", "org_id": long, "user_id": "u"}).to_string();
+        assert_eq!(
+            complete_envelope(body.as_bytes()).unwrap_err(),
+            Rejection::TooLong(vec!["org_id"])
+        );
+        assert_eq!(
+            envelope::decode(body.into()).unwrap_err(),
+            DropReason::TooLong(vec!["org_id"])
+        );
+        // The version is checked before the fields, on both paths.
+        let body = br#"{"version": 2, "org_id": "o"}"#;
+        assert_eq!(
+            complete_envelope(body).unwrap_err(),
+            Rejection::UnsupportedVersion
+        );
+        assert!(matches!(
+            envelope::decode(body.as_slice().into()).unwrap_err(),
+            DropReason::UnsupportedVersion(_)
+        ));
+        // A field the hub fills in is "invalid" when given in the wrong shape; one it cannot
+        // fill in is "missing".
+        assert_eq!(
+            complete_envelope(br#"{"org_id":"o","user_id":""}"#).unwrap_err(),
+            Rejection::MissingFields(vec!["type"])
+        );
+        assert_eq!(
+            complete_envelope(br#"{"type":"t","org_id":"o","user_id":"  "}"#).unwrap_err(),
+            Rejection::InvalidFields(vec!["user_id"])
         );
     }
 

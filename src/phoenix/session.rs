@@ -155,34 +155,44 @@ where
     }
 }
 
+impl Session {
+    /// Registers the socket's subscriber and its push budgets.
+    fn new(deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated) -> Self {
+        let sub = Subscriber::register(deps.clone(), Transport::Socket, &auth.identity);
+        let (id, outbox) = (sub.id(), sub.outbox().clone());
+        let limits = &deps.limits;
+        let pushes = TokenBucket::new(
+            limits
+                .max_pushes_per_second
+                .map(|rate| (rate as f64, rate as f64)),
+        );
+        let control = TokenBucket::new(limits.max_pushes_per_second.map(|rate| {
+            let burst = 2.0 * limits.max_channels_per_socket as f64 + rate as f64;
+            (rate as f64, burst)
+        }));
+        Session {
+            deps,
+            sub,
+            id,
+            outbox,
+            vsn,
+            pushes,
+            control,
+            auth,
+            pending: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
 async fn serve<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
     E: TransportError,
 {
-    let sub = Subscriber::register(deps.clone(), Transport::Socket, &auth.identity);
-    let (id, outbox) = (sub.id(), sub.outbox().clone());
-    metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "accepted").increment(1);
     let limits = deps.limits.clone();
-    let mut session = Session {
-        deps,
-        sub,
-        id,
-        outbox,
-        vsn,
-        pushes: TokenBucket::new(
-            limits
-                .max_pushes_per_second
-                .map(|rate| (rate as f64, rate as f64)),
-        ),
-        control: TokenBucket::new(limits.max_pushes_per_second.map(|rate| {
-            let burst = 2.0 * limits.max_channels_per_socket as f64 + rate as f64;
-            (rate as f64, burst)
-        })),
-        auth,
-        pending: Vec::new(),
-        scratch: Vec::new(),
-    };
+    let mut session = Session::new(deps, vsn, auth);
+    metrics::counter!(m::SOCKET_CONNECTS, "outcome" => "accepted").increment(1);
 
     // The idle timer is not moved on every inbound message (a timer-wheel update per heartbeat
     // for every socket): messages only record when they came, and when the timer fires early
@@ -242,6 +252,15 @@ where
         close(&mut socket, code, text).await;
     }
     // `session` drops here: its subscriber leaves every topic and presence.
+}
+
+/// Why [`Session::join_gate`] refused a join: the metric's labels and the reply's reason.
+struct JoinGateRefusal {
+    family: &'static str,
+    outcome: &'static str,
+    reason: &'static str,
+    /// False for an unmatched topic: no channel of the client's, so its error carries no ref.
+    names_a_channel: bool,
 }
 
 /// What a join's params ask for besides the topic.
@@ -474,6 +493,47 @@ impl Session {
         }
     }
 
+    /// The checks before a join touches anything: a known topic, room for one more channel,
+    /// the identity's right to it (and no revocation), and well-formed params.
+    fn join_gate(
+        &self,
+        topic: &str,
+        params: &InboundPayload,
+    ) -> Result<(Topic, JoinParams), JoinGateRefusal> {
+        let refuse = |family: &'static str, outcome, reason| JoinGateRefusal {
+            family,
+            outcome,
+            reason,
+            names_a_channel: true,
+        };
+        let Some(family) = Topic::parse(topic) else {
+            return Err(JoinGateRefusal {
+                names_a_channel: false,
+                ..refuse("none", "unmatched_topic", "unmatched topic")
+            });
+        };
+        let label = family.label();
+        if !self.sub.contains(topic) && self.sub.len() >= self.deps.limits.max_channels_per_socket {
+            return Err(refuse(
+                label,
+                "too_many_channels",
+                "too many channels joined",
+            ));
+        }
+        if !family.may_join(&self.auth.identity) {
+            return Err(refuse(label, "unauthorized", "unauthorized"));
+        }
+        if let Some(org) = family.org() {
+            if self.deps.revocations.refuses_join(&self.auth, org) {
+                return Err(refuse(label, "revoked", "unauthorized"));
+            }
+        }
+        let Ok(params) = join_params(params) else {
+            return Err(refuse(label, "invalid_params", "invalid_params"));
+        };
+        Ok((family, params))
+    }
+
     async fn on_join(
         &mut self,
         join_ref: Option<&str>,
@@ -481,38 +541,17 @@ impl Session {
         topic: &str,
         params: InboundPayload,
     ) {
-        let Some(family) = Topic::parse(topic) else {
-            metrics::counter!(m::CHANNEL_JOINS, "family" => "none", "outcome" => "unmatched_topic")
-                .increment(1);
-            self.error_reply(None, msg_ref, topic, "unmatched topic");
-            return;
-        };
-        let label = family.label();
-        if !self.sub.contains(topic) && self.sub.len() >= self.deps.limits.max_channels_per_socket {
-            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "too_many_channels").increment(1);
-            self.error_reply(join_ref, msg_ref, topic, "too many channels joined");
-            return;
-        }
-        if !family.may_join(&self.auth.identity) {
-            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "unauthorized")
-                .increment(1);
-            self.error_reply(join_ref, msg_ref, topic, "unauthorized");
-            return;
-        }
-        if let Some(org) = family.org() {
-            if self.deps.revocations.refuses_join(&self.auth, org) {
-                metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "revoked")
+        let (family, JoinParams { since, types }) = match self.join_gate(topic, &params) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                metrics::counter!(m::CHANNEL_JOINS, "family" => refused.family, "outcome" => refused.outcome)
                     .increment(1);
-                self.error_reply(join_ref, msg_ref, topic, "unauthorized");
+                let join_ref = join_ref.filter(|_| refused.names_a_channel);
+                self.error_reply(join_ref, msg_ref, topic, refused.reason);
                 return;
             }
-        }
-        let Ok(JoinParams { since, types }) = join_params(&params) else {
-            metrics::counter!(m::CHANNEL_JOINS, "family" => label, "outcome" => "invalid_params")
-                .increment(1);
-            self.error_reply(join_ref, msg_ref, topic, "invalid_params");
-            return;
         };
+        let label = family.label();
         crate::fault::on_join(topic);
         let joined = self
             .sub
@@ -680,36 +719,83 @@ impl Session {
         let mut messages = std::mem::take(&mut self.scratch);
         messages.append(&mut self.pending);
         for scope in drained.revoked.drain(..) {
-            match scope {
-                crate::auth::Scope::All => {
-                    return Err(Ending::closed("revoked", close_code::POLICY, "revoked"));
-                }
-                crate::auth::Scope::Org(org) => {
-                    // phoenix.js leaves a channel on `phx_close` and does not rejoin it.
-                    let topics: Vec<Arc<str>> = self
-                        .sub
-                        .channels()
-                        .filter(|(_, c)| c.family.org() == Some(&org))
-                        .map(|(topic, _)| topic.clone())
-                        .collect();
-                    for topic in topics {
-                        if let Some(channel) = self.sub.leave(&topic) {
-                            messages.push(self.lifecycle(
-                                channel.join_ref.as_deref(),
-                                &topic,
-                                "phx_close",
-                            ));
-                        }
-                    }
-                }
+            self.apply_revocation(scope, &mut messages)?;
+        }
+        let resync = self.notice_drops(&mut drained.dropped, &mut messages);
+        if let Some(first) = drained.frames.first() {
+            if self.id % 16 == 0 {
+                self.deps
+                    .metrics
+                    .publish_to_send
+                    .record(first.published_at.elapsed().as_secs_f64());
             }
         }
-        let mut resync: Vec<(Arc<str>, Option<String>)> = Vec::new();
-        for (topic, count) in drained.dropped.drain(..) {
+        self.encode_frames(&mut drained.frames, &mut messages);
+        drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
+        for (topic, join_ref) in resync {
+            metrics::counter!(m::PRESENCE_RESYNCS).increment(1);
+            Box::pin(self.push_presence_state(join_ref.as_deref(), &topic)).await;
+            messages.append(&mut self.pending);
+        }
+        if !messages.is_empty() {
+            self.write_all(socket, &mut messages).await?;
+        }
+        messages.shrink_to(4);
+        self.scratch = messages;
+        match drained.closing.take() {
+            Some(CloseReason::Restart) => Err(Ending::closed(
+                "server_restart",
+                close_code::SERVICE_RESTART,
+                "server restarting",
+            )),
+            Some(CloseReason::GoingAway) => Err(Ending::closed(
+                "server_going_away",
+                close_code::GOING_AWAY,
+                "server going away",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A revocation that reached this socket: every grant ends the session; an org's ends its
+    /// topics of that org with `phx_close` (phoenix.js leaves the channel and does not rejoin).
+    fn apply_revocation(
+        &mut self,
+        scope: crate::auth::Scope,
+        messages: &mut Vec<Message>,
+    ) -> Result<(), Ending> {
+        let org = match scope {
+            crate::auth::Scope::All => {
+                return Err(Ending::closed("revoked", close_code::POLICY, "revoked"));
+            }
+            crate::auth::Scope::Org(org) => org,
+        };
+        let topics: Vec<Arc<str>> = self
+            .sub
+            .channels()
+            .filter(|(_, c)| c.family.org() == Some(&org))
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in topics {
+            if let Some(channel) = self.sub.leave(&topic) {
+                messages.push(self.lifecycle(channel.join_ref.as_deref(), &topic, "phx_close"));
+            }
+        }
+        Ok(())
+    }
+
+    /// An `events_dropped` notice per topic that lost broadcasts to a full outbox; returns the
+    /// presence topics whose whole state must be sent again (a lost `presence_diff` would leave
+    /// the client's list wrong for good; phoenix.js re-syncs on a `presence_state`).
+    fn notice_drops(
+        &self,
+        dropped: &mut Vec<(Arc<str>, u64)>,
+        messages: &mut Vec<Message>,
+    ) -> Vec<(Arc<str>, Option<String>)> {
+        let mut resync = Vec::new();
+        for (topic, count) in dropped.drain(..) {
             if let Some(joined) = self.sub.get(&topic) {
                 if joined.presence.is_some() {
-                    // A lost `presence_diff` would leave the client's list wrong for good: send
-                    // the whole state again after what is queued (phoenix.js re-syncs on it).
                     resync.push((topic.clone(), joined.join_ref.clone()));
                 }
             }
@@ -723,22 +809,23 @@ impl Session {
                 payload.as_bytes(),
             )));
         }
-        if let Some(first) = drained.frames.first() {
-            if self.id % 16 == 0 {
-                self.deps
-                    .metrics
-                    .publish_to_send
-                    .record(first.published_at.elapsed().as_secs_f64());
-            }
-        }
+        resync
+    }
+
+    /// Encodes the drained broadcasts for the channels still joined, skipping what a channel
+    /// has already seen or filters out; a topic with a gap gets nothing after the gap and a
+    /// `phx_error` (phoenix.js rejoins with `since`, so the rejoin reports `recovered: false`).
+    fn encode_frames(
+        &mut self,
+        frames: &mut Vec<Arc<BroadcastFrame>>,
+        messages: &mut Vec<Message>,
+    ) {
         // Consecutive frames usually share a topic: its channel is looked up once per run.
         let mut current: Option<(Arc<str>, Option<&mut Channel>)> = None;
         let mut gaps: Vec<Arc<str>> = Vec::new();
         let mut filtered = 0u64;
-        for frame in drained.frames.drain(..) {
+        for frame in frames.drain(..) {
             if frame.gap || gaps.iter().any(|t| Arc::ptr_eq(t, &frame.topic)) {
-                // Nothing of a topic with a gap is sent after it: the client's `since` must stay
-                // before the gap, so its rejoin reports `recovered: false`.
                 if frame.gap && !gaps.iter().any(|t| Arc::ptr_eq(t, &frame.topic)) {
                     gaps.push(frame.topic.clone());
                 }
@@ -775,34 +862,9 @@ impl Session {
             metrics::counter!(m::TYPE_FILTERED).increment(filtered);
         }
         for topic in gaps {
-            // phoenix.js answers `phx_error` by rejoining with its params (and `since`).
             if let Some(channel) = self.sub.leave(&topic) {
                 messages.push(self.lifecycle(channel.join_ref.as_deref(), &topic, "phx_error"));
             }
-        }
-        drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
-        for (topic, join_ref) in resync {
-            metrics::counter!(m::PRESENCE_RESYNCS).increment(1);
-            Box::pin(self.push_presence_state(join_ref.as_deref(), &topic)).await;
-            messages.append(&mut self.pending);
-        }
-        if !messages.is_empty() {
-            self.write_all(socket, &mut messages).await?;
-        }
-        messages.shrink_to(4);
-        self.scratch = messages;
-        match drained.closing.take() {
-            Some(CloseReason::Restart) => Err(Ending::closed(
-                "server_restart",
-                close_code::SERVICE_RESTART,
-                "server restarting",
-            )),
-            Some(CloseReason::GoingAway) => Err(Ending::closed(
-                "server_going_away",
-                close_code::GOING_AWAY,
-                "server going away",
-            )),
-            None => Ok(()),
         }
     }
 

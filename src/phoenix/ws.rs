@@ -285,6 +285,11 @@ impl<S> WsStream<S> {
         for (i, byte) in frame.iter_mut().enumerate() {
             *byte ^= mask[i & 3];
         }
+        self.on_frame(opcode, fin, frame)
+    }
+
+    /// One unmasked frame: a whole message, a fragment, or a control frame.
+    fn on_frame(&mut self, opcode: u8, fin: bool, frame: BytesMut) -> Result<Step, WsError> {
         match opcode {
             0x1 | 0x2 if fin => Ok(Step::Item(Parsed::Data(opcode, frame.freeze()))),
             0x1 | 0x2 => {
@@ -317,28 +322,7 @@ impl<S> WsStream<S> {
                     Ok(Step::Again)
                 }
             }
-            0x8 => {
-                let close = match frame.len() {
-                    0 => None,
-                    1 => return Err(WsError::Protocol("close frame of one byte")),
-                    _ => {
-                        let code = u16::from_be_bytes([frame[0], frame[1]]);
-                        let reason = Utf8Bytes::try_from(frame.split_off(2).freeze())
-                            .map_err(|_| WsError::InvalidUtf8)?;
-                        if !is_valid_close_code(code) {
-                            return Err(WsError::Protocol("invalid close code"));
-                        }
-                        Some(CloseFrame { code, reason })
-                    }
-                };
-                // Answered once, with the client's (valid) code.
-                let echo = close.as_ref().map(|c| CloseFrame {
-                    code: c.code,
-                    reason: Utf8Bytes::default(),
-                });
-                self.put_close(echo.as_ref());
-                Ok(Step::Item(Parsed::Close(close)))
-            }
+            0x8 => self.on_close(frame),
             0x9 => {
                 if !self.close_sent {
                     self.put_frame(0xA, &frame);
@@ -348,6 +332,30 @@ impl<S> WsStream<S> {
             // 0xA: a pong is ignored.
             _ => Ok(Step::Again),
         }
+    }
+
+    /// A close frame: its code and reason are checked, and it is echoed once.
+    fn on_close(&mut self, mut frame: BytesMut) -> Result<Step, WsError> {
+        let close = match frame.len() {
+            0 => None,
+            1 => return Err(WsError::Protocol("close frame of one byte")),
+            _ => {
+                let code = u16::from_be_bytes([frame[0], frame[1]]);
+                let reason = Utf8Bytes::try_from(frame.split_off(2).freeze())
+                    .map_err(|_| WsError::InvalidUtf8)?;
+                if !is_valid_close_code(code) {
+                    return Err(WsError::Protocol("invalid close code"));
+                }
+                Some(CloseFrame { code, reason })
+            }
+        };
+        // Answered once, with the client's (valid) code.
+        let echo = close.as_ref().map(|c| CloseFrame {
+            code: c.code,
+            reason: Utf8Bytes::default(),
+        });
+        self.put_close(echo.as_ref());
+        Ok(Step::Item(Parsed::Close(close)))
     }
 }
 

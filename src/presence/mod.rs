@@ -663,44 +663,7 @@ impl Presence {
     /// Writes each changed topic's joins and leaves (or its full list) in one script call.
     pub async fn flush(&self) {
         let _one_at_a_time = self.flushing.lock().await;
-        let batches: Vec<(Arc<str>, Batch)> = {
-            let mut topics = self.topics.lock().expect("presence lock");
-            let mut batches = Vec::new();
-            topics.retain(|topic, local| {
-                if local.dirty() {
-                    local.exposed = false;
-                    let batch = if std::mem::take(&mut local.resync) {
-                        local.joins.clear();
-                        local.leaves.clear();
-                        Batch::Sync(
-                            local
-                                .members
-                                .iter()
-                                .map(|(r, m)| (r.clone(), m.clone()))
-                                .collect(),
-                        )
-                    } else {
-                        let joins = std::mem::take(&mut local.joins)
-                            .into_iter()
-                            .filter_map(|r| local.members.get(&r).cloned().map(|m| (r, m)))
-                            .collect();
-                        Batch::Changes {
-                            leaves: std::mem::take(&mut local.leaves)
-                                .into_iter()
-                                .map(|(r, _)| r)
-                                .collect(),
-                            joins,
-                        }
-                    };
-                    batches.push((topic.clone(), batch));
-                    true
-                } else {
-                    // Nothing tracked and nothing to tell: forget the topic.
-                    !local.members.is_empty()
-                }
-            });
-            batches
-        };
+        let batches = self.take_batches();
         if batches.is_empty() {
             return;
         }
@@ -708,26 +671,9 @@ impl Presence {
             self.failed(batches.into_iter().map(|(topic, _)| topic));
             return;
         };
-        // The topics this instance has members on, before any entry is written there: a sweep
-        // of this instance must find every topic it touched.
-        let announced: Vec<String> = batches
-            .iter()
-            .filter(|(_, batch)| match batch {
-                Batch::Changes { joins, .. } => !joins.is_empty(),
-                Batch::Sync(members) => !members.is_empty(),
-            })
-            .map(|(topic, _)| topic.to_string())
-            .collect();
-        if !announced.is_empty() {
-            let added = tokio::time::timeout(
-                COMMAND_TIMEOUT,
-                client.sadd::<i64, _, _>(topics_key(&self.instance), announced),
-            )
-            .await;
-            if !matches!(added, Ok(Ok(_))) {
-                self.failed(batches.into_iter().map(|(topic, _)| topic));
-                return;
-            }
+        if !self.announce(&client, &batches).await {
+            self.failed(batches.into_iter().map(|(topic, _)| topic));
+            return;
         }
         use futures_util::StreamExt;
         let results =
@@ -753,6 +699,73 @@ impl Presence {
             }
         }
         self.failed(failed.into_iter());
+    }
+
+    /// Takes every dirty topic's changes (or its whole state, after a failed write) and
+    /// forgets the topics with nothing tracked and nothing to tell.
+    fn take_batches(&self) -> Vec<(Arc<str>, Batch)> {
+        let mut topics = self.topics.lock().expect("presence lock");
+        let mut batches = Vec::new();
+        topics.retain(|topic, local| {
+            if local.dirty() {
+                local.exposed = false;
+                let batch = if std::mem::take(&mut local.resync) {
+                    local.joins.clear();
+                    local.leaves.clear();
+                    Batch::Sync(
+                        local
+                            .members
+                            .iter()
+                            .map(|(r, m)| (r.clone(), m.clone()))
+                            .collect(),
+                    )
+                } else {
+                    let joins = std::mem::take(&mut local.joins)
+                        .into_iter()
+                        .filter_map(|r| local.members.get(&r).cloned().map(|m| (r, m)))
+                        .collect();
+                    Batch::Changes {
+                        leaves: std::mem::take(&mut local.leaves)
+                            .into_iter()
+                            .map(|(r, _)| r)
+                            .collect(),
+                        joins,
+                    }
+                };
+                batches.push((topic.clone(), batch));
+                true
+            } else {
+                // Nothing tracked and nothing to tell: forget the topic.
+                !local.members.is_empty()
+            }
+        });
+        batches
+    }
+
+    /// Records the topics this instance has members on, before any entry is written there: a
+    /// sweep of this instance must find every topic it touched. False when Redis refused.
+    async fn announce(
+        &self,
+        client: &fred::clients::Client,
+        batches: &[(Arc<str>, Batch)],
+    ) -> bool {
+        let announced: Vec<String> = batches
+            .iter()
+            .filter(|(_, batch)| match batch {
+                Batch::Changes { joins, .. } => !joins.is_empty(),
+                Batch::Sync(members) => !members.is_empty(),
+            })
+            .map(|(topic, _)| topic.to_string())
+            .collect();
+        if announced.is_empty() {
+            return true;
+        }
+        let added = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            client.sadd::<i64, _, _>(topics_key(&self.instance), announced),
+        )
+        .await;
+        matches!(added, Ok(Ok(_)))
     }
 
     async fn write(&self, topic: &str, batch: Batch) -> Result<Vec<String>, RedisError> {

@@ -11,10 +11,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-fn envelope(org: &str, event_type: &str, id: &str, payload: Value) -> Value {
-    json!({"type": event_type, "org_id": org, "user_id": "u9", "id": id, "payload": payload})
-}
-
 /// `prostaff-events dead-letters <args>` against `redis`: (exit ok, stdout).
 fn dead_letters_cli(redis: &RedisServer, args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_prostaff-events"))
@@ -48,12 +44,10 @@ async fn warn_delivers_an_invalid_event_counts_it_and_logs_where_never_what() {
     let mut phx = Phx::org_member(&hub, &org).await;
     let topic = format!("org_events:{org}");
     // `team_goal.at_risk` with a goal_id that is an object: the schema says string or integer.
-    let invalid = envelope(
-        &org,
-        "team_goal.at_risk",
-        "warn-1",
-        json!({"goal_id": {"secret": "s3cr3t-warn"}}),
-    );
+    let invalid = Event::new(&org, "team_goal.at_risk")
+        .id("warn-1")
+        .payload(json!({"goal_id": {"secret": "s3cr3t-warn"}}))
+        .json();
     publish_event(&redis, &org, invalid, 1).await;
     let frame = phx.event(&topic, "team_goal.at_risk").await;
     assert_eq!(frame[4]["payload"]["goal_id"]["secret"], "s3cr3t-warn");
@@ -64,7 +58,10 @@ async fn warn_delivers_an_invalid_event_counts_it_and_logs_where_never_what() {
     assert!(invalid_count(&before, "type=\"team_goal.at_risk\"") >= 1.0);
     // An unknown type is delivered too, and counted as `unknown` (a label other tests share:
     // the count must grow across this event).
-    let unknown = envelope(&org, "scraper.warn_test", "warn-2", json!({}));
+    let unknown = Event::new(&org, "scraper.warn_test")
+        .id("warn-2")
+        .payload(json!({}))
+        .json();
     publish_event(&redis, &org, unknown, 1).await;
     phx.event(&topic, "scraper.warn_test").await;
     let after = hub.metrics().await;
@@ -89,32 +86,25 @@ async fn warn_delivers_an_invalid_event_counts_it_and_logs_where_never_what() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enforce_drops_into_one_dead_letter_per_drop_across_hubs_and_replay_delivers() {
     let redis = RedisServer::start();
-    let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
-    config.event_schemas = SchemaMode::Enforce;
-    let a = TestHub::ready(config.clone()).await;
-    let b = TestHub::ready(config).await;
+    let (a, b) = two_hubs_with(&redis, |config| config.event_schemas = SchemaMode::Enforce).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let mut phx = Phx::org_member(&a, &org).await;
 
     // A walkover without its tournament_id, and bytes that are not JSON; then a valid event.
-    let invalid = envelope(
-        &org,
-        "tournament_match.walkover",
-        "enf-1",
-        json!({"note": "s3cr3t-enforce"}),
-    );
+    let invalid = Event::new(&org, "tournament_match.walkover")
+        .id("enf-1")
+        .payload(json!({"note": "s3cr3t-enforce"}))
+        .json();
     publish_event(&redis, &org, invalid, 2).await;
     redis.publish(
         &format!("prostaff:events:{org}"),
         "{\"s3cr3t-enforce\": not json",
     );
-    let valid = envelope(
-        &org,
-        "team_goal.completed",
-        "enf-3",
-        json!({"goal_id": "g1"}),
-    );
+    let valid = Event::new(&org, "team_goal.completed")
+        .id("enf-3")
+        .payload(json!({"goal_id": "g1"}))
+        .json();
     publish_event(&redis, &org, valid, 2).await;
     // The valid event is the first and only broadcast: the dropped ones never reached clients.
     let first = phx.recv().await;
@@ -217,12 +207,10 @@ async fn off_skips_validation_and_the_catalogue_is_served() {
         "prostaff_events_invalid_total",
         &["type=\"roster.player_hired\""],
     );
-    let invalid = envelope(
-        &org,
-        "roster.player_hired",
-        "off-1",
-        json!({"player_id": false}),
-    );
+    let invalid = Event::new(&org, "roster.player_hired")
+        .id("off-1")
+        .payload(json!({"player_id": false}))
+        .json();
     publish_event(&redis, &org, invalid, 1).await;
     phx.event(&format!("org_events:{org}"), "roster.player_hired")
         .await;
@@ -299,7 +287,10 @@ async fn type_filters_over_websocket_recover_exactly_across_two_hubs() {
     let publish = |n: usize| {
         let (event_type, mut payload) = kinds[(n - 1) % kinds.len()].clone();
         payload["n"] = json!(n);
-        envelope(&org, event_type, &format!("{org}-f{n}"), payload)
+        Event::new(&org, event_type)
+            .id(&format!("{org}-f{n}"))
+            .payload(payload)
+            .json()
     };
     for n in 1..=4 {
         publish_event(&redis, &org, publish(n), 2).await;
@@ -343,12 +334,10 @@ async fn a_filter_never_hides_queue_updates_and_they_match_their_schema() {
     let topic = format!("inhouse:{org}");
     let reply = phx.join(&topic, json!({"types": ["no_such.type"]})).await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
-    let opened = envelope(
-        &org,
-        "inhouse.queue_opened",
-        "q-open",
-        json!({"queue_id": "q1", "entries": [{"player_id": "p1", "role": "top"}]}),
-    );
+    let opened = Event::new(&org, "inhouse.queue_opened")
+        .id("q-open")
+        .payload(json!({"queue_id": "q1", "entries": [{"player_id": "p1", "role": "top"}]}))
+        .json();
     publish_event(&redis, &org, opened, 1).await;
     let update = phx.event(&topic, "queue_update").await;
     // The envelope itself is filtered out; its queue_update is not.

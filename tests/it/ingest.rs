@@ -8,10 +8,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-fn envelope(event_type: &str, org: &str, user: &str, payload: Value) -> String {
-    json!({"id": unique("evt"), "type": event_type, "org_id": org, "user_id": user, "payload": payload, "published_at": "2026-11-22T10:00:00Z"}).to_string()
-}
-
 async fn notify(hub: &TestHub, body: Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(hub.http("/events/notify"))
@@ -57,7 +53,10 @@ async fn routing_matrix_observed_by_joined_sockets() {
         ("scrim_request.accepted", json!({}), vec!["org_events"]),
     ];
     for (event_type, payload, expected) in cases {
-        let message = envelope(event_type, &org, &user, payload);
+        let message = Event::new(&org, event_type)
+            .user(&user)
+            .payload(payload)
+            .text();
         assert!(
             redis
                 .publish_when_subscribed(&format!("prostaff:events:{org}"), &message, 1)
@@ -222,7 +221,10 @@ async fn redis_restart_mid_test() {
         ready_status(&hub).await.0 == 200
     })
     .await;
-    let message = envelope("roster.player_removed", &org, "u1", json!({"n": 1}));
+    let message = Event::new(&org, "roster.player_removed")
+        .user("u1")
+        .payload(json!({"n": 1}))
+        .text();
     assert!(
         redis
             .publish_when_subscribed(&format!("prostaff:events:{org}"), &message, 1)

@@ -170,10 +170,7 @@ impl Member {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_on_two_hubs_see_each_other_and_tabs_are_metas() {
     let redis = RedisServer::start();
-    let a = TestHub::with_redis(&redis).await;
-    let b = TestHub::with_redis(&redis).await;
-    a.wait_redis_ready().await;
-    b.wait_redis_ready().await;
+    let (a, b) = two_hubs(&redis).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
 

@@ -17,29 +17,16 @@ fn position_of(frame: &Value) -> Position {
         .unwrap_or_else(|| panic!("broadcast without a position: {frame}"))
 }
 
-async fn two_hubs(redis: &RedisServer, history_size: usize) -> (TestHub, TestHub) {
-    let mut hubs = Vec::new();
-    for _ in 0..2 {
-        let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
-        config.history_size = history_size;
-        let hub = TestHub::start(config).await;
-        hub.wait_redis_ready().await;
-        hubs.push(hub);
-    }
-    let b = hubs.pop().unwrap();
-    (hubs.pop().unwrap(), b)
-}
-
-fn event(org: &str, n: usize) -> String {
-    json!({"type": "player.transferred", "org_id": org, "user_id": "u", "id": format!("{org}-{n}"), "payload": {"n": n}}).to_string()
-}
-
 /// Publishes events `range` on the org's channel once `hubs` hubs listen.
 async fn publish_range(redis: &RedisServer, org: &str, range: std::ops::Range<usize>, hubs: i64) {
     for n in range {
         assert!(
             redis
-                .publish_when_subscribed(&format!("prostaff:events:{org}"), &event(org, n), hubs)
+                .publish_when_subscribed(
+                    &format!("prostaff:events:{org}"),
+                    &Event::numbered(org, n).text(),
+                    hubs
+                )
                 .await
         );
     }
@@ -83,7 +70,7 @@ async fn join_since(phx: &mut Phx, topic: &str, since: Option<&Position>) -> Val
 #[tokio::test]
 async fn positions_are_consecutive_and_the_same_on_every_hub() {
     let redis = RedisServer::start();
-    let (a, b) = two_hubs(&redis, 300).await;
+    let (a, b) = two_hubs_with(&redis, |config| config.history_size = 300).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let mut on_a = Phx::connect(&a, &user_token("u1", &org)).await;
@@ -125,7 +112,7 @@ async fn positions_are_consecutive_and_the_same_on_every_hub() {
 #[tokio::test]
 async fn a_client_that_missed_ten_events_recovers_them_on_the_other_hub() {
     let redis = RedisServer::start();
-    let (a, b) = two_hubs(&redis, 300).await;
+    let (a, b) = two_hubs_with(&redis, |config| config.history_size = 300).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let (on_a, last_seen) = saw_first_event(&a, &redis, &org, 2).await;
@@ -155,7 +142,7 @@ async fn a_client_that_missed_ten_events_recovers_them_on_the_other_hub() {
     // The payload is the envelope exactly as published.
     assert_eq!(
         missed[0][4],
-        serde_json::from_str::<Value>(&event(&org, 1)).unwrap()
+        serde_json::from_str::<Value>(&Event::numbered(&org, 1).text()).unwrap()
     );
 
     publish_range(&redis, &org, 11..12, 2).await;
@@ -170,7 +157,7 @@ async fn a_client_that_missed_ten_events_recovers_them_on_the_other_hub() {
 #[tokio::test]
 async fn recovery_while_events_keep_coming_has_no_gap_and_no_duplicate() {
     let redis = RedisServer::start();
-    let (a, b) = two_hubs(&redis, 1000).await;
+    let (a, b) = two_hubs_with(&redis, |config| config.history_size = 1000).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let (_on_a, since) = saw_first_event(&a, &redis, &org, 2).await;
@@ -190,7 +177,10 @@ async fn recovery_while_events_keep_coming_has_no_gap_and_no_duplicate() {
         let server = RedisServer::attach(port);
         let mut connection = server.connection();
         for n in 1..301 {
-            connection.publish(&format!("prostaff:events:{org_task}"), &event(&org_task, n));
+            connection.publish(
+                &format!("prostaff:events:{org_task}"),
+                &Event::numbered(&org_task, n).text(),
+            );
             if n % 50 == 0 {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -217,7 +207,7 @@ async fn recovery_while_events_keep_coming_has_no_gap_and_no_duplicate() {
 #[tokio::test]
 async fn more_than_history_size_missed_is_not_recovered() {
     let redis = RedisServer::start();
-    let (a, b) = two_hubs(&redis, 5).await;
+    let (a, b) = two_hubs_with(&redis, |config| config.history_size = 5).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let (mut on_a, since) = saw_first_event(&a, &redis, &org, 2).await;
@@ -299,7 +289,7 @@ async fn a_lost_history_or_a_wrong_epoch_is_not_recovered_and_bad_since_is_refus
 #[tokio::test]
 async fn every_hub_restarted_in_between_still_recovers() {
     let redis = RedisServer::start();
-    let (a, b) = two_hubs(&redis, 300).await;
+    let (a, b) = two_hubs_with(&redis, |config| config.history_size = 300).await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
     let mut phx = Phx::connect(&a, &user_token("u1", &org)).await;
@@ -317,7 +307,7 @@ async fn every_hub_restarted_in_between_still_recovers() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 
-    let (c, _d) = two_hubs(&redis, 300).await;
+    let (c, _d) = two_hubs_with(&redis, |config| config.history_size = 300).await;
     let mut phx = Phx::connect(&c, &user_token("u1", &org)).await;
     assert_eq!(
         join_since(&mut phx, &topic, Some(&since)).await["recovered"],
@@ -334,7 +324,7 @@ async fn every_hub_restarted_in_between_still_recovers() {
 #[tokio::test]
 async fn queue_updates_have_positions_and_recover_too() {
     let redis = RedisServer::start();
-    let (a, b) = two_hubs(&redis, 300).await;
+    let (a, b) = two_hubs_with(&redis, |config| config.history_size = 300).await;
     let org = unique("org");
     let topic = format!("inhouse:{org}");
     let mut coach = Phx::connect(&a, &user_token("coach", &org)).await;

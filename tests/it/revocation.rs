@@ -41,24 +41,6 @@ async fn next_second() {
     .await;
 }
 
-/// An envelope as Rails publishes it, `published_at` now (every hub dates the revocation by it).
-fn envelope(org: &str, event_type: &str, payload: Value) -> String {
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
-    json!({"id": unique("ev"), "type": event_type, "user_id": "rails", "org_id": org,
-        "payload": payload, "published_at": now})
-    .to_string()
-}
-
-async fn two_hubs(redis: &RedisServer) -> (TestHub, TestHub) {
-    let a = TestHub::with_redis(redis).await;
-    let b = TestHub::with_redis(redis).await;
-    a.wait_redis_ready().await;
-    b.wait_redis_ready().await;
-    (a, b)
-}
-
 /// Waits for a `phx_close` on `topic` carrying `join_ref`.
 async fn closed(phx: &mut Phx, topic: &str, join_ref: &str) {
     let frame = phx
@@ -97,7 +79,9 @@ async fn a_roster_removal_takes_the_org_away_on_every_hub_and_nothing_else() {
     // Rails publishes the removal on A's and B's shared Redis (the event is still delivered).
     redis.publish(
         &format!("prostaff:events:{org}"),
-        &envelope(&org, "roster.player_removed", json!({"player_id": "p7"})),
+        &Event::new(&org, "roster.player_removed")
+            .payload(json!({"player_id": "p7"}))
+            .text(),
     );
     closed(&mut on_a, &events, &events_ref_a).await;
     closed(&mut on_a, &inhouse, &inhouse_ref_a).await;

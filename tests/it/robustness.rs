@@ -126,10 +126,7 @@ impl RawWs {
 /// presence; returns (redis, a, b, observer, org).
 async fn two_hubs_with_an_observer() -> (RedisServer, TestHub, TestHub, Phx, String) {
     let redis = RedisServer::start();
-    let a = TestHub::with_redis(&redis).await;
-    let b = TestHub::with_redis(&redis).await;
-    a.wait_redis_ready().await;
-    b.wait_redis_ready().await;
+    let (a, b) = two_hubs(&redis).await;
     let org = unique("org");
     let mut observer = Phx::connect(&b, &user_token("observer", &org)).await;
     observer.presence = true;

@@ -88,10 +88,6 @@ impl SseClient {
     }
 }
 
-fn envelope(org: &str, n: usize) -> String {
-    json!({"type": "player.transferred", "org_id": org, "user_id": "u", "id": format!("{org}-sse-{n}"), "payload": {"n": n}}).to_string()
-}
-
 fn n_of(event: &SseEvent) -> u64 {
     serde_json::from_str::<Value>(&event.data).unwrap()["payload"]["n"]
         .as_u64()
@@ -161,13 +157,13 @@ async fn events_stream_with_ids_and_resume_on_another_hub_with_last_event_id() {
     let channel = format!("prostaff:events:{org}");
     assert!(
         redis
-            .publish_when_subscribed(&channel, &envelope(&org, 0), 2)
+            .publish_when_subscribed(&channel, &Event::numbered(&org, 0).text(), 2)
             .await
     );
     let seen = first.next_named("player.transferred").await;
     assert_eq!(
         serde_json::from_str::<Value>(&seen.data).unwrap(),
-        serde_json::from_str::<Value>(&envelope(&org, 0)).unwrap()
+        serde_json::from_str::<Value>(&Event::numbered(&org, 0).text()).unwrap()
     );
     let resume = seen.id.clone().expect("every event carries a resume token");
     drop(first);
@@ -175,7 +171,7 @@ async fn events_stream_with_ids_and_resume_on_another_hub_with_last_event_id() {
     // A socket on B sees the events live, which means they are in history.
     let mut witness = Phx::org_member(&hubs[1], &org).await;
     for n in 1..11 {
-        redis.publish(&channel, &envelope(&org, n));
+        redis.publish(&channel, &Event::numbered(&org, n).text());
     }
     for _ in 1..11 {
         witness
@@ -199,7 +195,7 @@ async fn events_stream_with_ids_and_resume_on_another_hub_with_last_event_id() {
         (1..11).collect::<Vec<u64>>(),
         "missed events in order"
     );
-    redis.publish(&channel, &envelope(&org, 11));
+    redis.publish(&channel, &Event::numbered(&org, 11).text());
     let live = second.next_named("player.transferred").await;
     assert_eq!(n_of(&live), 11, "then live");
     drop(second);
@@ -212,7 +208,7 @@ async fn events_stream_with_ids_and_resume_on_another_hub_with_last_event_id() {
     let restarted = TestHub::with_redis(&redis).await;
     restarted.wait_redis_ready().await;
     let mut witness = Phx::org_member(&restarted, &org).await;
-    redis.publish(&channel, &envelope(&org, 12));
+    redis.publish(&channel, &Event::numbered(&org, 12).text());
     witness
         .event(&format!("org_events:{org}"), "player.transferred")
         .await;
@@ -304,7 +300,10 @@ async fn a_resume_token_ahead_of_the_topic_does_not_hide_later_events() {
         serde_json::from_str::<Value>(&started.data).unwrap()["recovered"],
         false
     );
-    redis.publish(&format!("prostaff:events:{org}"), &envelope(&org, 1));
+    redis.publish(
+        &format!("prostaff:events:{org}"),
+        &Event::numbered(&org, 1).text(),
+    );
     let event = stream.next_named("player.transferred").await;
     assert_eq!(n_of(&event), 1);
 }

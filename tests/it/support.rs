@@ -881,6 +881,94 @@ impl BinaryHub {
     }
 }
 
+/// The tests' one envelope builder: what Rails publishes on `prostaff:events:{org}`.
+#[derive(Clone)]
+pub struct Event(Value);
+
+impl Event {
+    /// A fresh `id`, `user_id` "rails", `published_at` now (revocations are dated by it) and an
+    /// empty payload.
+    pub fn new(org: &str, event_type: &str) -> Event {
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        Event(
+            json!({"id": unique("ev"), "type": event_type, "org_id": org,
+            "user_id": "rails", "published_at": now, "payload": {}}),
+        )
+    }
+
+    /// Number `n` of a series: `player.transferred` with id `{org}-{n}` and payload `{"n": n}`,
+    /// the same text every time (no `published_at`).
+    pub fn numbered(org: &str, n: usize) -> Event {
+        Event::new(org, "player.transferred")
+            .id(&format!("{org}-{n}"))
+            .payload(json!({ "n": n }))
+            .without("published_at")
+    }
+
+    pub fn payload(self, payload: Value) -> Event {
+        self.set("payload", payload)
+    }
+
+    pub fn id(self, id: &str) -> Event {
+        self.set("id", json!(id))
+    }
+
+    pub fn user(self, user: &str) -> Event {
+        self.set("user_id", json!(user))
+    }
+
+    /// Any member, `null` included (a field left out is `without`).
+    pub fn set(mut self, field: &str, value: Value) -> Event {
+        self.0[field] = value;
+        self
+    }
+
+    pub fn without(mut self, field: &str) -> Event {
+        self.0.as_object_mut().unwrap().remove(field);
+        self
+    }
+
+    pub fn json(self) -> Value {
+        self.0
+    }
+
+    pub fn text(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+/// `n` hubs on `redis` (no Rails), each with `configure` applied, all subscribed.
+pub async fn ready_hubs(
+    redis: &RedisServer,
+    n: usize,
+    configure: impl Fn(&mut Config),
+) -> Vec<TestHub> {
+    let mut hubs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
+        configure(&mut config);
+        hubs.push(TestHub::ready(config).await);
+    }
+    hubs
+}
+
+/// Two subscribed hubs on `redis`, each with `configure` applied.
+pub async fn two_hubs_with(
+    redis: &RedisServer,
+    configure: impl Fn(&mut Config),
+) -> (TestHub, TestHub) {
+    let mut hubs = ready_hubs(redis, 2, configure).await;
+    let b = hubs.pop().unwrap();
+    (hubs.pop().unwrap(), b)
+}
+
+/// Two subscribed hubs on `redis` at the test defaults.
+pub async fn two_hubs(redis: &RedisServer) -> (TestHub, TestHub) {
+    two_hubs_with(redis, |_| {}).await
+}
+
 /// Publishes a lifecycle/any envelope on `prostaff:events:{org}` once `subscribers` hubs listen.
 pub async fn publish_event(redis: &RedisServer, org: &str, event: Value, subscribers: i64) {
     assert!(
