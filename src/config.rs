@@ -65,7 +65,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "HISTORY_TTL_MS", default: "600000", meaning: "a topic's history expires after this long without a broadcast" },
     Setting { name: "PRESENCE_FAMILIES", default: "inhouse,org_events", meaning: "topic families with presence (`presence_state`/`presence_diff`); any of notifications, tournament, inhouse, org_events; `none` turns presence off" },
     Setting { name: "PRESENCE_TTL_MS", default: "30000", meaning: "members of a hub that stopped renewing its presence lease (a crash) leave everywhere after this long" },
-    Setting { name: "PRESENCE_MAX_MEMBERS", default: "5000", meaning: "sockets shown in one topic's presence across all hubs; later ones stay joined but are not shown" },
+    Setting { name: "PRESENCE_MAX_MEMBERS", default: "20000", meaning: "sockets tracked in one topic's presence across all hubs (counted in its summary); later ones stay joined but are not tracked" },
+    Setting { name: "PRESENCE_LIST_MAX", default: "256", meaning: "metas a topic's presence lists (and at most 60 KiB of them); above it subscribers get a stable listing of that many and a `presence_summary` with the exact counts" },
     Setting { name: "LONGPOLL_HOLD_MS", default: "10000", meaning: "how long a long-poll GET waits for messages before answering 204" },
     Setting { name: "LONGPOLL_SESSION_TIMEOUT_MS", default: "20000", meaning: "a long-poll session with no request for this long ends (its channels leave)" },
     Setting { name: "REVOCATION_TTL_S", default: "86400", meaning: "how long a revocation (`access.revoked`, a roster removal) refuses the identity's older tokens; set it to the longest token lifetime Rails issues" },
@@ -220,6 +221,8 @@ pub struct PresenceConfig {
     pub ttl: Duration,
     /// Metas (sockets) tracked per topic at most, across instances.
     pub max_members: usize,
+    /// Metas a topic's subscribers are shown at most (its listing bound).
+    pub list_max: usize,
 }
 
 /// Long-poll settings.
@@ -357,6 +360,7 @@ impl Config {
                 families: presence_families(&get)?,
                 ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS")?),
                 max_members: parse_positive(&get, "PRESENCE_MAX_MEMBERS")?,
+                list_max: parse_positive(&get, "PRESENCE_LIST_MAX")?,
             },
             longpoll: LongPollConfig {
                 hold: Duration::from_millis(parse_positive(&get, "LONGPOLL_HOLD_MS")?),
@@ -718,7 +722,8 @@ mod tests {
         let defaults = config(&[]).unwrap().presence;
         assert_eq!(defaults.families, ["inhouse", "org_events"]);
         assert_eq!(defaults.ttl, Duration::from_secs(30));
-        assert_eq!(defaults.max_members, 5000);
+        assert_eq!(defaults.max_members, 20000);
+        assert_eq!(defaults.list_max, 256);
         let off = config(&[("PRESENCE_FAMILIES", "none")]).unwrap().presence;
         assert!(off.families.is_empty());
         let custom = config(&[

@@ -95,7 +95,7 @@ impl TypeFilter {
 fn exempt(event: &str) -> bool {
     matches!(
         event,
-        "queue_update" | "presence_state" | "presence_diff" | "events_dropped"
+        "queue_update" | "presence_state" | "presence_diff" | "presence_summary" | "events_dropped"
     ) || event.starts_with("phx_")
 }
 
@@ -128,6 +128,7 @@ mod tests {
             "queue_update",
             "presence_state",
             "presence_diff",
+            "presence_summary",
             "events_dropped",
             "phx_close",
         ] {

@@ -129,6 +129,10 @@ struct ConnectionsArgs {
     /// cost of presence leases, sweeps and liveness pings).
     #[arg(long)]
     redis: Option<String>,
+    /// After the hold every socket is closed and the hub's RSS is sampled for this long (memory
+    /// given back after a storm; 0 skips it).
+    #[arg(long, default_value_t = 60)]
+    after_close_secs: u64,
 }
 
 #[derive(Args, Clone)]
@@ -552,6 +556,8 @@ async fn connections(args: ConnectionsArgs, json_out: bool) {
     for holder in &holders {
         holder.abort();
     }
+    // Aborted holders drop their sockets: every connection closes at once.
+    let after_close = rss_after_close(common.hub_pid, args.after_close_secs).await;
 
     let mut rows = vec![
         ("requested", json!(args.count)),
@@ -600,7 +606,33 @@ async fn connections(args: ConnectionsArgs, json_out: bool) {
             json!(commands as f64 / hold.as_secs_f64()),
         ));
     }
+    for (label, rss_kib) in after_close {
+        rows.push((label, json!(rss_kib as f64 / 1024.0)));
+    }
     report(json_out, "connections", rows);
+}
+
+/// The hub's RSS 5 s, 30 s and `secs` after every socket closed (those within `secs`).
+async fn rss_after_close(pid: Option<u32>, secs: u64) -> Vec<(&'static str, u64)> {
+    let mut samples = Vec::new();
+    if pid.is_none() || secs == 0 {
+        return samples;
+    }
+    let closed = tokio::time::Instant::now();
+    for (at, label) in [
+        (5, "hub RSS 5 s after close MiB"),
+        (30, "hub RSS 30 s after close MiB"),
+        (secs, "hub RSS at the end of the close window MiB"),
+    ] {
+        if at > secs || (at == secs && !label.contains("end")) {
+            continue;
+        }
+        tokio::time::sleep_until(closed + Duration::from_secs(at)).await;
+        if let Some(sample) = proc_sample(pid) {
+            samples.push((label, sample.rss_kib));
+        }
+    }
+    samples
 }
 
 /// `total_commands_processed` from `INFO stats` of the Redis at `url`.

@@ -620,15 +620,15 @@ impl Session {
             "presence_state",
             &view.state,
         )));
-        if let Some(diff) = view.pending {
-            self.pending.push(Message::Text(codec::encode_message(
-                self.vsn,
-                join_ref,
-                None,
-                topic,
-                "presence_diff",
-                &diff,
-            )));
+        for (event, payload) in [
+            ("presence_diff", view.pending),
+            ("presence_summary", view.summary),
+        ] {
+            if let Some(payload) = payload {
+                self.pending.push(Message::Text(codec::encode_message(
+                    self.vsn, join_ref, None, topic, event, &payload,
+                )));
+            }
         }
     }
 

@@ -39,6 +39,9 @@ use crate::hub::Hub;
 use crate::logsafe::LogSafe;
 use crate::redis::{Handler, HandlerFuture, Message, RedisError, RedisLink, COMMAND_TIMEOUT};
 use crate::topic::Topic;
+use members::{encode_state, Listing, Member, Members, MAX_FILLS, MAX_PENDING_BYTES};
+
+mod members;
 
 /// Diffs of one topic are gathered this long on each instance before one is published.
 pub const DIFF_INTERVAL: Duration = Duration::from_millis(200);
@@ -119,13 +122,6 @@ fn channel(topic: &str) -> String {
     format!("{CHANNEL_PREFIX}{topic}")
 }
 
-/// One tracked socket on a topic: the key (as JSON) and the meta (as JSON).
-#[derive(Debug, Clone)]
-struct Member {
-    key: Box<str>,
-    meta: Box<str>,
-}
-
 #[derive(Debug, Default)]
 struct LocalTopic {
     members: HashMap<Box<str>, Member>,
@@ -146,6 +142,13 @@ impl LocalTopic {
     fn dirty(&self) -> bool {
         self.resync || !self.joins.is_empty() || !self.leaves.is_empty()
     }
+
+    /// What the unflushed joins and leaves add to a joiner's presence, at most.
+    fn pending_cost(&self) -> usize {
+        let joins = self.joins.iter().filter_map(|r| self.members.get(r));
+        let leaves = self.leaves.iter().map(|(_, m)| m);
+        joins.chain(leaves).map(Member::cost).sum()
+    }
 }
 
 /// What one flush sends for one topic.
@@ -163,91 +166,67 @@ enum Batch {
 #[derive(Debug)]
 struct Mirror {
     /// `None` while the snapshot is being read.
-    members: Option<HashMap<Box<str>, Member>>,
-    /// The members encoded as a `presence_state` payload, shared by every join until the next
-    /// diff (a reconnect storm encodes the state once per diff interval, not once per join).
+    members: Option<Members>,
+    /// Above the listing bound: what this instance's subscribers were last shown (moved every
+    /// [`DIFF_INTERVAL`] while the topic changes); `None` below it, where every diff is relayed.
+    listing: Option<Listing>,
+    /// The topic changed since the listing last moved.
+    changed: bool,
+    /// The `presence_state` payload a joiner gets, shared by every join until it changes (a
+    /// reconnect storm encodes it once per diff interval, not once per join).
     encoded: Option<Bytes>,
+    /// Above the bound, the `presence_summary` sent with it.
+    summary: Option<Bytes>,
     buffered: Vec<Bytes>,
     loaded: Arc<tokio::sync::Notify>,
 }
 
-#[derive(serde::Deserialize)]
-struct Diff<'a> {
-    #[serde(borrow)]
-    joins: HashMap<String, Metas<'a>>,
-    #[serde(borrow)]
-    leaves: HashMap<String, Metas<'a>>,
-}
-
-#[derive(serde::Deserialize)]
-struct Metas<'a> {
-    #[serde(borrow)]
-    metas: Vec<&'a serde_json::value::RawValue>,
-}
-
-#[derive(serde::Deserialize)]
-struct MetaRef {
-    phx_ref: String,
-}
-
-/// Applies a published diff to a member map; `false` when it does not parse.
-fn apply_diff(members: &mut HashMap<Box<str>, Member>, raw: &[u8]) -> bool {
-    let Ok(diff) = serde_json::from_slice::<Diff>(raw) else {
-        return false;
-    };
-    for metas in diff.leaves.values() {
-        for meta in &metas.metas {
-            if let Ok(meta) = serde_json::from_str::<MetaRef>(meta.get()) {
-                members.remove(meta.phx_ref.as_str());
+impl Mirror {
+    /// A loaded mirror's `presence_state` payload and, over the bound, its summary.
+    fn view(&mut self) -> (Bytes, Option<Bytes>) {
+        let members = self.members.as_ref().expect("a loaded mirror");
+        match &self.listing {
+            None => {
+                let state = self
+                    .encoded
+                    .get_or_insert_with(|| {
+                        Bytes::from(encode_state(members.iter().map(|(_, m)| m)))
+                    })
+                    .clone();
+                (state, None)
+            }
+            Some(listing) => {
+                let state = self.encoded.get_or_insert_with(|| listing.encode()).clone();
+                let summary = self
+                    .summary
+                    .get_or_insert_with(|| members.summary(listing.len()))
+                    .clone();
+                (state, Some(summary))
             }
         }
     }
-    for (key, metas) in &diff.joins {
-        let key: Box<str> = serde_json::to_string(key)
-            .expect("a string serializes")
-            .into();
-        for meta in &metas.metas {
-            if let Ok(meta_ref) = serde_json::from_str::<MetaRef>(meta.get()) {
-                members.insert(
-                    meta_ref.phx_ref.into(),
-                    Member {
-                        key: key.clone(),
-                        meta: meta.get().into(),
-                    },
-                );
-            }
-        }
-    }
-    true
 }
 
-/// Parses the `state` op's flat `ref, value, …` list into a member map.
-fn parse_stored(flat: &[String]) -> HashMap<Box<str>, Member> {
-    let mut members = HashMap::with_capacity(flat.len() / 2);
-    for pair in flat.chunks_exact(2) {
-        let Some((_, rest)) = pair[1].split_once('|') else {
-            continue;
-        };
-        let Some((key, meta)) = rest.split_once('\n') else {
-            continue;
-        };
-        members.insert(
-            pair[0].as_str().into(),
-            Member {
-                key: key.into(),
-                meta: meta.into(),
-            },
-        );
-    }
-    members
+/// What becomes of a diff received from Redis, for this instance's subscribers.
+enum Relay {
+    /// Sent on as it is (a topic under the bound, or one this instance does not mirror).
+    Diff,
+    /// Held: the topic is over the bound and its listing moves at the next interval.
+    Held,
+    /// The topic crossed the bound: the whole state (the listing, or every meta) and a summary
+    /// go instead.
+    State(Bytes, Bytes),
 }
 
 /// The presence a joiner is sent: a `presence_state` and, when this instance has changes not
-/// flushed yet, a `presence_diff` with them.
+/// flushed yet, a `presence_diff` with them; over the listing bound, the listing and a
+/// `presence_summary`.
 #[derive(Debug, Clone)]
 pub struct StateView {
     pub state: Bytes,
     pub pending: Option<Bytes>,
+    /// Over the listing bound: the `presence_summary` that says so (sent after the state).
+    pub summary: Option<Bytes>,
 }
 
 /// This instance's presence tracker.
@@ -279,13 +258,25 @@ impl Handler for Presence {
             let Some(topic) = message.channel.strip_prefix(CHANNEL_PREFIX) else {
                 continue;
             };
-            self.on_diff(topic, &message.payload);
-            let sockets = self
-                .hub
-                .publish_at(topic, "presence_diff", message.payload, None);
-            metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "delivered")
-                .increment(1);
-            tracing::trace!(topic = %LogSafe(topic), sockets, "presence diff delivered");
+            match self.on_diff(topic, &message.payload) {
+                Relay::Diff => {
+                    let sockets =
+                        self.hub
+                            .publish_at(topic, "presence_diff", message.payload, None);
+                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "delivered")
+                        .increment(1);
+                    tracing::trace!(topic = %LogSafe(topic), sockets, "presence diff delivered");
+                }
+                Relay::Held => {
+                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "summarized")
+                        .increment(1);
+                }
+                Relay::State(state, summary) => {
+                    self.hub.publish_at(topic, "presence_state", state, None);
+                    self.hub
+                        .publish_at(topic, "presence_summary", summary, None);
+                }
+            }
         }
         Box::pin(async {})
     }
@@ -389,23 +380,27 @@ impl Presence {
 
     /// What a joiner of `topic` is sent: the state every instance agrees on (from the mirror,
     /// read from Redis on first use) and, as a diff, this instance's own changes not flushed
-    /// yet (the joiner's own meta among them). When Redis cannot answer, this instance's own
-    /// members as the state.
+    /// yet (the joiner's own meta among them). Over the listing bound, the listing and its
+    /// summary (the joiner's own meta is listed when a slot frees). When Redis cannot answer,
+    /// this instance's own members as the state.
     pub async fn state(&self, topic: &str) -> StateView {
         let shared = self.mirrored_state(topic).await;
         let mut topics = self.topics.lock().expect("presence lock");
-        if shared.is_some() {
-            if let Some(local) = topics.get_mut(topic) {
-                local.exposed |= !local.joins.is_empty();
-            }
-        }
-        let local = topics.get(topic);
         match shared {
-            Some(state) => StateView {
+            Some((state, Some(summary))) => StateView {
                 state,
-                pending: local
+                pending: None,
+                summary: Some(summary),
+            },
+            Some((state, None)) => {
+                // Shown only while small: a burst of local joins reaches the joiner in the next
+                // diff instead, and its presence stays bounded.
+                let local = topics.get_mut(topic);
+                let pending = local
                     .filter(|l| !l.joins.is_empty() || !l.leaves.is_empty())
+                    .filter(|l| l.pending_cost() <= MAX_PENDING_BYTES)
                     .map(|local| {
+                        local.exposed |= !local.joins.is_empty();
                         let joins = local.joins.iter().filter_map(|r| local.members.get(r));
                         let leaves = local.leaves.iter().map(|(_, m)| m);
                         Bytes::from(format!(
@@ -413,42 +408,57 @@ impl Presence {
                             encode_state(joins),
                             encode_state(leaves)
                         ))
-                    }),
-            },
-            None => StateView {
-                state: Bytes::from(encode_state(
-                    local.into_iter().flat_map(|l| l.members.values()),
-                )),
-                pending: None,
-            },
+                    });
+                StateView {
+                    state,
+                    pending,
+                    summary: None,
+                }
+            }
+            None => {
+                let local = topics.get(topic);
+                let mut own = Members::default();
+                for member in local.into_iter().flat_map(|l| l.members.values()) {
+                    own.insert(member.clone());
+                }
+                let (state, summary) = self.fallback_view(&own);
+                StateView {
+                    state,
+                    pending: None,
+                    summary,
+                }
+            }
         }
     }
 
-    /// The topic's mirror encoded as a state, loading it first if needed; `None` when Redis
-    /// cannot answer.
-    async fn mirrored_state(&self, topic: &str) -> Option<Bytes> {
+    /// This instance's own members as a view, under the same bound, when Redis cannot answer.
+    fn fallback_view(&self, own: &Members) -> (Bytes, Option<Bytes>) {
+        let limit = self.config.list_max;
+        if own.fits(limit) {
+            return (Bytes::from(encode_state(own.iter().map(|(_, m)| m))), None);
+        }
+        let listing = Listing::newest(own, limit);
+        (listing.encode(), Some(own.summary(listing.len())))
+    }
+
+    /// The topic's `presence_state` payload (and, over the bound, its summary), loading the
+    /// mirror first if needed; `None` when Redis cannot answer.
+    async fn mirrored_state(&self, topic: &str) -> Option<(Bytes, Option<Bytes>)> {
         loop {
             let loaded = {
                 let mut mirrors = self.mirrors.lock().expect("mirror lock");
                 match mirrors.get_mut(topic) {
-                    Some(Mirror {
-                        members: Some(members),
-                        encoded,
-                        ..
-                    }) => {
-                        return Some(
-                            encoded
-                                .get_or_insert_with(|| Bytes::from(encode_state(members.values())))
-                                .clone(),
-                        )
-                    }
+                    Some(mirror) if mirror.members.is_some() => return Some(mirror.view()),
                     Some(mirror) => Some(mirror.loaded.clone()),
                     None => {
                         mirrors.insert(
                             Arc::from(topic),
                             Mirror {
                                 members: None,
+                                listing: None,
+                                changed: false,
                                 encoded: None,
+                                summary: None,
                                 buffered: Vec::new(),
                                 loaded: Arc::default(),
                             },
@@ -487,7 +497,8 @@ impl Presence {
             .is_some_and(|mirror| mirror.members.is_none())
     }
 
-    /// Reads the snapshot into the (loading) mirror; false when Redis cannot answer.
+    /// Reads the snapshot into the (loading) mirror; false when Redis cannot answer. A topic
+    /// over the bound starts with a full listing of its newest metas.
     async fn load(&self, topic: &str) -> bool {
         let stored = self
             .redis
@@ -505,9 +516,13 @@ impl Presence {
         let loaded = mirror.loaded.clone();
         let result = match stored {
             Ok(flat) => {
-                let mut members = parse_stored(&flat);
+                let mut members = Members::from_stored(&flat);
                 for diff in mirror.buffered.drain(..) {
-                    apply_diff(&mut members, &diff);
+                    members.apply_diff(&diff);
+                }
+                let limit = self.config.list_max;
+                if !members.fits(limit) {
+                    mirror.listing = Some(Listing::newest(&members, limit));
                 }
                 mirror.members = Some(members);
                 true
@@ -523,20 +538,87 @@ impl Presence {
     }
 
     /// A diff published on `prostaff:presence:{topic}`: applied to the mirror (before the hub
-    /// delivers it, so a socket joining meanwhile finds it in the state or gets the diff).
-    pub fn on_diff(&self, topic: &str, raw: &Bytes) {
+    /// delivers it, so a socket joining meanwhile finds it in the state or gets the diff), and
+    /// what this instance's subscribers get of it.
+    fn on_diff(&self, topic: &str, raw: &Bytes) -> Relay {
+        let limit = self.config.list_max;
         let mut mirrors = self.mirrors.lock().expect("mirror lock");
         let Some(mirror) = mirrors.get_mut(topic) else {
-            return;
+            return Relay::Diff;
         };
-        match &mut mirror.members {
-            None => mirror.buffered.push(raw.clone()),
-            Some(members) => {
+        let Some(members) = &mut mirror.members else {
+            mirror.buffered.push(raw.clone());
+            return Relay::Diff;
+        };
+        if !members.apply_diff(raw) {
+            tracing::warn!(topic = %LogSafe(topic), "undecodable presence diff");
+            return Relay::Diff;
+        }
+        let fits = members.fits(limit);
+        match (&mirror.listing, fits) {
+            (None, true) => {
                 mirror.encoded = None;
-                if !apply_diff(members, raw) {
-                    tracing::warn!(topic = %LogSafe(topic), "undecodable presence diff");
-                }
+                Relay::Diff
             }
+            (Some(_), false) => {
+                mirror.changed = true;
+                Relay::Held
+            }
+            // Across the bound, either way: every subscriber is sent the new state whole
+            // (phoenix.js replaces its list with a `presence_state`), so whatever diffs it saw
+            // before, its list is the listing from here on.
+            (None, false) => {
+                let listing = Listing::newest(members, limit);
+                mirror.listing = Some(listing);
+                mirror.encoded = None;
+                mirror.summary = None;
+                mirror.changed = false;
+                let (state, summary) = mirror.view();
+                Relay::State(state, summary.expect("a listed topic has a summary"))
+            }
+            (Some(_), true) => {
+                let summary = members.summary(members.len());
+                mirror.listing = None;
+                mirror.encoded = None;
+                mirror.summary = None;
+                mirror.changed = false;
+                let (state, _) = mirror.view();
+                Relay::State(state, summary)
+            }
+        }
+    }
+
+    /// Moves the listings of topics over the bound that changed, and tells their subscribers
+    /// (one diff, if any, and one summary per topic per interval).
+    fn move_listings(&self) {
+        let limit = self.config.list_max;
+        let mut moved = Vec::new();
+        {
+            let mut mirrors = self.mirrors.lock().expect("mirror lock");
+            for (topic, mirror) in mirrors.iter_mut() {
+                let (Some(members), Some(listing)) = (&mirror.members, &mut mirror.listing) else {
+                    continue;
+                };
+                if !std::mem::take(&mut mirror.changed) {
+                    continue;
+                }
+                let (diff, unfinished) = listing.follow(members, limit, MAX_FILLS);
+                // Slots still free after this interval's fills: the next interval goes on.
+                mirror.changed = unfinished;
+                if diff.is_some() {
+                    mirror.encoded = None;
+                }
+                let summary = members.summary(listing.len());
+                mirror.summary = Some(summary.clone());
+                moved.push((topic.clone(), diff, summary));
+            }
+        }
+        for (topic, diff, summary) in moved {
+            if let Some(diff) = diff {
+                self.hub.publish_at(&topic, "presence_diff", diff, None);
+            }
+            self.hub
+                .publish_at(&topic, "presence_summary", summary, None);
         }
     }
 
@@ -561,8 +643,12 @@ impl Presence {
             if !self.hub.has_subscribers(&topic) {
                 continue;
             }
-            if let Some(state) = self.mirrored_state(&topic).await {
+            if let Some((state, summary)) = self.mirrored_state(&topic).await {
                 self.hub.publish_at(&topic, "presence_state", state, None);
+                if let Some(summary) = summary {
+                    self.hub
+                        .publish_at(&topic, "presence_summary", summary, None);
+                }
             }
         }
     }
@@ -592,6 +678,7 @@ impl Presence {
                 _ = flush.tick() => {
                     self.flush().await;
                     self.evict_mirrors();
+                    self.move_listings();
                 }
                 _ = heartbeat.tick() => self.heartbeat().await,
                 _ = sweep.tick() => self.sweep().await,
@@ -907,99 +994,9 @@ fn push_members(args: &mut Vec<String>, members: Vec<(Box<str>, Member)>) {
     }
 }
 
-/// `{key: {"metas": [meta, …]}, …}` from members whose keys and metas are already JSON.
-fn encode_state<'a>(members: impl Iterator<Item = &'a Member>) -> String {
-    let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut count = 0;
-    for member in members {
-        count += 1;
-        match index.get(&*member.key) {
-            Some(&i) => by_key[i].1.push(&member.meta),
-            None => {
-                index.insert(&member.key, by_key.len());
-                by_key.push((&member.key, vec![&member.meta]));
-            }
-        }
-    }
-    let mut out = String::with_capacity(2 + count * 96);
-    out.push('{');
-    for (i, (key, metas)) in by_key.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(key);
-        out.push_str(":{\"metas\":[");
-        out.push_str(&metas.join(","));
-        out.push_str("]}");
-    }
-    out.push('}');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn member(key: &str, meta: &str) -> Member {
-        Member {
-            key: serde_json::to_string(key).unwrap().into(),
-            meta: meta.into(),
-        }
-    }
-
-    #[test]
-    fn state_groups_metas_by_key() {
-        let entries = [
-            ("a-1".to_string(), member("user:1", r#"{"phx_ref":"a-1"}"#)),
-            (
-                "b-1".to_string(),
-                member("player:2", r#"{"phx_ref":"b-1"}"#),
-            ),
-            ("a-2".to_string(), member("user:1", r#"{"phx_ref":"a-2"}"#)),
-        ];
-        let state: serde_json::Value =
-            serde_json::from_str(&encode_state(entries.iter().map(|(_, m)| m))).unwrap();
-        assert_eq!(
-            state,
-            serde_json::json!({
-                "user:1": {"metas": [{"phx_ref": "a-1"}, {"phx_ref": "a-2"}]},
-                "player:2": {"metas": [{"phx_ref": "b-1"}]},
-            })
-        );
-        assert_eq!(encode_state(std::iter::empty()), "{}");
-    }
-
-    #[test]
-    fn diffs_apply_idempotently_by_ref() {
-        let mut members = HashMap::new();
-        let join =
-            br#"{"joins":{"user:1":{"metas":[{"phx_ref":"a-1","kind":"user"}]}},"leaves":{}}"#;
-        assert!(apply_diff(&mut members, join));
-        assert!(apply_diff(&mut members, join), "a join seen twice");
-        assert_eq!(members.len(), 1);
-        assert_eq!(&*members["a-1"].key, "\"user:1\"");
-        assert_eq!(&*members["a-1"].meta, r#"{"phx_ref":"a-1","kind":"user"}"#);
-        let leave = br#"{"joins":{},"leaves":{"user:1":{"metas":[{"phx_ref":"a-1"}]}}}"#;
-        assert!(apply_diff(&mut members, leave));
-        assert!(apply_diff(&mut members, leave), "a leave of nothing");
-        assert!(members.is_empty());
-        assert!(!apply_diff(&mut members, b"not json"));
-    }
-
-    #[test]
-    fn stored_values_parse_back() {
-        let flat = vec![
-            "a-1".to_string(),
-            "1700000000000|\"user:1\"\n{\"phx_ref\":\"a-1\"}".to_string(),
-            "bad".to_string(),
-            "no separator".to_string(),
-        ];
-        let members = parse_stored(&flat);
-        assert_eq!(members.len(), 1);
-        assert_eq!(&*members["a-1"].key, "\"user:1\"");
-        assert_eq!(&*members["a-1"].meta, "{\"phx_ref\":\"a-1\"}");
-    }
 
     #[test]
     fn keys_escape_and_internal_is_untracked() {
@@ -1022,6 +1019,7 @@ mod tests {
                 families: vec!["inhouse".into()],
                 ttl: Duration::from_secs(30),
                 max_members: 10,
+                list_max: 5,
             },
         );
         let user = Identity::User {

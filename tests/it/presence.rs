@@ -126,10 +126,11 @@ impl View {
     }
 }
 
-/// A client that keeps its presence view up to date.
+/// A client that keeps its presence view (and the last `presence_summary`) up to date.
 struct Member {
     phx: Phx,
     view: View,
+    summary: Option<Value>,
 }
 
 impl Member {
@@ -140,6 +141,7 @@ impl Member {
         let mut member = Member {
             phx,
             view: View::default(),
+            summary: None,
         };
         let state = member
             .phx
@@ -151,19 +153,43 @@ impl Member {
 
     /// Reads presence frames until `condition` holds (panics after the support timeout).
     async fn until(&mut self, what: &str, condition: impl Fn(&View) -> bool) {
+        self.until_summary(what, |view, _| condition(view)).await
+    }
+
+    /// Reads presence frames until `condition` holds of the view and the last summary (`Null`
+    /// while none came).
+    async fn until_summary(&mut self, what: &str, condition: impl Fn(&View, &Value) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while !condition(&self.view) {
+        loop {
+            let summary = self.summary.clone().unwrap_or(Value::Null);
+            if condition(&self.view, &summary) {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
-                "{what}: presence is {:?}",
+                "{what}: presence is {:?}, summary {summary}",
                 self.view
             );
             let frame = self
                 .phx
-                .recv_matching(|f| matches!(frame_event(f), "presence_state" | "presence_diff"))
+                .recv_matching(|f| {
+                    matches!(
+                        frame_event(f),
+                        "presence_state" | "presence_diff" | "presence_summary"
+                    )
+                })
                 .await;
-            self.view.apply(&frame);
+            if frame_event(&frame) == "presence_summary" {
+                self.summary = Some(frame[4].clone());
+            } else {
+                self.view.apply(&frame);
+            }
         }
+    }
+
+    /// Metas in the view.
+    fn metas_shown(&self) -> usize {
+        self.view.0.values().map(BTreeSet::len).sum()
     }
 }
 
@@ -270,7 +296,11 @@ async fn metas_carry_the_ref_kind_and_online_at_and_internal_services_are_not_tr
             .all(|k| ["player:p1", "user:u1"].contains(k)),
         "{state}"
     );
-    let mut late = Member { phx: late, view };
+    let mut late = Member {
+        phx: late,
+        view,
+        summary: None,
+    };
     late.until("the joiner sees the player and itself only", |v| {
         v.keys() == ["player:p1", "user:u1"]
     })
@@ -410,12 +440,105 @@ async fn the_member_cap_bounds_presence_state() {
     assert_eq!(one.view.0.len(), 2);
 }
 
-/// 2,000 sockets (half on each hub) join one org topic at once: every one of them converges to
-/// the same 2,000 keys, and the presence messages each socket receives stay bounded by the
-/// number of diff intervals the storm spanned, not by the number of sockets.
+/// Over the listing bound (`PRESENCE_LIST_MAX`, 4 here) subscribers on both hubs are shown a
+/// stable listing of 4 metas, each a member, and a `presence_summary` counts everyone; a joiner
+/// gets the listing and the summary; a listed member that leaves is replaced by the newest; back
+/// under the bound the whole list returns and the summary says it is complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_storm_of_joins_converges_with_batched_diffs() {
+async fn over_the_listing_bound_subscribers_get_a_stable_listing_and_exact_counts() {
+    let redis = RedisServer::start();
+    let (a, b) = two_hubs_with(&redis, |config| config.presence.list_max = 4).await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+    let url = |hub: &TestHub, who: &str| hub.socket_url(&user_token(who, &org));
+    let mut observer = Member::join(&url(&b, "observer"), &topic).await;
+    let mut members = BTreeMap::new();
+    for i in 0..3 {
+        let who = format!("m{i}");
+        members.insert(
+            format!("user:{who}"),
+            Member::join(&url(&a, &who), &topic).await,
+        );
+    }
+    observer
+        .until("four metas, all listed", |v| v.0.len() == 4)
+        .await;
+    assert!(observer.summary.is_none(), "no summary under the bound");
+
+    for i in 3..7 {
+        let who = format!("m{i}");
+        members.insert(
+            format!("user:{who}"),
+            Member::join(&url(&a, &who), &topic).await,
+        );
+    }
+    observer
+        .until_summary("eight counted", |_, s| s["metas"] == 8)
+        .await;
+    let summary = observer.summary.clone().unwrap();
+    assert_eq!(summary["keys"], 8, "{summary}");
+    assert_eq!(summary["kinds"]["user"], 8, "{summary}");
+    assert_eq!(summary["listed"], 4, "{summary}");
+    assert_eq!(summary["complete"], false, "{summary}");
+    observer
+        .until("a listing of four", |v| {
+            v.0.values().map(BTreeSet::len).sum::<usize>() == 4
+        })
+        .await;
+    let listed: Vec<String> = observer.view.0.keys().cloned().collect();
+    for key in &listed {
+        assert!(
+            key == "user:observer" || members.contains_key(key),
+            "{key} is not a member"
+        );
+    }
+
+    // A joiner is shown the listing and the summary, not every meta.
+    let mut late = Member::join(&url(&a, "late"), &topic).await;
+    assert_eq!(late.metas_shown(), 4, "{:?}", late.view);
+    late.until_summary("the joiner's summary", |_, s| s["metas"] == 9)
+        .await;
+
+    // A listed member leaves: its slot goes to another member, the listing stays at four.
+    let leaver = listed
+        .iter()
+        .find(|key| members.contains_key(*key))
+        .expect("a listed member")
+        .clone();
+    drop(members.remove(&leaver));
+    observer
+        .until_summary("the leaver replaced", |v, s| {
+            s["metas"] == 8
+                && !v.0.contains_key(&leaver)
+                && v.0.values().map(BTreeSet::len).sum::<usize>() == 4
+        })
+        .await;
+
+    // Back under the bound: the whole list and a complete summary.
+    while members.len() > 2 {
+        let key = members.keys().next().unwrap().clone();
+        drop(members.remove(&key));
+    }
+    let mut remaining: Vec<String> = members.keys().cloned().collect();
+    remaining.extend(["user:late".to_string(), "user:observer".to_string()]);
+    remaining.sort();
+    observer
+        .until_summary("the whole list again", |v, s| {
+            s["complete"] == true
+                && v.keys() == remaining.iter().map(String::as_str).collect::<Vec<_>>()
+        })
+        .await;
+    assert_eq!(observer.summary.clone().unwrap()["metas"], 4);
+}
+
+/// 2,000 sockets (half on each hub) join one org topic at once, at the defaults: every socket
+/// ends up shown a listing of `PRESENCE_LIST_MAX` (256) metas, the same on every socket of a hub,
+/// and a summary counting all 2,000; the metas each socket receives stay bounded by the listing
+/// (O(N) bytes for the storm, not O(N²)), and the presence messages by the diff intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_joins_converges_to_a_bounded_listing_and_exact_counts() {
     const SOCKETS: usize = 2000;
+    const LISTED: usize = 256;
     let redis = RedisServer::start();
     // Real binaries: the hubs get their own processes and runtimes, apart from the 2,000
     // clients of this test.
@@ -451,20 +574,32 @@ async fn a_storm_of_joins_converges_with_batched_diffs() {
         sinks.push(sink);
         tasks.push(tokio::spawn(async move {
             let mut view = View::default();
-            let mut presence_messages = 0usize;
+            let mut counted = 0u64;
+            let (mut presence_messages, mut metas_received, mut bytes) = (0usize, 0usize, 0usize);
             let deadline = Instant::now() + Duration::from_secs(90);
-            while view.0.len() < SOCKETS {
+            let shown = |view: &View| view.0.values().map(BTreeSet::len).sum::<usize>();
+            while counted != SOCKETS as u64 || shown(&view) != LISTED {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let text = match tokio::time::timeout(left, stream.next()).await {
                     Ok(Some(Ok(Message::Text(text)))) => text,
                     Ok(Some(Ok(_))) => continue,
-                    other => panic!("socket {i} ended at {} keys: {other:?}", view.0.len()),
+                    other => panic!(
+                        "socket {i} ended at {} metas shown, {counted} counted: {other:?}",
+                        shown(&view)
+                    ),
                 };
-                if view.apply_text(&text) {
+                if text.contains("\"presence_summary\"") {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    counted = frame[4]["metas"].as_u64().unwrap();
                     presence_messages += 1;
+                    bytes += text.len();
+                } else if view.apply_text(&text) {
+                    presence_messages += 1;
+                    metas_received += text.matches("\"phx_ref\"").count();
+                    bytes += text.len();
                 }
             }
-            (presence_messages, view)
+            (presence_messages, metas_received, bytes, view)
         }));
     }
     let started = Instant::now();
@@ -475,34 +610,52 @@ async fn a_storm_of_joins_converges_with_batched_diffs() {
     }
     let storm = started.elapsed();
 
-    let mut counts = Vec::new();
-    let mut first_view: Option<View> = None;
-    for task in tasks {
-        let (count, view) = task.await.expect("socket task");
+    let (mut counts, mut metas, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut views: [Option<View>; 2] = [None, None];
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (count, received, bytes, view) = task.await.expect("socket task");
         counts.push(count);
-        match &first_view {
-            None => first_view = Some(view),
-            Some(first) => assert_eq!(first, &view, "every member holds the same list"),
+        metas.push(received);
+        sizes.push(bytes);
+        assert!(
+            view.0.keys().all(|key| key[5..].starts_with('u')),
+            "only members are listed"
+        );
+        match &views[i % 2] {
+            None => views[i % 2] = Some(view),
+            Some(first) => assert_eq!(first, &view, "every socket of a hub is shown the same"),
         }
     }
     let converged = started.elapsed();
     counts.sort_unstable();
+    metas.sort_unstable();
+    sizes.sort_unstable();
     let max = *counts.last().unwrap();
-    let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+    let max_metas = *metas.last().unwrap();
+    let max_bytes = *sizes.last().unwrap();
     println!(
         "presence storm: {SOCKETS} sockets on 2 hubs sent their joins within {storm:?}, all \
-         converged after {converged:?}; presence messages per socket: mean {mean:.1}, median {}, \
-         max {max}",
-        counts[counts.len() / 2]
+         converged after {converged:?}; presence messages per socket: median {}, max {max}; \
+         metas received per socket: median {}, max {max_metas}; presence bytes per socket: \
+         median {}, max {max_bytes}",
+        counts[counts.len() / 2],
+        metas[metas.len() / 2],
+        sizes[sizes.len() / 2],
     );
-    // One state plus at most one diff per hub per interval while changes kept coming.
+    // A state, then at most one diff per hub and one summary per interval.
     let intervals = (converged.as_millis() / 200) as usize + 2;
-    let bound = 1 + 2 * intervals;
+    let bound = 1 + 3 * intervals;
     assert!(
         max <= bound,
         "a socket got {max} presence messages; batching allows at most {bound} over {converged:?}"
     );
-    assert!(max < SOCKETS / 10, "diffs are batched, not one per join");
+    // What a socket was shown is the listing, not the topic: a join storm moves no listed meta
+    // out, so every meta a socket received is at most the listing twice over (its state and
+    // the diffs before the bound, or the fills after).
+    assert!(
+        max_metas <= 2 * LISTED,
+        "a socket received {max_metas} metas for a listing of {LISTED}"
+    );
 }
 
 /// A client that fell behind and lost broadcasts on a presence topic may have lost a

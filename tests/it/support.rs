@@ -459,7 +459,8 @@ pub struct Phx {
     next_ref: u64,
     /// Frames read while waiting for something else.
     pub backlog: Vec<Value>,
-    /// When false (the default), `presence_state` and `presence_diff` frames are set aside in
+    /// When false (the default), `presence_state`, `presence_diff` and `presence_summary` frames
+    /// are set aside in
     /// `presence_frames` instead of being returned: tests about other behaviours read exact
     /// frame sequences on topics that have presence.
     pub presence: bool,
@@ -527,7 +528,10 @@ impl Phx {
                 Ok(Some(Ok(Message::Text(text)))) => {
                     let frame: Value = serde_json::from_str(&text).unwrap();
                     if !self.presence
-                        && matches!(frame_event(&frame), "presence_state" | "presence_diff")
+                        && matches!(
+                            frame_event(&frame),
+                            "presence_state" | "presence_diff" | "presence_summary"
+                        )
                     {
                         self.presence_frames.push(frame);
                         continue;

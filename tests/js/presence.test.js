@@ -89,3 +89,36 @@ test(`presence: users of a SIGKILLed hub leave on the other hub within PRESENCE_
     await h.disconnect(watcher.socket, doomed.socket);
   });
 });
+
+test("presence over PRESENCE_LIST_MAX: the stock Presence class shows the listing, presence_summary counts everyone, and the whole list returns under the bound", async () => {
+  const org = h.unique("org");
+  const topic = `org_events:${org}`;
+  await withSecondHub({ PRESENCE_LIST_MAX: "3" }, async (otherHub) => {
+    const watcher = await present(otherHub, h.userToken("watcher", org), topic);
+    const summaries = [];
+    watcher.channel.on("presence_summary", (summary) => summaries.push(summary));
+    const others = [];
+    for (const n of [1, 2]) others.push(await present(otherHub, h.playerToken(`p${n}`, org), topic));
+    await h.waitFor("three keys, the whole list", () => watcher.keys().length === 3);
+    assert.equal(summaries.length, 0, "no summary under the bound");
+
+    for (const n of [3, 4, 5]) others.push(await present(otherHub, h.playerToken(`p${n}`, org), topic));
+    await h.waitFor("a summary of six", () => summaries.length > 0 && summaries.at(-1).metas === 6);
+    const last = summaries.at(-1);
+    assert.deepEqual(last.kinds, { player: 5, user: 1 });
+    assert.equal(last.keys, 6);
+    assert.equal(last.listed, 3);
+    assert.equal(last.complete, false);
+    await h.waitFor("Presence lists three", () => watcher.keys().length === 3);
+    for (const key of watcher.keys()) {
+      assert.ok(key === "user:watcher" || /^player:p[1-5]$/.test(key), key);
+    }
+
+    // Under the bound again: Presence shows everyone, and the summary says it is complete.
+    await h.disconnect(...others.slice(0, 4).map((o) => o.socket));
+    await h.waitFor("a complete summary", () => summaries.at(-1).complete === true);
+    await h.waitFor("Presence lists both", () => watcher.keys().join() === "player:p5,user:watcher");
+    assert.equal(summaries.at(-1).metas, 2);
+    await h.disconnect(watcher.socket, others[4].socket);
+  });
+});
