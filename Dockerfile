@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build: compile with the Rust toolchain, run on a slim Debian as a non-root user.
 FROM rust:1.95-slim-bookworm AS build
+# jemalloc (the hub's allocator, tikv-jemallocator) is built from C with make.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

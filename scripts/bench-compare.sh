@@ -7,7 +7,8 @@
 #
 # RATE 0 (the default) publishes flat out (throughput); a rate measures latency. Extra hub
 # settings can be passed in the environment as HUB_ENV="NAME=value …"; HUB_BIN picks another
-# build of the hub (e.g. target/release-unchecked/prostaff-events).
+# build of the hub (e.g. target/release-unchecked/prostaff-events); PRELOAD=/path/to/lib.so runs
+# the hub on another malloc (the allocator comparison in BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUBSCRIBERS=${1:?subscribers}
@@ -30,7 +31,8 @@ REDIS_PID=$!; pids+=("$REDIS_PID")
 sleep 0.5
 # shellcheck disable=SC2086
 env PORT="$HUB_PORT" BIND_ADDR=127.0.0.1 REDIS_URL="redis://127.0.0.1:$REDIS_PORT" RUST_LOG=warn \
-  RECONCILE_INTERVAL_MS=0 ${HUB_ENV:-} taskset -c 0 "${HUB_BIN:-./target/release/prostaff-events}" &
+  RECONCILE_INTERVAL_MS=0 ${PRELOAD:+LD_PRELOAD=$PRELOAD} ${HUB_ENV:-} \
+  taskset -c 0 "${HUB_BIN:-./target/release/prostaff-events}" &
 HUB_PID=$!; pids+=("$HUB_PID")
 taskset -c 0 ./target/release/hub-bench floor-server --port "$FLOOR_PORT" \
   --redis "redis://127.0.0.1:$REDIS_PORT" &

@@ -29,7 +29,10 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "PORT", default: "4000", meaning: "HTTP/WebSocket port" },
     Setting { name: "BIND_ADDR", default: "0.0.0.0", meaning: "listen address" },
     Setting { name: "REDIS_URL", default: "redis://127.0.0.1:6379/0", meaning: "Redis URL; `redis://` is prepended when the scheme is missing" },
-    Setting { name: "REDIS_PASSWORD", default: "", meaning: "password used when REDIS_URL carries none" },
+    Setting { name: "REDIS_PASSWORD", default: "", meaning: "password of the Redis data nodes, used when REDIS_URL carries none (and with Sentinel)" },
+    Setting { name: "REDIS_SENTINELS", default: "", meaning: "`host:port,host:port,…` of Redis Sentinels: the hub finds the master through them and follows every failover (REDIS_URL is then ignored)" },
+    Setting { name: "REDIS_SENTINEL_MASTER", default: "", meaning: "the master's name in the Sentinel configuration (required with REDIS_SENTINELS)" },
+    Setting { name: "REDIS_SENTINEL_PASSWORD", default: "", meaning: "password of the Sentinels themselves, if they have one" },
     Setting { name: "INTERNAL_JWT_SECRET", default: "(dev secret, with a warning)", meaning: "HS256 secret for internal tokens and the original hub's user tokens; required (>= 32 bytes) when APP_ENV=production" },
     Setting { name: "JWT_SECRET_KEY", default: "", meaning: "Rails user-token secret; tokens signed with it are accepted too" },
     Setting { name: "RAILS_API_URL", default: "http://localhost:3333", meaning: "Rails base URL for the reconciler and readiness" },
@@ -49,7 +52,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "SHUTDOWN_GRACE_MS", default: "10000", meaning: "drain budget on SIGTERM/SIGINT" },
     Setting { name: "MAX_FRAME_BYTES", default: "65536", meaning: "largest inbound WebSocket message; larger closes with 1009" },
     Setting { name: "MAX_CHANNELS_PER_SOCKET", default: "100", meaning: "joined topics per socket; more get `too many channels joined`" },
-    Setting { name: "OUTBOUND_BUFFER_FRAMES", default: "1024", meaning: "broadcast frames queued per socket before the oldest are dropped" },
+    Setting { name: "OUTBOUND_BUFFER_FRAMES", default: "4096", meaning: "broadcast frames queued per socket before the oldest are dropped (frames are shared between sockets: a full outbox costs 8 bytes per frame)" },
     Setting { name: "WRITE_TIMEOUT_MS", default: "10000", meaning: "a socket unable to write for this long is closed with 1013" },
     Setting { name: "IDLE_TIMEOUT_MS", default: "60000", meaning: "a socket with no inbound frame for this long is closed with 1001" },
     Setting { name: "MAX_CONNECTIONS", default: "0 (unlimited)", meaning: "concurrent sockets; more are refused with 503" },
@@ -374,8 +377,12 @@ impl Config {
     }
 }
 
-/// `REDIS_URL` with `REDIS_PASSWORD` applied, checked to be a URL fred accepts.
+/// `REDIS_URL` with `REDIS_PASSWORD` applied, or the Sentinel URL `REDIS_SENTINELS` describes,
+/// checked to be a URL fred accepts.
 fn redis_url(get: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    if let Some(sentinels) = get("REDIS_SENTINELS") {
+        return sentinel_url(get, &sentinels);
+    }
     let redis_url = normalize_redis_url(
         &value_or_default(get, "REDIS_URL").unwrap_or_default(),
         get("REDIS_PASSWORD").as_deref(),
@@ -387,6 +394,60 @@ fn redis_url(get: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigErro
         )
     })?;
     Ok(redis_url)
+}
+
+/// `redis-sentinel://[:password@]first/0?sentinelServiceName=…&node=…[&sentinelPassword=…]`:
+/// fred asks the Sentinels for the master at every connect.
+fn sentinel_url(
+    get: &impl Fn(&str) -> Option<String>,
+    sentinels: &str,
+) -> Result<String, ConfigError> {
+    let nodes: Vec<&str> = sentinels
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .collect();
+    let bad_node = nodes.iter().find(|node| {
+        !node
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    });
+    if nodes.is_empty() || bad_node.is_some() {
+        return Err(invalid(
+            "REDIS_SENTINELS",
+            format!(
+                "expected host:port,host:port,…, got {:?}",
+                bad_node.unwrap_or(&sentinels)
+            ),
+        ));
+    }
+    let master = get("REDIS_SENTINEL_MASTER").ok_or_else(|| {
+        invalid(
+            "REDIS_SENTINEL_MASTER",
+            "required with REDIS_SENTINELS (the master's name in the Sentinel configuration)",
+        )
+    })?;
+    let credentials = get("REDIS_PASSWORD")
+        .map(|password| format!(":{}@", percent_encode(&password)))
+        .unwrap_or_default();
+    let mut url = format!(
+        "redis-sentinel://{credentials}{}/0?sentinelServiceName={}",
+        nodes[0],
+        percent_encode(&master)
+    );
+    for node in &nodes[1..] {
+        url.push_str(&format!("&node={node}"));
+    }
+    if let Some(password) = get("REDIS_SENTINEL_PASSWORD") {
+        url.push_str(&format!("&sentinelPassword={}", percent_encode(&password)));
+    }
+    fred::types::config::Config::from_url(&url).map_err(|error| {
+        invalid(
+            "REDIS_SENTINELS",
+            format!("not a usable Sentinel set-up: {}", error.details()),
+        )
+    })?;
+    Ok(url)
 }
 
 /// `ALLOWED_ORIGINS`; unset, production accepts its own host only and development any.
@@ -660,16 +721,20 @@ pub fn normalize_redis_url(url: &str, password: Option<&str>) -> String {
     if rest[..authority_end].contains('@') {
         return url;
     }
-    let encoded: String = password
-        .bytes()
+    format!("{scheme}://:{}@{rest}", percent_encode(password))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters (a password or a name in
+/// a URL).
+fn percent_encode(text: &str) -> String {
+    text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
                 (b as char).to_string()
             }
             _ => format!("%{b:02X}"),
         })
-        .collect();
-    format!("{scheme}://:{encoded}@{rest}")
+        .collect()
 }
 
 /// Reads a flat TOML table; keys are variable names (case-insensitive), values any scalar.
@@ -819,6 +884,32 @@ mod tests {
 
     #[test]
     fn an_unparsable_redis_url_names_the_variable() {
+        let sentinel = config(&[
+            ("REDIS_SENTINELS", "10.0.0.1:26379, 10.0.0.2:26380"),
+            ("REDIS_SENTINEL_MASTER", "prostaff"),
+            ("REDIS_PASSWORD", "p@ss"),
+            ("REDIS_SENTINEL_PASSWORD", "s3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            sentinel.redis_url,
+            "redis-sentinel://:p%40ss@10.0.0.1:26379/0?sentinelServiceName=prostaff&node=10.0.0.2:26380&sentinelPassword=s3"
+        );
+        let fred = fred::types::config::Config::from_url(&sentinel.redis_url).unwrap();
+        assert_eq!(fred.password.as_deref(), Some("p@ss"));
+        assert!(matches!(
+            fred.server,
+            fred::types::config::ServerConfig::Sentinel { ref hosts, ref service_name, .. }
+                if hosts.len() == 2 && service_name == "prostaff"
+        ));
+        let err = config(&[("REDIS_SENTINELS", "10.0.0.1:26379")]).unwrap_err();
+        assert!(err.to_string().contains("REDIS_SENTINEL_MASTER"), "{err}");
+        let err = config(&[
+            ("REDIS_SENTINELS", "10.0.0.1"),
+            ("REDIS_SENTINEL_MASTER", "m"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("REDIS_SENTINELS"), "{err}");
         let err = config(&[("REDIS_URL", "redis://host:notaport/0")]).unwrap_err();
         assert!(err.to_string().contains("REDIS_URL"), "{err}");
         assert!(config(&[("REDIS_URL", "rediss://redis.example.com:6380/0")]).is_ok());

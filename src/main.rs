@@ -9,6 +9,11 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use prostaff_events::config::{Config, LogFormat, SETTINGS};
 
+/// jemalloc, with its background thread purging freed pages (BENCHMARKS.md, "Memory given back").
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a configuration error (EX_CONFIG would be 78; 64 is what ops scripts expect here).
 const EXIT_CONFIG: u8 = 64;
 

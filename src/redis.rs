@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::clients::Client;
-use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::interfaces::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
 use fred::types::config::Config as FredConfig;
 use fred::types::scripts::Script;
 use fred::types::Builder;
@@ -261,6 +261,19 @@ impl RedisLink {
         .await
     }
 
+    /// `SET prostaff:live:<instance> 1 PX 10000`: fails with READONLY on a replica.
+    async fn write_probe(&self, commands: &Client) -> Result<(), fred::error::Error> {
+        commands
+            .set::<(), _, _>(
+                format!("prostaff:live:{}", self.instance),
+                1,
+                Some(fred::types::Expiration::PX(10_000)),
+                None,
+                false,
+            )
+            .await
+    }
+
     fn set_connected(&self, publisher: Option<Client>) {
         let connected = publisher.is_some();
         *self.publisher.write().expect("publisher lock") = publisher;
@@ -429,12 +442,19 @@ impl Connection<'_> {
         let connect = async {
             let sub_task = subscriber.init().await?;
             let cmd_task = commands.init().await?;
+            // A server that refuses writes (a replica, e.g. a master demoted by a failover) is
+            // no link: every queue action and history append would fail.
+            if let Err(error) = self.link.write_probe(commands).await {
+                sub_task.abort();
+                cmd_task.abort();
+                return Err(error);
+            }
             subscriber.psubscribe(patterns.to_vec()).await?;
             Ok::<_, fred::error::Error>((sub_task, cmd_task))
         };
         match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
             Ok(Ok(tasks)) => Ok(tasks),
-            Ok(Err(error)) => Err(format!("connect failed: {}", error.kind().to_str())),
+            Ok(Err(error)) => Err(format!("connect failed: {}", probe_reason(&error))),
             Err(_) => Err("connect timed out".into()),
         }
     }
@@ -453,15 +473,17 @@ impl Connection<'_> {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 _ = liveness.tick() => {
+                    // The command connection's check is a write: a master that became a replica
+                    // answers PING but refuses writes (READONLY), and is left for the new one.
                     let pings = async {
                         tokio::try_join!(
                             subscriber.ping::<fred::types::Value>(None),
-                            commands.ping::<fred::types::Value>(None)
+                            self.link.write_probe(commands)
                         )
                     };
                     match tokio::time::timeout(LIVENESS_TIMEOUT, pings).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(error)) => return Err(format!("ping failed: {}", error.kind().to_str())),
+                        Ok(Err(error)) => return Err(format!("liveness check failed: {}", probe_reason(&error))),
                         Err(_) => return Err("redis unresponsive (ping timed out)".to_string()),
                     }
                 }
@@ -478,6 +500,16 @@ impl Connection<'_> {
                 }
             }
         }
+    }
+}
+
+/// Why a connect or a liveness check failed, for the log: READONLY is named (a demoted
+/// master), other errors by kind.
+fn probe_reason(error: &fred::error::Error) -> &'static str {
+    if error.details().starts_with("READONLY") {
+        "READONLY (the server is a replica)"
+    } else {
+        error.kind().to_str()
     }
 }
 

@@ -590,6 +590,18 @@ async fn connections(args: ConnectionsArgs, json_out: bool) {
             json!(delta / 1024.0 / connected.max(1) as f64),
         ));
     }
+    // At the end of the hold the allocator has settled (freed pages purged): the steady cost.
+    if let (Some(before), Some(end)) = (before, cpu_end) {
+        let delta = end.rss_kib.saturating_sub(before.rss_kib) as f64;
+        rows.push((
+            "hub RSS at the end of the hold MiB",
+            json!(end.rss_kib as f64 / 1024.0),
+        ));
+        rows.push((
+            "hub KiB per connection at the end of the hold",
+            json!(delta / connected.max(1) as f64),
+        ));
+    }
     if let (Some(start), Some(end)) = (cpu_start, cpu_end) {
         let seconds = (end.cpu_ticks - start.cpu_ticks) as f64 / clock_ticks();
         rows.push(("hold s", json!(hold.as_secs_f64())));

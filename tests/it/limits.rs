@@ -311,7 +311,12 @@ async fn a_stalled_client_loses_only_its_own_oldest_broadcasts() {
     const OTHERS: usize = 1000;
     const SHARED: usize = 300;
     const FLOOD: usize = 2000;
-    let (redis, hub) = hub_with(|c| c.limits.write_timeout = Duration::from_secs(120)).await;
+    // The outbox bound this test overflows is set here (the default is bigger than the flood).
+    let (redis, hub) = hub_with(|c| {
+        c.limits.write_timeout = Duration::from_secs(120);
+        c.limits.outbound_buffer_frames = 1024;
+    })
+    .await;
     hub.wait_redis_ready().await;
     let (org, private_org) = (unique("org"), unique("private"));
     let shared = format!("org_events:{org}");

@@ -8,6 +8,7 @@ mod browser;
 mod catalogue;
 mod cli;
 mod fuzz_regressions;
+mod ha;
 mod hardening;
 mod ingest;
 mod inhouse;

@@ -177,6 +177,28 @@ impl RedisServer {
         }
     }
 
+    /// An inline command's first reply line (`+OK`, `-ERR …`, `:1`).
+    pub fn command(&self, command: &str) -> Option<String> {
+        self.try_command(command)
+    }
+
+    /// `INFO section` as text.
+    pub fn info(&self, section: &str) -> Option<String> {
+        self.bulk_command(&format!("INFO {section}"))
+    }
+
+    /// An inline command whose reply is a short array of bulk strings.
+    pub fn command_lines(&self, command: &str) -> Option<Vec<String>> {
+        let reply = self.try_command(command)?;
+        let mut lines = reply.split("\r\n");
+        let count: usize = lines.next()?.strip_prefix('*')?.parse().ok()?;
+        let items: Vec<String> = lines
+            .filter(|line| !line.starts_with('$'))
+            .map(str::to_string)
+            .collect();
+        (items.len() == count).then_some(items)
+    }
+
     fn try_command(&self, command: &str) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
