@@ -483,7 +483,7 @@ impl Connection<'_> {
                     };
                     match tokio::time::timeout(LIVENESS_TIMEOUT, pings).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(error)) => return Err(format!("liveness check failed: {}", probe_reason(&error))),
+                        Ok(Err(error)) => return Err(format!("liveness ping failed: {}", probe_reason(&error))),
                         Err(_) => return Err("redis unresponsive (ping timed out)".to_string()),
                     }
                 }
