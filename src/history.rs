@@ -3,7 +3,9 @@
 //!
 //! Every broadcast on a topic gets a [`Position`] `"<epoch>:<offset>"`: `offset` grows by exactly
 //! one per broadcast; `epoch` changes only when the topic's history was lost (expired, or Redis
-//! restarted empty). Offsets are assigned in Redis by `APPEND_SCRIPT`, so every instance agrees:
+//! restarted empty) or went back (a failover lost its newest writes: an instance that delivered
+//! a position the history no longer reaches starts a new epoch at its reconnect, so a lost offset
+//! is never handed to another event). Offsets are assigned in Redis by `APPEND_SCRIPT`, so every instance agrees:
 //! each instance receives every event from PSUBSCRIBE and calls the script (one call per topic
 //! for whatever batch of messages it has received); the first call for an event appends, and
 //! later calls for the same event (same dedup key: the envelope `id`, or a hash of the raw
@@ -157,7 +159,8 @@ return out
 
 const RECOVER_SCRIPT: &str = r#"
 -- KEYS: meta, stream. ARGV: since epoch ('' for none), since offset, max entries, ttl_ms,
--- candidate epoch. Returns {recovered 0|1, epoch, offset, e1, p1, e2, p2, ...}.
+-- candidate epoch, rewind ('1': `since` is a position the hub itself delivered).
+-- Returns {recovered 0|1, epoch, offset, e1, p1, e2, p2, ...}.
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
   redis.call('HSET', KEYS[1], 'offset', 0)
   redis.call('DEL', KEYS[2])
@@ -165,9 +168,19 @@ if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+local since = tonumber(ARGV[2])
+if ARGV[6] == '1' and ARGV[1] == epoch and since > offset then
+  -- History went back: writes the hub saw were lost (a failover to a replica that had not
+  -- received them). Offsets after `offset` would be handed out a second time, to other events:
+  -- start a new epoch so no client that saw a lost one can skip a new one.
+  epoch = ARGV[5]
+  offset = 0
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 local reply = { '0', epoch, tostring(offset) }
 if ARGV[1] == '' or ARGV[1] ~= epoch then return reply end
-local since = tonumber(ARGV[2])
 if since > offset or offset - since > tonumber(ARGV[3]) then return reply end
 if since == offset then reply[1] = '1'; return reply end
 local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', offset .. '-0')
@@ -286,6 +299,27 @@ impl History {
         topic: &str,
         since: Option<&Position>,
     ) -> Result<Recovery, RedisError> {
+        self.recover_from(topic, since, false).await
+    }
+
+    /// [`History::recover`] after a reconnect, from the last position this instance delivered:
+    /// when the topic's history is behind it (a failover lost the newest writes), the topic
+    /// starts a new epoch, so the lost offsets are never given to other events. Only the
+    /// hub's own positions may do this: a client's `since` is never trusted to.
+    pub async fn recover_delivered(
+        &self,
+        topic: &str,
+        delivered: &Position,
+    ) -> Result<Recovery, RedisError> {
+        self.recover_from(topic, Some(delivered), true).await
+    }
+
+    async fn recover_from(
+        &self,
+        topic: &str,
+        since: Option<&Position>,
+        rewind: bool,
+    ) -> Result<Recovery, RedisError> {
         let (meta, stream) = keys(topic);
         let (since_epoch, since_offset) = match since {
             Some(p) => (p.epoch.to_string(), p.offset.to_string()),
@@ -301,6 +335,7 @@ impl History {
                     self.size.to_string(),
                     self.ttl.as_millis().to_string(),
                     new_epoch(),
+                    if rewind { "1" } else { "0" }.to_string(),
                 ],
             )
             .await?;

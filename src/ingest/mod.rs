@@ -333,7 +333,7 @@ impl Pipeline {
             return;
         }
         for (topic, last) in self.hub.delivered_positions() {
-            match self.history.recover(&topic, Some(&last)).await {
+            match self.history.recover_delivered(&topic, &last).await {
                 Ok(recovery) => match recovery.missed {
                     Some(entries) => {
                         let count = entries.len() as u64;

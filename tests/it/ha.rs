@@ -193,3 +193,74 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     assert_eq!(on_a_after[4]["id"], on_b_after[4]["id"]);
     wait_for_log(&["redis connected", "reconnect=true"]).await;
 }
+
+/// A failover that lost the newest history writes (the promoted replica had not received them)
+/// must not hand their offsets to other events: a client that saw a lost event and resumes
+/// from it would skip the new one silently. Simulated on one server: the topic's last entry and
+/// offset are taken back, and the hub's connections are killed. At its reconnect the hub, which
+/// delivered that position, starts a new epoch: its subscribers are told to rejoin, a resume from
+/// the lost position answers `recovered: false`, and the next event is in the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_that_went_back_in_a_failover_starts_a_new_epoch() {
+    let (redis, hub) = redis_and_ready_hub().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+    let mut member = Phx::org_member(&hub, &org).await;
+    for n in 1..=3 {
+        publish_event(&redis, &org, Event::numbered(&org, n).json(), 1).await;
+    }
+    let mut last = Value::Null;
+    for _ in 1..=3 {
+        last = member.event(&topic, "player.transferred").await;
+    }
+    let seen = last[1].as_str().expect("a position").to_string();
+    let (old_epoch, offset) = seen.split_once(':').unwrap();
+    assert_eq!(offset, "3");
+
+    // The third write never reached the replica that is now the master.
+    assert_eq!(
+        redis
+            .command(&format!("HSET hist:{{{topic}}}:m offset 2"))
+            .as_deref(),
+        Some(":0")
+    );
+    assert_eq!(
+        redis
+            .command(&format!("XDEL hist:{{{topic}}}:s 3-0"))
+            .as_deref(),
+        Some(":1")
+    );
+    assert!(redis
+        .command("CLIENT KILL TYPE pubsub")
+        .is_some_and(|r| r.starts_with(':')));
+    assert!(redis
+        .command("CLIENT KILL TYPE normal")
+        .is_some_and(|r| r.starts_with(':')));
+
+    // The hub's subscribers hear that it cannot vouch for the gap.
+    member.event(&topic, "phx_error").await;
+    hub.wait_redis_ready().await;
+    let mut resumed = Phx::connect(&hub, &user_token("u2", &org)).await;
+    let reply = resumed
+        .join(&topic, serde_json::json!({"since": seen}))
+        .await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(reply[4]["response"]["recovered"], false, "{reply}");
+    let position = reply[4]["response"]["position"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !position.starts_with(&format!("{old_epoch}:")),
+        "{position}"
+    );
+
+    publish_event(&redis, &org, Event::numbered(&org, 4).json(), 1).await;
+    let next = resumed.event(&topic, "player.transferred").await;
+    let next_position = next[1].as_str().unwrap();
+    assert!(
+        !next_position.starts_with(&format!("{old_epoch}:")),
+        "the lost offset 3 went to another event in the old epoch: {next_position}"
+    );
+    wait_for_log(&["history cannot cover this instance's gap"]).await;
+}
