@@ -199,3 +199,36 @@ pub fn envelope(data: &[u8]) {
         crate::envelope::decode(accepted.raw).expect("completed envelopes are valid");
     }
 }
+
+/// A `presence_diff` from Redis (any instance, or anyone who can PUBLISH there) and a stored
+/// presence hash: applying never panics, is idempotent, keeps the counts consistent, and what a
+/// listing shows stays valid JSON under its bounds.
+pub fn presence_diff(data: &[u8]) {
+    use crate::presence::members::{Listing, Members, MAX_LISTED_BYTES};
+    let mut members = Members::default();
+    if members.apply_diff(data) {
+        assert!(members.consistent(), "counts after a diff");
+        let len = members.len();
+        assert!(members.apply_diff(data));
+        assert_eq!(
+            members.len(),
+            len,
+            "a diff applied twice changes nothing more"
+        );
+        assert!(members.consistent(), "counts after the same diff again");
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let flat: Vec<String> = text.split('\u{1}').map(str::to_string).collect();
+        let stored = Members::from_stored(&flat);
+        assert!(stored.consistent(), "counts of a stored hash");
+        for (topic_members, limit) in [(&members, 3), (&stored, 2)] {
+            let listing = Listing::newest(topic_members, limit);
+            assert!(listing.len() <= limit);
+            let state = listing.encode();
+            assert!(state.len() <= MAX_LISTED_BYTES + 2);
+            serde_json::from_slice::<serde_json::Value>(&state).expect("a listing is JSON");
+            serde_json::from_slice::<serde_json::Value>(&topic_members.summary(listing.len()))
+                .expect("a summary is JSON");
+        }
+    }
+}

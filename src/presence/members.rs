@@ -144,6 +144,30 @@ impl Members {
         self.by_ref.iter().map(|(r, e)| (&**r, &e.member))
     }
 
+    /// Whether the counts, the order and the byte total agree with the metas (the fuzz target
+    /// checks it after every diff).
+    pub fn consistent(&self) -> bool {
+        let mut kinds: HashMap<&str, usize> = HashMap::new();
+        let mut keys: HashMap<&str, usize> = HashMap::new();
+        let mut bytes = 0;
+        for entry in self.by_ref.values() {
+            *kinds.entry(&entry.kind).or_default() += 1;
+            *keys.entry(&entry.member.key).or_default() += 1;
+            bytes += entry.member.cost();
+        }
+        let same = |counts: &HashMap<Box<str>, usize>, fresh: &HashMap<&str, usize>| {
+            counts.len() == fresh.len() && counts.iter().all(|(k, n)| fresh.get(&**k) == Some(n))
+        };
+        same(&self.kinds, &kinds)
+            && same(&self.keys, &keys)
+            && bytes == self.bytes
+            && self.recent.len() == self.by_ref.len()
+            && self
+                .recent
+                .iter()
+                .all(|(at, r)| self.by_ref.get(r).is_some_and(|e| e.online_at == *at))
+    }
+
     /// Whether every meta may be listed (`limit` metas and [`MAX_LISTED_BYTES`] at most).
     pub fn fits(&self, limit: usize) -> bool {
         self.len() <= limit && self.bytes <= MAX_LISTED_BYTES

@@ -41,7 +41,7 @@ use crate::redis::{Handler, HandlerFuture, Message, RedisError, RedisLink, COMMA
 use crate::topic::Topic;
 use members::{encode_state, Listing, Member, Members, MAX_FILLS, MAX_PENDING_BYTES};
 
-mod members;
+pub(crate) mod members;
 
 /// Diffs of one topic are gathered this long on each instance before one is published.
 pub const DIFF_INTERVAL: Duration = Duration::from_millis(200);

@@ -85,3 +85,11 @@ fn websocket_frames_long_poll_and_resume_parsers() {
         prostaff_events::fuzzing::resume(&data);
     }
 }
+
+#[test]
+fn presence_diffs_and_stored_hashes() {
+    for (name, data) in inputs("presence_diff") {
+        println!("{name}");
+        prostaff_events::fuzzing::presence_diff(&data);
+    }
+}
