@@ -38,14 +38,15 @@ impl Member {
     }
 }
 
-/// What the order and the counts need from a meta (any other member is ignored).
+/// What the order and the counts need from a meta (any other member is ignored; an
+/// `online_at` or `kind` of another shape counts as 0 or no kind, never drops the meta).
 #[derive(serde::Deserialize)]
 struct MetaFields {
     phx_ref: String,
     #[serde(default)]
-    online_at: u64,
+    online_at: serde_json::Value,
     #[serde(default)]
-    kind: Option<String>,
+    kind: serde_json::Value,
 }
 
 #[derive(Debug)]
@@ -84,16 +85,17 @@ impl Members {
         };
         let phx_ref: Box<str> = fields.phx_ref.into();
         self.remove(&phx_ref);
-        let kind: Box<str> = fields.kind.unwrap_or_default().into();
+        let online_at = fields.online_at.as_u64().unwrap_or(0);
+        let kind: Box<str> = fields.kind.as_str().unwrap_or_default().into();
         *self.kinds.entry(kind.clone()).or_default() += 1;
         *self.keys.entry(member.key.clone()).or_default() += 1;
         self.bytes += member.cost();
-        self.recent.insert((fields.online_at, phx_ref.clone()));
+        self.recent.insert((online_at, phx_ref.clone()));
         self.by_ref.insert(
             phx_ref,
             Entry {
                 member,
-                online_at: fields.online_at,
+                online_at,
                 kind,
             },
         );
@@ -424,6 +426,15 @@ mod tests {
             (0, 0, 0)
         );
         assert!(!members.apply_diff(b"not json"));
+    }
+
+    #[test]
+    fn a_meta_of_another_shape_is_kept_and_counted() {
+        let mut members = Members::default();
+        let diff = br#"{"joins":{"user:1":{"metas":[{"phx_ref":"a-1","online_at":-3.5,"kind":7}]}},"leaves":{}}"#;
+        assert!(members.apply_diff(diff));
+        assert_eq!(members.len(), 1);
+        assert!(members.consistent());
     }
 
     #[test]
