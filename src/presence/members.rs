@@ -77,12 +77,16 @@ impl Members {
         self.by_ref.contains_key(phx_ref)
     }
 
-    /// Adds a meta (or replaces the one with the same ref); a meta without a `phx_ref` is
-    /// ignored.
+    /// Adds a meta (or replaces the one with the same ref); a meta without a `phx_ref`, or
+    /// whose key is not a JSON string (a foreign or corrupted stored entry), is ignored: what
+    /// is encoded from the members must stay JSON (found by the `presence_diff` fuzz target).
     pub fn insert(&mut self, member: Member) {
         let Ok(fields) = serde_json::from_str::<MetaFields>(&member.meta) else {
             return;
         };
+        if serde_json::from_str::<String>(&member.key).is_err() {
+            return;
+        }
         let phx_ref: Box<str> = fields.phx_ref.into();
         self.remove(&phx_ref);
         let online_at = fields.online_at.as_u64().unwrap_or(0);
