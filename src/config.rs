@@ -724,6 +724,23 @@ pub fn normalize_redis_url(url: &str, password: Option<&str>) -> String {
     format!("{scheme}://:{}@{rest}", percent_encode(password))
 }
 
+/// A Redis URL fit for a log line: the password in the authority and a Sentinel URL's
+/// `sentinelPassword` are replaced by `***`.
+pub fn redact_redis_url(url: &str) -> String {
+    let mut out = match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    };
+    if let Some(start) = out.find("sentinelPassword=") {
+        let value = start + "sentinelPassword=".len();
+        let end = out[value..].find('&').map_or(out.len(), |i| value + i);
+        out.replace_range(value..end, "***");
+    }
+    out
+}
+
 /// Percent-encodes everything but RFC 3986's unreserved characters (a password or a name in
 /// a URL).
 fn percent_encode(text: &str) -> String {
@@ -902,6 +919,14 @@ mod tests {
             fred::types::config::ServerConfig::Sentinel { ref hosts, ref service_name, .. }
                 if hosts.len() == 2 && service_name == "prostaff"
         ));
+        assert_eq!(
+            redact_redis_url(&sentinel.redis_url),
+            "redis-sentinel://***@10.0.0.1:26379/0?sentinelServiceName=prostaff&node=10.0.0.2:26380&sentinelPassword=***"
+        );
+        assert_eq!(
+            redact_redis_url("redis://:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
         let err = config(&[("REDIS_SENTINELS", "10.0.0.1:26379")]).unwrap_err();
         assert!(err.to_string().contains("REDIS_SENTINEL_MASTER"), "{err}");
         let err = config(&[

@@ -334,7 +334,7 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(%address, env = ?config.app_env, redis = %redact(&config.redis_url), rails = %config.rails_api_url, "prostaff-events listening");
+        tracing::info!(%address, env = ?config.app_env, redis = %prostaff_events::config::redact_redis_url(&config.redis_url), rails = %config.rails_api_url, "prostaff-events listening");
         match prostaff_events::run(config, listener, shutdown_signal()).await {
             Ok(()) => {
                 tracing::info!("stopped");
@@ -346,16 +346,6 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     })
-}
-
-/// Hides the password of a Redis URL for logging.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
 }
 
 async fn shutdown_signal() {
