@@ -216,6 +216,8 @@ enum Relay {
     /// The topic crossed the bound: the whole state (the listing, or every meta) and a summary
     /// go instead.
     State(Bytes, Bytes),
+    /// Not a diff (not JSON, or not `{joins, leaves}`): logged, counted, never sent to clients.
+    Dropped,
 }
 
 /// The presence a joiner is sent: a `presence_state` and, when this instance has changes not
@@ -275,6 +277,10 @@ impl Handler for Presence {
                     self.hub.publish_at(topic, "presence_state", state, None);
                     self.hub
                         .publish_at(topic, "presence_summary", summary, None);
+                }
+                Relay::Dropped => {
+                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "undecodable")
+                        .increment(1);
                 }
             }
         }
@@ -543,16 +549,25 @@ impl Presence {
     fn on_diff(&self, topic: &str, raw: &Bytes) -> Relay {
         let limit = self.config.list_max;
         let mut mirrors = self.mirrors.lock().expect("mirror lock");
+        let undecodable = || {
+            tracing::warn!(topic = %LogSafe(topic), "undecodable presence diff dropped");
+            Relay::Dropped
+        };
         let Some(mirror) = mirrors.get_mut(topic) else {
-            return Relay::Diff;
+            return match serde_json::from_slice::<serde::de::IgnoredAny>(raw) {
+                Ok(_) => Relay::Diff,
+                Err(_) => undecodable(),
+            };
         };
         let Some(members) = &mut mirror.members else {
+            if serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_err() {
+                return undecodable();
+            }
             mirror.buffered.push(raw.clone());
             return Relay::Diff;
         };
         if !members.apply_diff(raw) {
-            tracing::warn!(topic = %LogSafe(topic), "undecodable presence diff");
-            return Relay::Diff;
+            return undecodable();
         }
         let fits = members.fits(limit);
         match (&mirror.listing, fits) {

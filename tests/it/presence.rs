@@ -658,6 +658,38 @@ async fn a_storm_of_joins_converges_to_a_bounded_listing_and_exact_counts() {
     );
 }
 
+/// Whatever is PUBLISHed on a presence channel that is not a diff (not JSON, or not `{joins,
+/// leaves}`) is dropped and counted, never relayed to clients (whose frame would stop being
+/// JSON); presence goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_presence_diff_is_dropped_and_counted_not_relayed() {
+    let (redis, hub) = redis_and_ready_hub().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+    let mut watcher = Member::join(&hub.socket_url(&user_token("watcher", &org)), &topic).await;
+    let undecodable = |metrics: &str| {
+        metric_value(
+            metrics,
+            "prostaff_presence_diffs_total",
+            &["outcome=\"undecodable\""],
+        )
+    };
+    let before = undecodable(&hub.metrics().await);
+    let channel = format!("prostaff:presence:{topic}");
+    assert_eq!(redis.publish(&channel, "{\"joins\": not json"), 1);
+    assert_eq!(redis.publish(&channel, "[1,2]"), 1);
+    eventually("both are counted", || async {
+        undecodable(&hub.metrics().await) >= before + 2.0
+    })
+    .await;
+    // The next real change arrives, and every frame before it was JSON (`Phx` parses each).
+    let _other = Member::join(&hub.socket_url(&user_token("other", &org)), &topic).await;
+    watcher
+        .until("the other member shows", |v| v.0.contains_key("user:other"))
+        .await;
+    wait_for_log(&["undecodable presence diff dropped"]).await;
+}
+
 /// A client that fell behind and lost broadcasts on a presence topic may have lost a
 /// `presence_diff`: after the `events_dropped` notice it gets a whole `presence_state` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
