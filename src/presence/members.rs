@@ -1,6 +1,6 @@
 //! A topic's members as every instance agrees on them, and what its subscribers are shown.
 //!
-//! Below the listing bound ([`Listing::fits`]: at most `PRESENCE_LIST_MAX` metas and
+//! Below the listing bound ([`Members::fits`]: at most `PRESENCE_LIST_MAX` metas and
 //! [`MAX_LISTED_BYTES`]) a topic's subscribers get every meta, exactly as Phoenix sends them.
 //! Above it they get a **listing**: at most that many metas, kept stable (a listed meta that
 //! leaves frees a slot, which the newest unlisted meta takes, at most [`MAX_FILLS`] per

@@ -216,6 +216,8 @@ enum Relay {
     /// The topic crossed the bound: the whole state (the listing, or every meta) and a summary
     /// go instead.
     State(Bytes, Bytes),
+    /// Kept for the snapshot being read (its state includes it).
+    Buffered,
     /// Not a diff (not JSON, or not `{joins, leaves}`): logged, counted, never sent to clients.
     Dropped,
 }
@@ -277,6 +279,10 @@ impl Handler for Presence {
                     self.hub.publish_at(topic, "presence_state", state, None);
                     self.hub
                         .publish_at(topic, "presence_summary", summary, None);
+                }
+                Relay::Buffered => {
+                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "buffered")
+                        .increment(1);
                 }
                 Relay::Dropped => {
                     metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "undecodable")
@@ -563,8 +569,10 @@ impl Presence {
             if serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_err() {
                 return undecodable();
             }
+            // The snapshot being read will include it: whoever waits for the snapshot gets it
+            // in the state, within the bound, rather than as a diff of any size now.
             mirror.buffered.push(raw.clone());
-            return Relay::Diff;
+            return Relay::Buffered;
         };
         if !members.apply_diff(raw) {
             return undecodable();
