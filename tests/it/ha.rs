@@ -115,9 +115,10 @@ async fn eventually_true(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 /// One master, one replica, three sentinels; two hubs that know only the sentinels
-/// (`REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER`), a socket on each. The master is SIGKILLed:
-/// readiness goes to 503 on both hubs, the sentinels promote the replica, both hubs follow it
-/// and what is published on the new master reaches both sockets.
+/// (`REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER`), sockets and an open queue on each. The master
+/// is SIGKILLed: readiness goes to 503 on both hubs and a queue action answers `unavailable`;
+/// the sentinels promote the replica, both hubs follow it, what is published on the new master
+/// reaches both sockets, and the queue (replicated before) takes a join seen on both hubs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed_by_every_hub() {
     let mut master = RedisServer::start();
@@ -166,6 +167,20 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     let topic = format!("org_events:{org}");
     let mut on_a = Phx::org_member(&a, &org).await;
     let mut on_b = Phx::org_member(&b, &org).await;
+    // A coach on each hub, and an open queue (replicated before the master dies).
+    let inhouse = format!("inhouse:{org}");
+    let mut coach_a = Phx::connect(&a, &user_token("coach", &org)).await;
+    let coach_ref = coach_a.join_ok(&inhouse).await;
+    let mut coach_b = Phx::connect(&b, &user_token("coach-b", &org)).await;
+    coach_b.join_ok(&inhouse).await;
+    let opened = Event::new(&org, "inhouse.queue_opened")
+        .payload(serde_json::json!({"queue_id": "q1"}))
+        .json();
+    publish_event(&master, &org, opened, 2).await;
+    let is_update =
+        |event: &'static str| move |f: &Value| f[3] == "queue_update" && f[4]["event"] == event;
+    coach_a.recv_matching(is_update("queue_opened")).await;
+    coach_b.recv_matching(is_update("queue_opened")).await;
     publish_event(
         &master,
         &org,
@@ -175,10 +190,17 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     .await;
     on_a.event(&topic, "player.transferred").await;
     on_b.event(&topic, "player.transferred").await;
+    assert_eq!(master.command("WAIT 1 2000").as_deref(), Some(":1"));
 
     master.stop();
     wait_readiness(&a, "hub a sees the master gone", false).await;
     wait_readiness(&b, "hub b sees the master gone", false).await;
+    // While there is no master, a queue action says so rather than guess.
+    let join = serde_json::json!({"player_id": "p1", "role": "top"});
+    let reply = coach_a
+        .push(&coach_ref, &inhouse, "join_queue", join.clone())
+        .await;
+    assert_eq!(reply[4]["response"]["reason"], "unavailable", "{reply}");
     eventually_true("the sentinels promote the replica", || {
         sentinels[0].master_port() == Some(replica.port)
     })
@@ -191,6 +213,11 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     let on_a_after = on_a.event(&topic, "team_goal.completed").await;
     let on_b_after = on_b.event(&topic, "team_goal.completed").await;
     assert_eq!(on_a_after[4]["id"], on_b_after[4]["id"]);
+    // The queue survived on the promoted replica; an action on one hub reaches the other.
+    let reply = coach_a.push(&coach_ref, &inhouse, "join_queue", join).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    let joined = coach_b.recv_matching(is_update("player_joined")).await;
+    assert_eq!(joined[4]["player_id"], "p1", "{joined}");
     wait_for_log(&["redis connected", "reconnect=true"]).await;
 }
 

@@ -385,10 +385,7 @@ async fn api_events_requires_an_internal_token() {
 #[tokio::test]
 async fn notify_on_hub_a_reaches_a_client_on_hub_b() {
     let redis = RedisServer::start();
-    let hub_a = TestHub::with_redis(&redis).await;
-    let hub_b = TestHub::with_redis(&redis).await;
-    hub_a.wait_redis_ready().await;
-    hub_b.wait_redis_ready().await;
+    let (hub_a, hub_b) = two_hubs(&redis).await;
     let org = unique("org");
     let mut on_b = Phx::connect(&hub_b, &user_token("u1", &org)).await;
     on_b.join_ok(&format!("org_events:{org}")).await;

@@ -70,27 +70,11 @@ async fn open_queue(redis: &RedisServer, org: &str, queue_id: &str, hubs: i64) {
     .await;
 }
 
-async fn hubs(
-    redis: &RedisServer,
-    count: usize,
-    tweak: impl Fn(&mut prostaff_events::config::Config),
-) -> Vec<TestHub> {
-    let mut hubs = Vec::new();
-    for _ in 0..count {
-        let mut config = test_config(&redis.url(), "http://127.0.0.1:9");
-        tweak(&mut config);
-        let hub = TestHub::start(config).await;
-        hub.wait_redis_ready().await;
-        hubs.push(hub);
-    }
-    hubs
-}
-
 #[tokio::test]
 async fn a_join_on_one_hub_reaches_every_member_once_and_shows_in_the_other_snapshot() {
     let redis = RedisServer::start();
     let org = unique("org");
-    let hubs = hubs(&redis, 2, |_| {}).await;
+    let hubs = ready_hubs(&redis, 2, |_| {}).await;
     let (mut on_a, ref_a) = member(&hubs[0], &org).await;
     let (mut on_b, _) = member(&hubs[1], &org).await;
     open_queue(&redis, &org, "q1", 2).await;
@@ -137,7 +121,7 @@ async fn a_join_on_one_hub_reaches_every_member_once_and_shows_in_the_other_snap
 async fn check_ins_split_over_two_hubs_keep_the_queue_with_two_at_the_deadline() {
     let redis = RedisServer::start();
     let org = unique("org");
-    let hubs = hubs(&redis, 2, |_| {}).await;
+    let hubs = ready_hubs(&redis, 2, |_| {}).await;
     let (mut on_a, ref_a) = member(&hubs[0], &org).await;
     let (mut on_b, ref_b) = member(&hubs[1], &org).await;
     open_queue(&redis, &org, "q1", 2).await;
@@ -299,7 +283,7 @@ async fn the_deadline_fires_once_on_time_after_the_hub_that_saw_check_in_start_i
 async fn fifty_concurrent_joins_over_three_hubs_give_an_exact_count() {
     let redis = RedisServer::start();
     let org = unique("org");
-    let hubs = hubs(&redis, 3, |c| c.rate_limit_max = 1000).await;
+    let hubs = ready_hubs(&redis, 3, |c| c.rate_limit_max = 1000).await;
     let (mut watcher, _) = member(&hubs[0], &org).await;
     open_queue(&redis, &org, "q1", 3).await;
     watcher.recv_matching(update_of("queue_opened")).await;
@@ -349,7 +333,7 @@ async fn fifty_concurrent_joins_over_three_hubs_give_an_exact_count() {
 async fn the_join_rate_limit_is_one_budget_for_all_hubs() {
     let redis = RedisServer::start();
     let org = unique("org");
-    let hubs = hubs(&redis, 3, |c| c.rate_limit_max = 3).await;
+    let hubs = ready_hubs(&redis, 3, |c| c.rate_limit_max = 3).await;
     let mut members = Vec::new();
     for hub in &hubs {
         members.push(member(hub, &org).await);
@@ -408,7 +392,7 @@ async fn the_join_rate_limit_is_one_budget_for_all_hubs() {
 async fn every_hub_restarted_shows_the_same_entries() {
     let redis = RedisServer::start();
     let org = unique("org");
-    let first = hubs(&redis, 2, |_| {}).await;
+    let first = ready_hubs(&redis, 2, |_| {}).await;
     let (mut on_a, ref_a) = member(&first[0], &org).await;
     open_queue(&redis, &org, "q1", 2).await;
     on_a.recv_matching(update_of("queue_opened")).await;
@@ -435,7 +419,7 @@ async fn every_hub_restarted_shows_the_same_entries() {
     for hub in first {
         hub.shutdown().await.unwrap();
     }
-    let second = hubs(&redis, 2, |_| {}).await;
+    let second = ready_hubs(&redis, 2, |_| {}).await;
     for hub in &second {
         let after = snapshot(hub, &org).await;
         assert_eq!(after["entries"], before["entries"]);
@@ -541,7 +525,7 @@ async fn periodic_reconciles_respect_the_hub() {
 async fn session_started_on_redis_closes_the_queue() {
     let redis = RedisServer::start();
     let org = unique("org");
-    let hubs = hubs(&redis, 1, |_| {}).await;
+    let hubs = ready_hubs(&redis, 1, |_| {}).await;
     let (mut coach, join_ref) = member(&hubs[0], &org).await;
     open_queue(&redis, &org, "q1", 1).await;
     coach.recv_matching(update_of("queue_opened")).await;
@@ -594,7 +578,7 @@ async fn session_started_on_redis_closes_the_queue() {
 async fn with_redis_down_actions_answer_unavailable_at_once_and_converge_when_it_returns() {
     let mut redis = RedisServer::start();
     let org = unique("org");
-    let hubs = hubs(&redis, 1, |_| {}).await;
+    let hubs = ready_hubs(&redis, 1, |_| {}).await;
     let (mut coach, join_ref) = member(&hubs[0], &org).await;
     open_queue(&redis, &org, "q1", 1).await;
     coach.recv_matching(update_of("queue_opened")).await;

@@ -141,12 +141,7 @@ async fn tokens_and_topics_are_checked_like_sockets() {
 #[tokio::test]
 async fn events_stream_with_ids_and_resume_on_another_hub_with_last_event_id() {
     let redis = RedisServer::start();
-    let mut hubs = Vec::new();
-    for _ in 0..2 {
-        let hub = TestHub::with_redis(&redis).await;
-        hub.wait_redis_ready().await;
-        hubs.push(hub);
-    }
+    let mut hubs = ready_hubs(&redis, 2, |_| {}).await;
     let org = unique("org");
     let token = user_token("u1", &org);
     let query = format!("topics=org_events:{org},notifications:u1&token={token}");
