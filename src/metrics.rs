@@ -126,7 +126,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (TYPE_FILTERED, Kind::Counter, "broadcasts not sent to a channel because its join's type filter excludes them"),
     (CATCH_UP_BROADCASTS, Kind::Counter, "broadcasts delivered by catch-ups after a redis reconnect"),
     (PRESENCE_TRACKED, Kind::Gauge, "presence metas (one per socket and topic) this instance tracks"),
-    (PRESENCE_DIFFS, Kind::Counter, "presence diff batches: written (one script call per topic per interval), failed (resynced later), delivered (received from Redis and fanned out), summarized (received for a topic over PRESENCE_LIST_MAX: applied, then told as a listing move and a presence_summary), buffered (received while the topic's snapshot is read: part of the state its joiners get), undecodable (not a diff: dropped, never sent to clients)"),
+    (PRESENCE_DIFFS, Kind::Counter, "presence diff batches: written (one script call per topic per interval), failed (resynced later), delivered (received from Redis and fanned out), summarized (received for a topic over PRESENCE_LIST_MAX: applied, then told as a listing move and a presence_summary), buffered (received while the topic's snapshot is read: part of the state its joiners get), unwatched (no socket of this instance has the topic's presence yet: its joiners read the state), undecodable (not a diff: dropped, never sent to clients)"),
     (PRESENCE_EXPIRED, Kind::Counter, "presence metas removed because their instance stopped renewing its lease"),
     (PRESENCE_REFUSED, Kind::Counter, "sockets not shown in presence, by reason (topic_full: PRESENCE_MAX_MEMBERS reached)"),
     (PRESENCE_RESYNCS, Kind::Counter, "presence_state pushed again to a socket that lost broadcasts on a presence topic"),

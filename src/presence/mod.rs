@@ -209,8 +209,10 @@ impl Mirror {
 
 /// What becomes of a diff received from Redis, for this instance's subscribers.
 enum Relay {
-    /// Sent on as it is (a topic under the bound, or one this instance does not mirror).
+    /// Sent on as it is (a topic under the bound).
     Diff,
+    /// Not sent: no socket of this instance has the topic's presence yet.
+    Unwatched,
     /// Held: the topic is over the bound and its listing moves at the next interval.
     Held,
     /// The topic crossed the bound: the whole state (the listing, or every meta) and a summary
@@ -279,6 +281,10 @@ impl Handler for Presence {
                     self.hub.publish_at(topic, "presence_state", state, None);
                     self.hub
                         .publish_at(topic, "presence_summary", summary, None);
+                }
+                Relay::Unwatched => {
+                    metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "unwatched")
+                        .increment(1);
                 }
                 Relay::Buffered => {
                     metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "buffered")
@@ -560,10 +566,9 @@ impl Presence {
             Relay::Dropped
         };
         let Some(mirror) = mirrors.get_mut(topic) else {
-            return match serde_json::from_slice::<serde::de::IgnoredAny>(raw) {
-                Ok(_) => Relay::Diff,
-                Err(_) => undecodable(),
-            };
+            // No socket here has this topic's presence yet: one that is joining gets the state
+            // its read of Redis will find (this diff's writes precede it), within the bound.
+            return Relay::Unwatched;
         };
         let Some(members) = &mut mirror.members else {
             if serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_err() {
