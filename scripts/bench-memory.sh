@@ -17,26 +17,9 @@ ORGS=${2:?orgs}
 HOLD=${3:-10}
 REDIS_PORT=${REDIS_PORT:-6410}
 HUB_PORT=${HUB_PORT:-4710}
-ulimit -n 20000
-cargo build --release -q --features bench --bins
-
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode no \
-  --maxclients 19500 --save "" --appendonly no --loglevel warning &
-REDIS_PID=$!; pids+=("$REDIS_PID")
-sleep 0.5
-# shellcheck disable=SC2086
-env PORT="$HUB_PORT" BIND_ADDR=127.0.0.1 REDIS_URL="redis://127.0.0.1:$REDIS_PORT" RUST_LOG=warn \
-  RECONCILE_INTERVAL_MS=0 ${PRELOAD:+LD_PRELOAD=$PRELOAD} ${HUB_ENV:-} \
-  taskset -c 0 "${HUB_BIN:-./target/release/prostaff-events}" &
-HUB_PID=$!; pids+=("$HUB_PID")
-for _ in $(seq 50); do
-  curl -sf "http://127.0.0.1:$HUB_PORT/health/ready" >/dev/null && break
-  sleep 0.2
-done
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
+wait_hub_ready
 
 taskset -c 1 ./target/release/hub-bench connections \
   --hub "http://127.0.0.1:$HUB_PORT" --count "$COUNT" --orgs "$ORGS" --hold-secs "$HOLD" \

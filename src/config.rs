@@ -387,13 +387,18 @@ fn redis_url(get: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigErro
         &value_or_default(get, "REDIS_URL").unwrap_or_default(),
         get("REDIS_PASSWORD").as_deref(),
     );
-    fred::types::config::Config::from_url(&redis_url).map_err(|error| {
-        invalid(
-            "REDIS_URL",
-            format!("not a usable Redis URL: {}", error.details()),
-        )
-    })?;
-    Ok(redis_url)
+    usable_by_fred(redis_url, "REDIS_URL", "a usable Redis URL")
+}
+
+/// `url` when fred accepts it; otherwise an error naming `variable`.
+fn usable_by_fred(url: String, variable: &'static str, what: &str) -> Result<String, ConfigError> {
+    match fred::types::config::Config::from_url(&url) {
+        Ok(_) => Ok(url),
+        Err(error) => Err(invalid(
+            variable,
+            format!("not {what}: {}", error.details()),
+        )),
+    }
 }
 
 /// `redis-sentinel://[:password@]first/0?sentinelServiceName=…&node=…[&sentinelPassword=…]`:
@@ -441,13 +446,7 @@ fn sentinel_url(
     if let Some(password) = get("REDIS_SENTINEL_PASSWORD") {
         url.push_str(&format!("&sentinelPassword={}", percent_encode(&password)));
     }
-    fred::types::config::Config::from_url(&url).map_err(|error| {
-        invalid(
-            "REDIS_SENTINELS",
-            format!("not a usable Sentinel set-up: {}", error.details()),
-        )
-    })?;
-    Ok(url)
+    usable_by_fred(url, "REDIS_SENTINELS", "a usable Sentinel set-up")
 }
 
 /// `ALLOWED_ORIGINS`; unset, production accepts its own host only and development any.

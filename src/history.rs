@@ -5,12 +5,12 @@
 //! one per broadcast; `epoch` changes only when the topic's history was lost (expired, or Redis
 //! restarted empty) or went back (a failover lost its newest writes: an instance that delivered
 //! a position the history no longer reaches starts a new epoch at its reconnect, so a lost offset
-//! is never handed to another event). Offsets are assigned in Redis by `APPEND_SCRIPT`, so every instance agrees:
-//! each instance receives every event from PSUBSCRIBE and calls the script (one call per topic
-//! for whatever batch of messages it has received); the first call for an event appends, and
-//! later calls for the same event (same dedup key: the envelope `id`, or a hash of the raw
-//! bytes) read its position back. Each instance handles one topic's events strictly in the
-//! order Redis delivered them, so the order matches too.
+//! is never handed to another event). Offsets are assigned in Redis by `APPEND_SCRIPT`, so
+//! every instance agrees: each instance receives every event from PSUBSCRIBE and calls the
+//! script (one call per topic for whatever batch of messages it has received); the first call
+//! for an event appends, and later calls for the same event (same dedup key: the envelope
+//! `id`, or a hash of the raw bytes) read its position back. Each instance handles one topic's
+//! events strictly in the order Redis delivered them, so the order matches too.
 //!
 //! Keys of one topic share the hash tag `{topic}`: `hist:{t}:m` (hash: epoch, offset),
 //! `hist:{t}:s` (the stream, entry ids `<offset>-0`, fields `e` event and `p` payload, capped at

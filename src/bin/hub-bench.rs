@@ -631,14 +631,13 @@ async fn rss_after_close(pid: Option<u32>, secs: u64) -> Vec<(&'static str, u64)
         return samples;
     }
     let closed = tokio::time::Instant::now();
-    for (at, label) in [
+    // The fixed samples fall strictly inside the window; its end is always sampled.
+    let fixed = [
         (5, "hub RSS 5 s after close MiB"),
         (30, "hub RSS 30 s after close MiB"),
-        (secs, "hub RSS at the end of the close window MiB"),
-    ] {
-        if at > secs || (at == secs && !label.contains("end")) {
-            continue;
-        }
+    ];
+    let end = (secs, "hub RSS at the end of the close window MiB");
+    for (at, label) in fixed.into_iter().filter(|(at, _)| *at < secs).chain([end]) {
         tokio::time::sleep_until(closed + Duration::from_secs(at)).await;
         if let Some(sample) = proc_sample(pid) {
             samples.push((label, sample.rss_kib));

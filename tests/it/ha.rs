@@ -10,6 +10,9 @@ use serde_json::Value;
 
 use crate::support::*;
 
+/// How long a failover (or a replica's sync) may take here.
+const FAILOVER: Duration = Duration::from_secs(30);
+
 /// Readiness of `hub`: (status, the redis check).
 async fn readiness(hub: &TestHub) -> (u16, Value) {
     match reqwest::get(hub.http("/health/ready")).await {
@@ -23,7 +26,7 @@ async fn readiness(hub: &TestHub) -> (u16, Value) {
 }
 
 async fn wait_readiness(hub: &TestHub, what: &str, ready: bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + FAILOVER;
     loop {
         let (status, redis) = readiness(hub).await;
         if (status == 200) == ready {
@@ -41,12 +44,7 @@ async fn wait_readiness(hub: &TestHub, what: &str, ready: bool) {
 async fn a_master_demoted_to_a_replica_is_left_and_readiness_says_so() {
     let (redis, hub) = redis_and_ready_hub().await;
     let other = RedisServer::start();
-    assert_eq!(
-        redis
-            .command(&format!("REPLICAOF 127.0.0.1 {}", other.port))
-            .as_deref(),
-        Some("+OK")
-    );
+    redis.replicate(other.port);
     // PING still answers on a replica; the liveness check writes, and READONLY ends the link.
     wait_readiness(&hub, "a replica is no link", false).await;
     wait_for_log(&["READONLY"]).await;
@@ -106,14 +104,6 @@ impl Drop for Sentinel {
     }
 }
 
-async fn eventually_true(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// One master, one replica, three sentinels; two hubs that know only the sentinels
 /// (`REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER`), sockets and an open queue on each. The master
 /// is SIGKILLed: readiness goes to 503 on both hubs and a queue action answers `unavailable`;
@@ -123,24 +113,23 @@ async fn eventually_true(what: &str, mut condition: impl FnMut() -> bool) {
 async fn a_sentinel_failover_is_followed_by_every_hub() {
     let mut master = RedisServer::start();
     let replica = RedisServer::start();
-    assert_eq!(
-        replica
-            .command(&format!("REPLICAOF 127.0.0.1 {}", master.port))
-            .as_deref(),
-        Some("+OK")
-    );
-    eventually_true("the replica syncs", || {
+    replica.replicate(master.port);
+    eventually_within("the replica syncs", FAILOVER, || async {
         replica
             .info("replication")
             .is_some_and(|info| info.contains("master_link_status:up"))
     })
     .await;
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
-    eventually_true("the sentinels know the master and each other", || {
-        sentinels
-            .iter()
-            .all(|s| s.master_port() == Some(master.port))
-    })
+    eventually_within(
+        "the sentinels know the master and each other",
+        FAILOVER,
+        || async {
+            sentinels
+                .iter()
+                .all(|s| s.master_port() == Some(master.port))
+        },
+    )
     .await;
 
     let nodes: Vec<String> = sentinels
@@ -201,7 +190,7 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
         .push(&coach_ref, &inhouse, "join_queue", join.clone())
         .await;
     assert_eq!(reply[4]["response"]["reason"], "unavailable", "{reply}");
-    eventually_true("the sentinels promote the replica", || {
+    eventually_within("the sentinels promote the replica", FAILOVER, || async {
         sentinels[0].master_port() == Some(replica.port)
     })
     .await;

@@ -440,6 +440,11 @@ async fn the_member_cap_bounds_presence_state() {
     assert_eq!(one.view.0.len(), 2);
 }
 
+/// Joins `user:m{i}` (its socket URL is `url`) and keeps it in `members` by key.
+async fn join_member(members: &mut BTreeMap<String, Member>, url: &str, i: usize, topic: &str) {
+    members.insert(format!("user:m{i}"), Member::join(url, topic).await);
+}
+
 /// Over the listing bound (`PRESENCE_LIST_MAX`, 4 here) subscribers on both hubs are shown a
 /// stable listing of 4 metas, each a member, and a `presence_summary` counts everyone; a joiner
 /// gets the listing and the summary; a listed member that leaves is replaced by the newest; back
@@ -454,11 +459,7 @@ async fn over_the_listing_bound_subscribers_get_a_stable_listing_and_exact_count
     let mut observer = Member::join(&url(&b, "observer"), &topic).await;
     let mut members = BTreeMap::new();
     for i in 0..3 {
-        let who = format!("m{i}");
-        members.insert(
-            format!("user:{who}"),
-            Member::join(&url(&a, &who), &topic).await,
-        );
+        join_member(&mut members, &url(&a, &format!("m{i}")), i, &topic).await;
     }
     observer
         .until("four metas, all listed", |v| v.0.len() == 4)
@@ -466,11 +467,7 @@ async fn over_the_listing_bound_subscribers_get_a_stable_listing_and_exact_count
     assert!(observer.summary.is_none(), "no summary under the bound");
 
     for i in 3..7 {
-        let who = format!("m{i}");
-        members.insert(
-            format!("user:{who}"),
-            Member::join(&url(&a, &who), &topic).await,
-        );
+        join_member(&mut members, &url(&a, &format!("m{i}")), i, &topic).await;
     }
     observer
         .until_summary("eight counted", |_, s| s["metas"] == 8)

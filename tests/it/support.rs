@@ -182,6 +182,15 @@ impl RedisServer {
         self.try_command(command)
     }
 
+    /// Makes this server a replica of the one on `master_port`.
+    pub fn replicate(&self, master_port: u16) {
+        assert_eq!(
+            self.command(&format!("REPLICAOF 127.0.0.1 {master_port}"))
+                .as_deref(),
+            Some("+OK")
+        );
+    }
+
     /// `INFO section` as text.
     pub fn info(&self, section: &str) -> Option<String> {
         self.bulk_command(&format!("INFO {section}"))
@@ -821,12 +830,21 @@ async fn rails_active_queues(
 }
 
 /// Polls `condition` until true (panics after the timeout with `what`).
-pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    eventually_within(what, TIMEOUT, condition).await
+}
+
+/// [`eventually`] with its own time limit (a Sentinel failover takes seconds).
+pub async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,
