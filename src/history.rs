@@ -6,11 +6,12 @@
 //! restarted empty) or went back (a failover lost its newest writes: an instance that delivered
 //! a position the history no longer reaches starts a new epoch at its reconnect, so a lost offset
 //! is never handed to another event). Offsets are assigned in Redis by `APPEND_SCRIPT`, so
-//! every instance agrees: each instance receives every event from PSUBSCRIBE and calls the
-//! script (one call per topic for whatever batch of messages it has received); the first call
-//! for an event appends, and later calls for the same event (same dedup key: the envelope
-//! `id`, or a hash of the raw bytes) read its position back. Each instance handles one topic's
-//! events strictly in the order Redis delivered them, so the order matches too.
+//! every instance agrees: the first call for an event appends, and later calls for the same
+//! event (same dedup key: the envelope `id`, or a hash of the raw bytes) read its position back.
+//! Every call also PUBLISHes a [`Notice`] of the positions it answered on
+//! `prostaff:seq:<topic>`, so the other instances learn them without a call of their own: who
+//! calls the script is the sequencer's business (`ingest::sequencer`). Callers hand one topic's
+//! events over strictly in the order Redis delivered them, so the order matches too.
 //!
 //! Keys of one topic share the hash tag `{topic}`: `hist:{t}:m` (hash: epoch, offset),
 //! `hist:{t}:s` (the stream, entry ids `<offset>-0`, fields `e` event and `p` payload, capped at
@@ -128,20 +129,23 @@ const DEDUP_TTL: Duration = Duration::from_secs(120);
 
 const APPEND_SCRIPT: &str = r#"
 -- KEYS: meta, stream, then one dedup key per broadcast. ARGV: size, ttl_ms, candidate epoch,
--- dedup_ttl_ms, then (event, payload) per broadcast, in delivery order. Returns the positions.
+-- dedup_ttl_ms, notice channel, notice origin, length of the dedup keys' prefix, then
+-- (event, payload) per broadcast, in delivery order. Returns the positions, and PUBLISHes them
+-- on the notice channel: the origin, then a line `<dedup> <position>` per broadcast.
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3]) == 1 then
   -- A new epoch: whatever stream is left belongs to a lost history.
   redis.call('DEL', KEYS[2])
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local out = {}
+local notice = { ARGV[6] }
 local appended = false
 for i = 3, #KEYS do
   local seen = redis.call('GET', KEYS[i])
   if seen then
     out[#out + 1] = seen
   else
-    local j = 5 + (i - 3) * 2
+    local j = 8 + (i - 3) * 2
     local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], offset .. '-0', 'e', ARGV[j], 'p', ARGV[j + 1])
     local position = epoch .. ':' .. offset
@@ -150,6 +154,10 @@ for i = 3, #KEYS do
     appended = true
   end
 end
+for i = 3, #KEYS do
+  notice[#notice + 1] = string.sub(KEYS[i], ARGV[7] + 1) .. ' ' .. out[i - 2]
+end
+redis.call('PUBLISH', ARGV[5], table.concat(notice, '\n'))
 if appended then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -197,6 +205,40 @@ for _, entry in ipairs(entries) do
 end
 return reply
 "#;
+
+/// Every append's [`Notice`] is published on `NOTICE_PREFIX` + topic.
+pub const NOTICE_PREFIX: &str = "prostaff:seq:";
+pub const NOTICE_PATTERN: &str = "prostaff:seq:*";
+
+/// The channel an append on `topic` publishes its [`Notice`] on.
+pub fn notice_channel(topic: &str) -> String {
+    format!("{NOTICE_PREFIX}{topic}")
+}
+
+/// The positions one append call answered: which instance called it, and each broadcast's
+/// dedup key with its position, in the order appended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub origin: String,
+    pub positions: Vec<(String, Position)>,
+}
+
+impl Notice {
+    /// Parses what `APPEND_SCRIPT` published: the origin, then `<dedup> <position>` lines (a
+    /// dedup key may hold spaces, a position never does). `None` for anything else.
+    pub fn parse(payload: &[u8]) -> Option<Notice> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut lines = text.split('\n');
+        let origin = lines.next()?.to_string();
+        let positions = lines
+            .map(|line| {
+                let (dedup, position) = line.rsplit_once(' ')?;
+                Some((dedup.to_string(), Position::parse(position)?))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        (!origin.is_empty() && !positions.is_empty()).then_some(Notice { origin, positions })
+    }
+}
 
 /// The history store; `None` size means history is off (`HISTORY_SIZE=0`).
 pub struct History {
@@ -276,8 +318,12 @@ impl History {
         args.push(self.ttl.as_millis().to_string());
         args.push(new_epoch());
         args.push(DEDUP_TTL.as_millis().to_string());
+        args.push(notice_channel(topic));
+        args.push(self.redis.instance().to_string());
+        let dedup_prefix = format!("hist:{{{topic}}}:d:");
+        args.push(dedup_prefix.len().to_string());
         for item in items {
-            keys.push(format!("hist:{{{topic}}}:d:{}", item.dedup));
+            keys.push(format!("{dedup_prefix}{}", item.dedup));
             let payload = std::str::from_utf8(item.payload)
                 .map_err(|_| RedisError::Malformed("payload is not UTF-8"))?;
             args.push(item.event.to_string());
@@ -409,6 +455,30 @@ mod tests {
         assert!(p("a", 2).is_covered_by(&p("a", 3)));
         assert!(!p("a", 4).is_covered_by(&p("a", 3)));
         assert!(!p("b", 1).is_covered_by(&p("a", 3)));
+    }
+
+    #[test]
+    fn notices_parse_strictly() {
+        let notice = Notice::parse(b"abc123\nia b 7 e1:4\nh00ff e1:5").unwrap();
+        assert_eq!(notice.origin, "abc123");
+        assert_eq!(
+            notice.positions,
+            [
+                ("ia b 7".to_string(), Position::parse("e1:4").unwrap()),
+                ("h00ff".to_string(), Position::parse("e1:5").unwrap())
+            ]
+        );
+        for bad in [
+            &b""[..],
+            b"abc",
+            b"\nix e1:4",
+            b"abc\nix",
+            b"abc\nix e1:x",
+            b"abc\nix e1:4\n",
+            b"abc\n\xff e1:4",
+        ] {
+            assert_eq!(Notice::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -313,6 +313,11 @@ impl Hub {
             .collect()
     }
 
+    /// The last position delivered on `topic` here, if any.
+    pub fn delivered_position(&self, topic: &str) -> Option<Position> {
+        self.delivered.get(topic).map(|entry| entry.value().clone())
+    }
+
     /// Tells every subscriber of `topic` that its stream has a gap (see
     /// [`BroadcastFrame::gap`]); returns how many were told.
     pub fn announce_gap(&self, topic: &str) -> usize {

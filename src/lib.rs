@@ -271,6 +271,11 @@ fn pipeline(
         hub: hub.clone(),
         inhouse: inhouse.clone(),
         history: history.clone(),
+        sequencer: Arc::new(ingest::sequencer::Sequencer::new(
+            history.clone(),
+            hub.clone(),
+            redis.clone(),
+        )),
         revocations: revocations.clone(),
         catalogue,
         schemas: config.event_schemas,
@@ -298,6 +303,13 @@ async fn spawn(
     let (presence_connects, revocation_connects) = (built.redis.connects(), built.redis.connects());
     tasks.spawn(built.redis.clone().run(background.child_token()));
     tasks.spawn(built.reconciler.clone().run(background.child_token()));
+    tasks.spawn(
+        built
+            .pipeline
+            .sequencer
+            .clone()
+            .run(background.child_token()),
+    );
     tasks.spawn(inhouse::deadlines::run(
         built.pipeline.inhouse.clone(),
         background.child_token(),
@@ -349,6 +361,12 @@ async fn drain(built: &Built, timings: &DrainTimings) {
     let (app, hub) = (&built.app, &built.hub);
     let started = Instant::now();
     app.draining.store(true, Ordering::Release);
+    // Another instance sequences history from its next lease renewal.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        built.pipeline.sequencer.retire(),
+    )
+    .await;
     let sockets = hub.socket_count();
     tracing::info!(
         sockets,

@@ -5,6 +5,7 @@
 
 pub mod dead_letter;
 pub mod publish;
+pub mod sequencer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,13 +15,14 @@ use bytes::Bytes;
 use crate::catalogue::{Catalogue, Check, Violation};
 use crate::config::SchemaMode;
 use crate::envelope::{self, Envelope};
-use crate::history::{self, AppendItem, History, Position};
+use crate::history::{self, History};
 use crate::hub::Hub;
 use crate::inhouse::Inhouse;
 use crate::logsafe::LogSafe;
 use crate::redis::{Handler, HandlerFuture, Message};
 use crate::router;
 use dead_letter::{DeadLetter, DeadLetters};
+use sequencer::Sequencer;
 
 /// Where an event came from (a metric label).
 #[derive(Debug, Clone, Copy)]
@@ -63,23 +65,31 @@ pub enum Incoming {
     Envelope { raw: Bytes, channel: String },
     /// A `queue_update` that `queue.lua` published on `prostaff:inhouse:{org}`.
     QueueUpdate { org_id: String, raw: Bytes },
+    /// The positions another instance's history append gave (`prostaff:seq:{topic}`).
+    Notice { topic: String, raw: Bytes },
 }
 
 impl Incoming {
-    /// A message of one of the pipeline's two patterns.
+    /// A message of one of the pipeline's three patterns.
     fn from_message(message: Message) -> Incoming {
-        match message
+        if let Some(org_id) = message
             .channel
             .strip_prefix(crate::inhouse::store::QUEUE_CHANNEL_PREFIX)
         {
-            Some(org_id) => Incoming::QueueUpdate {
+            return Incoming::QueueUpdate {
                 org_id: org_id.to_string(),
                 raw: message.payload,
-            },
-            None => Incoming::Envelope {
+            };
+        }
+        if let Some(topic) = message.channel.strip_prefix(history::NOTICE_PREFIX) {
+            return Incoming::Notice {
+                topic: topic.to_string(),
                 raw: message.payload,
-                channel: message.channel,
-            },
+            };
+        }
+        Incoming::Envelope {
+            raw: message.payload,
+            channel: message.channel,
         }
     }
 }
@@ -146,7 +156,7 @@ struct Broadcast {
     raw: Bytes,
     /// (topic, event name) pairs.
     topics: Vec<(String, String)>,
-    dedup: String,
+    dedup: Arc<str>,
     envelope: Option<Envelope>,
     unrouted: bool,
 }
@@ -154,13 +164,15 @@ struct Broadcast {
 /// Decode → route → position → fan out, plus the in-house lifecycle hooks.
 ///
 /// Invariant: the Redis subscriber loop hands batches over one at a time, in the order Redis
-/// delivered the messages; within a batch each topic's appends are one script call in that
-/// order, so every instance assigns and reads positions in the same order. Different topics are
-/// appended concurrently (only the order within a topic matters).
+/// delivered the messages; each topic's broadcasts are queued in the [`Sequencer`] in that
+/// order and delivered in it once positioned (by this instance's append when it is the
+/// sequencer, by the sequencer's notice otherwise). Different topics do not wait for each
+/// other (only the order within a topic matters).
 pub struct Pipeline {
     pub hub: Arc<Hub>,
     pub inhouse: Arc<Inhouse>,
     pub history: Arc<History>,
+    pub sequencer: Arc<Sequencer>,
     pub revocations: Arc<crate::revocation::Revocations>,
     pub catalogue: &'static Catalogue,
     /// `EVENT_SCHEMAS`.
@@ -175,7 +187,13 @@ impl Handler for Pipeline {
     }
 
     fn connected(&self) -> HandlerFuture<'_> {
-        Box::pin(self.catch_up())
+        Box::pin(async {
+            if self.history.enabled() {
+                // Take the lease at once if it is free: the first events need no fallback.
+                self.sequencer.claim(true).await;
+            }
+            self.catch_up().await
+        })
     }
 }
 
@@ -184,6 +202,9 @@ impl Pipeline {
     pub fn subscribe(self: &Arc<Self>, redis: &crate::redis::RedisLink) {
         redis.subscribe(CHANNEL_PATTERN, self.clone());
         redis.subscribe(crate::inhouse::store::QUEUE_CHANNEL_PATTERN, self.clone());
+        if self.history.enabled() {
+            redis.subscribe(history::NOTICE_PATTERN, self.clone());
+        }
     }
 
     /// The schema check of an HTTP publish route, before it publishes: under `enforce` an
@@ -267,57 +288,79 @@ impl Pipeline {
         self.ingest_batch(vec![incoming], source).await;
     }
 
-    /// Delivers a batch of messages in order.
+    /// Delivers a batch of messages in order: through the [`Sequencer`] (which gives each
+    /// broadcast its history position) for what came through Redis with history on, at once
+    /// and without a position otherwise.
     pub async fn ingest_batch(&self, batch: Vec<Incoming>, source: Source) {
-        let broadcasts: Vec<Broadcast> = batch
-            .into_iter()
-            .filter_map(|incoming| self.prepare(incoming, source))
-            .collect();
-        let positions = self.positions(&broadcasts, source).await;
-        for (index, broadcast) in broadcasts.into_iter().enumerate() {
-            let mut sockets = 0;
-            for (slot, (topic, event)) in broadcast.topics.iter().enumerate() {
-                let position = positions.get(&(index, slot)).cloned();
-                sockets += self
-                    .hub
-                    .publish_at(topic, event, broadcast.raw.clone(), position);
+        let sequenced = self.history.enabled() && matches!(source, Source::Redis);
+        let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for incoming in batch {
+            if let Incoming::Notice { topic, raw } = &incoming {
+                self.sequencer.notice(topic, raw);
+                continue;
             }
-            let Some(envelope) = broadcast.envelope else {
+            let Some(broadcast) = self.prepare(incoming, source) else {
                 continue;
             };
-            match crate::revocation::from_envelope(&envelope, self.revocations.ttl()) {
-                Some(Ok(revocation)) => self.revocations.apply(revocation).await,
-                Some(Err(invalid)) => {
-                    // Not applied and never fanned out: kept like any other dropped envelope.
-                    let letter = DeadLetter {
-                        reason: "invalid_revocation",
-                        detail: format!("access.revoked ignored: {invalid}"),
-                        source: source.origin(),
-                        channel: events_channel(&envelope.org_id),
-                        event_type: Some(envelope.event_type.clone()),
-                        org_id: Some(envelope.org_id.clone()),
-                        raw: envelope.raw.clone(),
-                    };
-                    self.drop_envelope(letter, source);
+            for (topic, event) in broadcast.topics {
+                if sequenced {
+                    self.sequencer.push(
+                        &topic,
+                        event,
+                        broadcast.raw.clone(),
+                        broadcast.dedup.clone(),
+                    );
+                    touched.insert(topic);
+                } else {
+                    self.hub
+                        .publish_at(&topic, &event, broadcast.raw.clone(), None);
                 }
-                None => {}
             }
-            tracing::debug!(
-                event_type = %LogSafe(&envelope.event_type),
-                org = %LogSafe(&envelope.org_id),
-                id = %LogSafe(envelope.id.as_deref().unwrap_or("-")),
-                sockets,
-                "event delivered"
-            );
-            metrics::counter!(
-                crate::metrics::EVENTS_RECEIVED,
-                "source" => source.label(),
-                "outcome" => if broadcast.unrouted { "unrouted" } else { "routed" }
-            )
-            .increment(1);
-            if envelope.event_type.starts_with("inhouse.") {
-                self.inhouse.on_event(&envelope).await;
+            if let Some(envelope) = broadcast.envelope {
+                self.after_delivery(envelope, broadcast.unrouted, source)
+                    .await;
             }
+        }
+        if sequenced {
+            let touched: Vec<String> = touched.into_iter().collect();
+            self.sequencer.settle(&touched).await;
+        }
+    }
+
+    /// What an envelope does besides its broadcasts: a revocation is applied, an `inhouse.*`
+    /// lifecycle event moves the queue; counted and logged.
+    async fn after_delivery(&self, envelope: Envelope, unrouted: bool, source: Source) {
+        match crate::revocation::from_envelope(&envelope, self.revocations.ttl()) {
+            Some(Ok(revocation)) => self.revocations.apply(revocation).await,
+            Some(Err(invalid)) => {
+                // Not applied and never fanned out: kept like any other dropped envelope.
+                let letter = DeadLetter {
+                    reason: "invalid_revocation",
+                    detail: format!("access.revoked ignored: {invalid}"),
+                    source: source.origin(),
+                    channel: events_channel(&envelope.org_id),
+                    event_type: Some(envelope.event_type.clone()),
+                    org_id: Some(envelope.org_id.clone()),
+                    raw: envelope.raw.clone(),
+                };
+                self.drop_envelope(letter, source);
+            }
+            None => {}
+        }
+        tracing::debug!(
+            event_type = %LogSafe(&envelope.event_type),
+            org = %LogSafe(&envelope.org_id),
+            id = %LogSafe(envelope.id.as_deref().unwrap_or("-")),
+            "event received"
+        );
+        metrics::counter!(
+            crate::metrics::EVENTS_RECEIVED,
+            "source" => source.label(),
+            "outcome" => if unrouted { "unrouted" } else { "routed" }
+        )
+        .increment(1);
+        if envelope.event_type.starts_with("inhouse.") {
+            self.inhouse.on_event(&envelope).await;
         }
     }
 
@@ -373,12 +416,14 @@ impl Pipeline {
     /// Decodes and routes one message; `None` for a dropped envelope (logged and counted).
     fn prepare(&self, incoming: Incoming, source: Source) -> Option<Broadcast> {
         match incoming {
+            // A notice is the sequencer's, taken before (`ingest_batch`): nothing to broadcast.
+            Incoming::Notice { .. } => None,
             Incoming::QueueUpdate { org_id, raw } => Some(Broadcast {
                 topics: vec![(
                     crate::topic::Topic::Inhouse { org_id }.to_string(),
                     "queue_update".to_string(),
                 )],
-                dedup: history::content_key(&raw),
+                dedup: history::content_key(&raw).into(),
                 raw,
                 envelope: None,
                 unrouted: false,
@@ -447,59 +492,12 @@ impl Pipeline {
             raw: envelope.raw.clone(),
             topics,
             dedup: match &envelope.id {
-                Some(id) => format!("i{id}"),
-                None => history::content_key(&envelope.raw),
+                Some(id) => format!("i{id}").into(),
+                None => history::content_key(&envelope.raw).into(),
             },
             unrouted: route.unrouted && !control,
             envelope: Some(envelope),
         }
-    }
-
-    /// History positions for every (broadcast, topic slot): one append call per topic, topics
-    /// concurrently. Empty when history is off, the batch did not come through Redis, or Redis
-    /// failed (the broadcasts are still delivered, without positions: clients then cannot resume
-    /// past them).
-    async fn positions(
-        &self,
-        broadcasts: &[Broadcast],
-        source: Source,
-    ) -> HashMap<(usize, usize), Position> {
-        let mut positions = HashMap::new();
-        if !self.history.enabled() || !matches!(source, Source::Redis) {
-            return positions;
-        }
-        let mut by_topic: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
-        for (index, broadcast) in broadcasts.iter().enumerate() {
-            for (slot, (topic, _)) in broadcast.topics.iter().enumerate() {
-                by_topic.entry(topic).or_default().push((index, slot));
-            }
-        }
-        let calls = by_topic.into_iter().map(|(topic, slots)| async move {
-            let items: Vec<AppendItem> = slots
-                .iter()
-                .map(|&(index, slot)| AppendItem {
-                    dedup: &broadcasts[index].dedup,
-                    event: &broadcasts[index].topics[slot].1,
-                    payload: &broadcasts[index].raw,
-                })
-                .collect();
-            (topic, slots, self.history.append_batch(topic, &items).await)
-        });
-        for (topic, slots, result) in futures_util::future::join_all(calls).await {
-            match result {
-                Ok(assigned) => {
-                    metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "ok")
-                        .increment(assigned.len() as u64);
-                    positions.extend(slots.into_iter().zip(assigned));
-                }
-                Err(error) => {
-                    metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "failed")
-                        .increment(slots.len() as u64);
-                    tracing::warn!(%error, topic = %LogSafe(topic), "broadcasts delivered without a history position");
-                }
-            }
-        }
-        positions
     }
 }
 

@@ -1,0 +1,533 @@
+//! Who gives broadcasts their history positions, so that Redis's work per event does not grow
+//! with the number of hub instances.
+//!
+//! Every instance receives every event (PSUBSCRIBE), but only one of them — the **sequencer**,
+//! the holder of the lease `prostaff:sequencer` — runs the history script for it. The script
+//! publishes a [`Notice`] of the positions it gave (`prostaff:seq:<topic>`); every other
+//! instance keeps the event waiting in its topic's queue until the notice names it, then
+//! delivers it at that position. Per event, Redis runs one script per topic (and one PUBLISH of
+//! the notice) whatever the number of instances, instead of one script per topic per instance.
+//!
+//! Correctness never rests on the lease: the script is idempotent per event (its dedup key), so
+//! two instances that both believe they hold the lease, or a waiting instance that appends
+//! itself, give an event the same one position. An event still waiting [`FALLBACK_AFTER`] its
+//! arrival (the sequencer died, lost its link, or missed the message) is appended by the
+//! instance that waits for it, together with everything queued behind it on its topic: a lost
+//! sequencer costs that latency, never an event. A notice that names an event this instance
+//! never received (it missed the message while reconnecting) is repaired from history after
+//! [`EARLY_GRACE`] when the topic has subscribers here, so a reconnect leaves no silent gap.
+//!
+//! Invariant: each topic's broadcasts are delivered in queue order (Redis's order); a run of
+//! ready broadcasts is delivered in offset order, so a late fallback append (which gets a later
+//! offset than events behind it that the sequencer already placed) never makes a socket skip
+//! one as already seen.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fred::types::scripts::Script;
+use tokio_util::sync::CancellationToken;
+
+use crate::history::{AppendItem, History, Notice, Position};
+use crate::hub::Hub;
+use crate::logsafe::LogSafe;
+use crate::redis::RedisLink;
+
+/// The key whose holder is the sequencer.
+pub const LEASE_KEY: &str = "prostaff:sequencer";
+/// The lease lives this long unless renewed: a sequencer that died is replaced within it.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+/// The holder renews (and every other instance tries to take) the lease this often.
+pub const LEASE_INTERVAL: Duration = Duration::from_secs(2);
+/// A broadcast still without a position this long after it arrived is appended by the
+/// instance that waits for it.
+pub const FALLBACK_AFTER: Duration = Duration::from_millis(500);
+/// A notice naming a broadcast this instance never received is repaired from history after
+/// this long.
+pub const EARLY_GRACE: Duration = Duration::from_secs(1);
+/// How often waiting broadcasts and unmatched notices are checked.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Unmatched notices kept at most (per instance); more are dropped (counted).
+const MAX_EARLY: usize = 65_536;
+
+const LEASE_SCRIPT: &str = r#"
+-- KEYS: the lease. ARGV: this instance, ttl_ms, '1' to take or renew it, '0' to release it.
+-- Returns '1' when this instance holds the lease afterwards.
+local holder = redis.call('GET', KEYS[1])
+if ARGV[3] == '0' then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return '0'
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return '1'
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return '1'
+end
+return '0'
+"#;
+
+/// Where a queued broadcast stands.
+#[derive(Debug, Clone, PartialEq)]
+enum Status {
+    /// Waiting for a position (a notice, or an append of its own).
+    Waiting,
+    /// Sent in an append call that has not answered yet.
+    Appending,
+    /// Ready to deliver; `None` when its append failed (delivered without a position).
+    Ready(Option<Position>),
+}
+
+struct Queued {
+    id: u64,
+    dedup: Arc<str>,
+    event: String,
+    raw: Bytes,
+    arrived: Instant,
+    status: Status,
+}
+
+/// A notice for a broadcast this instance has not received (yet).
+struct Early {
+    dedup: String,
+    position: Position,
+    arrived: Instant,
+}
+
+#[derive(Default)]
+struct TopicQueue {
+    queued: VecDeque<Queued>,
+    early: VecDeque<Early>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    topics: HashMap<String, TopicQueue>,
+    early: usize,
+}
+
+/// One append call to make: the topic and the broadcasts (id, dedup, event, payload) it sends.
+struct Call {
+    topic: String,
+    items: Vec<(u64, Arc<str>, String, Bytes)>,
+}
+
+/// How a broadcast got its position (a metric label).
+#[derive(Clone, Copy)]
+enum Via {
+    Appended,
+    Notice,
+    Fallback,
+}
+
+impl Via {
+    fn label(self) -> &'static str {
+        match self {
+            Via::Appended => "appended",
+            Via::Notice => "notice",
+            Via::Fallback => "fallback",
+        }
+    }
+}
+
+pub struct Sequencer {
+    history: Arc<History>,
+    hub: Arc<Hub>,
+    redis: Arc<RedisLink>,
+    holds_lease: AtomicBool,
+    /// Set by [`Sequencer::retire`]: the lease is never taken again.
+    retired: AtomicBool,
+    lease: Script,
+    state: Mutex<State>,
+}
+
+impl Sequencer {
+    pub fn new(history: Arc<History>, hub: Arc<Hub>, redis: Arc<RedisLink>) -> Self {
+        Sequencer {
+            history,
+            hub,
+            redis,
+            holds_lease: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            lease: Script::from_lua(LEASE_SCRIPT),
+            state: Mutex::default(),
+        }
+    }
+
+    /// Whether this instance is the sequencer now (it holds the lease and its link is up).
+    pub fn is_sequencer(&self) -> bool {
+        self.holds_lease.load(Ordering::Relaxed) && self.redis.is_connected()
+    }
+
+    /// Takes or renews the lease (`take`), or gives it up; records whether this instance
+    /// holds it afterwards.
+    pub async fn claim(&self, take: bool) {
+        let take = take && !self.retired.load(Ordering::Relaxed);
+        let holds = match self
+            .redis
+            .eval(
+                &self.lease,
+                vec![LEASE_KEY.to_string()],
+                vec![
+                    self.redis.instance().to_string(),
+                    LEASE_TTL.as_millis().to_string(),
+                    if take { "1" } else { "0" }.to_string(),
+                ],
+            )
+            .await
+        {
+            Ok(reply) => reply.first().is_some_and(|r| r == "1"),
+            Err(error) => {
+                if take {
+                    tracing::debug!(%error, "sequencer lease not renewed");
+                }
+                false
+            }
+        };
+        let held = self.holds_lease.swap(holds, Ordering::Relaxed);
+        if held != holds {
+            tracing::info!(sequencer = holds, "history sequencer role changed");
+        }
+        metrics::gauge!(crate::metrics::SEQUENCER).set(if holds { 1.0 } else { 0.0 });
+    }
+
+    /// Gives the lease up for good (a draining instance), so another instance takes it at its
+    /// next renewal instead of after [`LEASE_TTL`].
+    pub async fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.claim(false).await;
+    }
+
+    /// Renews the lease every [`LEASE_INTERVAL`] and appends what waited too long every
+    /// [`SWEEP_INTERVAL`], until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut lease = tokio::time::interval(LEASE_INTERVAL);
+        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = lease.tick() => {
+                    if self.redis.is_connected() {
+                        self.claim(true).await;
+                    }
+                }
+                _ = sweep.tick() => self.sweep().await,
+            }
+        }
+    }
+
+    /// Queues one broadcast of `topic`, in Redis's order; it is delivered by [`Sequencer::settle`],
+    /// a notice or the sweep, whichever gives it its position.
+    pub fn push(&self, topic: &str, event: String, raw: Bytes, dedup: Arc<str>) {
+        let mut state = self.state.lock().expect("sequencer lock");
+        let id = state.next_id;
+        state.next_id += 1;
+        let queue = state.topics.entry(topic.to_string()).or_default();
+        // A notice that came first (it can, when the raw message was delayed): taken now.
+        let status = match queue.early.iter().position(|e| *e.dedup == *dedup) {
+            Some(index) => {
+                let early = queue.early.remove(index).expect("index in range");
+                state.early -= 1;
+                count(Via::Notice, 1);
+                Status::Ready(Some(early.position))
+            }
+            None => Status::Waiting,
+        };
+        let queue = state.topics.get_mut(topic).expect("inserted above");
+        queue.queued.push_back(Queued {
+            id,
+            dedup,
+            event,
+            raw,
+            arrived: Instant::now(),
+            status,
+        });
+    }
+
+    /// After a batch was pushed on `topics` (each once): the sequencer appends whatever waits
+    /// (one call per topic, topics concurrently); any instance delivers what is ready.
+    pub async fn settle(&self, topics: &[String]) {
+        if self.is_sequencer() {
+            let calls = self.take_calls(|_, _| true);
+            self.append(calls, Via::Appended).await;
+        }
+        let mut state = self.state.lock().expect("sequencer lock");
+        for topic in topics {
+            self.deliver(&mut state, topic);
+        }
+    }
+
+    /// A notice from another instance's append: its positions are given to the broadcasts
+    /// waiting for them, and what became ready is delivered.
+    pub fn notice(&self, topic: &str, payload: &[u8]) {
+        let Some(notice) = Notice::parse(payload) else {
+            metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "undecodable")
+                .increment(1);
+            tracing::warn!(topic = %LogSafe(topic), "history notice that is not one; ignored");
+            return;
+        };
+        if notice.origin == self.redis.instance() {
+            return;
+        }
+        metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "received").increment(1);
+        let subscribed = self.hub.has_subscribers(topic);
+        let mut state = self.state.lock().expect("sequencer lock");
+        let state = &mut *state;
+        let queue = state.topics.entry(topic.to_string()).or_default();
+        let mut taken = 0;
+        for (dedup, position) in notice.positions {
+            let waiting = queue.queued.iter_mut().find(|q| {
+                matches!(q.status, Status::Waiting | Status::Appending) && *q.dedup == *dedup
+            });
+            match waiting {
+                Some(queued) => {
+                    queued.status = Status::Ready(Some(position));
+                    taken += 1;
+                }
+                // Nobody here can need it: nothing to repair.
+                None if !subscribed => {}
+                None if state.early >= MAX_EARLY => {
+                    metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "overflow")
+                        .increment(1);
+                }
+                None => {
+                    state.early += 1;
+                    queue.early.push_back(Early {
+                        dedup,
+                        position,
+                        arrived: Instant::now(),
+                    });
+                }
+            }
+        }
+        count(Via::Notice, taken);
+        if queue.queued.is_empty() && queue.early.is_empty() {
+            state.topics.remove(topic);
+            return;
+        }
+        self.deliver(state, topic);
+    }
+
+    /// Appends the broadcasts that waited longer than [`FALLBACK_AFTER`] (with whatever waits
+    /// behind them on their topic), and repairs from history the topics of notices that stayed
+    /// unmatched for [`EARLY_GRACE`].
+    pub async fn sweep(&self) {
+        let now = Instant::now();
+        let calls = self.take_calls(|_, queue| {
+            queue.queued.iter().any(|q| {
+                q.status == Status::Waiting && now.duration_since(q.arrived) >= FALLBACK_AFTER
+            })
+        });
+        if !calls.is_empty() {
+            self.append(calls, Via::Fallback).await;
+            let mut state = self.state.lock().expect("sequencer lock");
+            let topics: Vec<String> = state.topics.keys().cloned().collect();
+            for topic in topics {
+                self.deliver(&mut state, &topic);
+            }
+        }
+        for (topic, from) in self.take_unmatched(now) {
+            self.repair(&topic, from).await;
+        }
+    }
+
+    /// Marks the waiting broadcasts of every topic `select` picks as being appended, and
+    /// returns one call per topic.
+    fn take_calls(&self, select: impl Fn(&str, &TopicQueue) -> bool) -> Vec<Call> {
+        let mut state = self.state.lock().expect("sequencer lock");
+        let mut calls = Vec::new();
+        for (topic, queue) in state.topics.iter_mut() {
+            if !select(topic, queue) {
+                continue;
+            }
+            let items: Vec<_> = queue
+                .queued
+                .iter_mut()
+                .filter(|q| q.status == Status::Waiting)
+                .map(|q| {
+                    q.status = Status::Appending;
+                    (q.id, q.dedup.clone(), q.event.clone(), q.raw.clone())
+                })
+                .collect();
+            if !items.is_empty() {
+                calls.push(Call {
+                    topic: topic.clone(),
+                    items,
+                });
+            }
+        }
+        calls
+    }
+
+    /// Runs `calls` (topics concurrently) and records each broadcast's position; a failed call
+    /// leaves its broadcasts ready without one (delivered, but not resumable past).
+    async fn append(&self, calls: Vec<Call>, via: Via) {
+        let results = futures_util::future::join_all(calls.into_iter().map(|call| async move {
+            let items: Vec<AppendItem> = call
+                .items
+                .iter()
+                .map(|(_, dedup, event, raw)| AppendItem {
+                    dedup,
+                    event,
+                    payload: raw,
+                })
+                .collect();
+            let result = self.history.append_batch(&call.topic, &items).await;
+            (call, result)
+        }))
+        .await;
+        let mut state = self.state.lock().expect("sequencer lock");
+        for (call, result) in results {
+            let positions: Vec<Option<Position>> = match result {
+                Ok(positions) => {
+                    count(via, positions.len() as u64);
+                    positions.into_iter().map(Some).collect()
+                }
+                Err(error) => {
+                    metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "failed", "via" => via.label())
+                        .increment(call.items.len() as u64);
+                    tracing::warn!(%error, topic = %LogSafe(&call.topic), "broadcasts delivered without a history position");
+                    vec![None; call.items.len()]
+                }
+            };
+            let Some(queue) = state.topics.get_mut(&call.topic) else {
+                continue;
+            };
+            for ((id, ..), position) in call.items.iter().zip(positions) {
+                if let Some(queued) = queue.queued.iter_mut().find(|q| q.id == *id) {
+                    // A notice may have placed it meanwhile: the same position (one per event).
+                    if queued.status == Status::Appending {
+                        queued.status = Status::Ready(position);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers the ready broadcasts at the head of `topic`'s queue, in offset order.
+    fn deliver(&self, state: &mut State, topic: &str) {
+        let Some(queue) = state.topics.get_mut(topic) else {
+            return;
+        };
+        let ready = queue
+            .queued
+            .iter()
+            .take_while(|q| matches!(q.status, Status::Ready(_)))
+            .count();
+        if ready > 0 {
+            let mut run: Vec<(Option<Position>, Queued)> = queue
+                .queued
+                .drain(..ready)
+                .map(|q| match &q.status {
+                    Status::Ready(position) => (position.clone(), q),
+                    _ => unreachable!("the run holds ready broadcasts only"),
+                })
+                .collect();
+            let one_epoch = run
+                .iter()
+                .filter_map(|(p, _)| p.as_ref().map(|p| p.epoch))
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                <= 1;
+            if one_epoch {
+                run.sort_by_key(|(position, _)| position.as_ref().map(|p| p.offset));
+            }
+            for (position, queued) in run {
+                self.hub
+                    .publish_at(topic, &queued.event, queued.raw, position);
+            }
+        }
+        if queue.queued.is_empty() && queue.early.is_empty() {
+            state.topics.remove(topic);
+        }
+    }
+
+    /// Takes the notices unmatched for [`EARLY_GRACE`]: per topic, the position to read
+    /// history after (just before the earliest of them, or what was delivered here if earlier).
+    fn take_unmatched(&self, now: Instant) -> Vec<(String, Position)> {
+        let mut state = self.state.lock().expect("sequencer lock");
+        let state = &mut *state;
+        let mut repairs = Vec::new();
+        let mut removed = 0;
+        for (topic, queue) in state.topics.iter_mut() {
+            let mut from: Option<Position> = None;
+            while let Some(early) = queue.early.front() {
+                if now.duration_since(early.arrived) < EARLY_GRACE {
+                    break;
+                }
+                let early = queue.early.pop_front().expect("front exists");
+                removed += 1;
+                let before = Position {
+                    epoch: early.position.epoch,
+                    offset: early.position.offset.saturating_sub(1),
+                };
+                from = Some(match from {
+                    Some(f) if f.epoch == before.epoch && f.offset <= before.offset => f,
+                    _ => before,
+                });
+            }
+            if let Some(mut from) = from {
+                if let Some(delivered) = self.hub.delivered_position(topic) {
+                    if delivered.epoch == from.epoch && delivered.offset < from.offset {
+                        from = delivered;
+                    }
+                }
+                repairs.push((topic.clone(), from));
+            }
+        }
+        state.early -= removed;
+        state
+            .topics
+            .retain(|_, q| !q.queued.is_empty() || !q.early.is_empty());
+        repairs
+    }
+
+    /// Delivers `topic`'s history after `from`: broadcasts this instance never received
+    /// (sockets skip what they already have). Where history cannot cover it, the topic's
+    /// subscribers are told of the gap.
+    async fn repair(&self, topic: &str, from: Position) {
+        match self.history.recover(topic, Some(&from)).await {
+            Ok(recovery) => match recovery.missed {
+                Some(entries) => {
+                    metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "repaired")
+                        .increment(entries.len() as u64);
+                    tracing::info!(topic = %LogSafe(topic), count = entries.len(), "broadcasts this instance missed delivered from history");
+                    for entry in entries {
+                        self.hub.publish_at(
+                            topic,
+                            &entry.event,
+                            entry.payload,
+                            Some(entry.position),
+                        );
+                    }
+                }
+                None => {
+                    let told = self.hub.announce_gap(topic);
+                    metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "gap")
+                        .increment(1);
+                    tracing::warn!(topic = %LogSafe(topic), subscribers = told, "history cannot cover broadcasts this instance missed; subscribers told to rejoin");
+                }
+            },
+            Err(error) => {
+                metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "repair_failed")
+                    .increment(1);
+                tracing::warn!(%error, topic = %LogSafe(topic), "repair from history failed");
+            }
+        }
+    }
+}
+
+fn count(via: Via, n: u64) {
+    if n > 0 {
+        metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "ok", "via" => via.label())
+            .increment(n);
+    }
+}
