@@ -83,7 +83,10 @@ pub async fn status(app: &App) -> Value {
         "topics": topics,
         "broadcasts_per_s": round(broadcasts_per_s),
         "drops_per_s": round(drops_per_s),
-        "redis": {"connected": app.redis.is_connected()},
+        "redis": {
+            "connected": app.redis.is_connected(),
+            "history_sequencer": app.pipeline.sequencer.is_sequencer(),
+        },
         "rails": rails,
         "queues": queues,
         "revocations": app.session_deps.revocations.in_force(),

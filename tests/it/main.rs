@@ -22,5 +22,6 @@ mod revocation;
 mod robustness;
 mod shutdown;
 mod socket;
+mod sequencer;
 mod sse;
 mod support;
