@@ -279,6 +279,9 @@ impl Sequencer {
         }
         metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "received").increment(1);
         let subscribed = self.hub.has_subscribers(topic);
+        // What this instance delivered up to needs no repair (a fallback append's notice names
+        // broadcasts the sequencer placed and this instance already delivered).
+        let delivered = self.hub.delivered_position(topic);
         let mut state = self.state.lock().expect("sequencer lock");
         let state = &mut *state;
         let queue = state.topics.entry(topic.to_string()).or_default();
@@ -292,8 +295,11 @@ impl Sequencer {
                     queued.status = Status::Ready(Some(position));
                     taken += 1;
                 }
-                // Nobody here can need it: nothing to repair.
+                // Nobody here can need it, or it is already delivered: nothing to repair.
                 None if !subscribed => {}
+                None if delivered
+                    .as_ref()
+                    .is_some_and(|d| position.is_covered_by(d)) => {}
                 None if state.early >= MAX_EARLY => {
                     metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "overflow")
                         .increment(1);

@@ -105,10 +105,11 @@ impl Drop for Sentinel {
 }
 
 /// One master, one replica, three sentinels; two hubs that know only the sentinels
-/// (`REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER`), sockets and an open queue on each. The master
-/// is SIGKILLed: readiness goes to 503 on both hubs and a queue action answers `unavailable`;
-/// the sentinels promote the replica, both hubs follow it, what is published on the new master
-/// reaches both sockets, and the queue (replicated before) takes a join seen on both hubs.
+/// (`REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER`), members with presence on each, and a queue in
+/// check-in whose deadline passes while there is no master. The master is SIGKILLed: readiness
+/// fails and a queue action answers `unavailable`; the sentinels promote the replica and both
+/// hubs follow it; the deadline fires exactly once (seen once on each hub); what is published on
+/// the new master reaches both hubs; a new queue takes a join seen on both; presence converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed_by_every_hub() {
     let mut master = RedisServer::start();
@@ -154,22 +155,48 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     .await;
     let org = unique("org");
     let topic = format!("org_events:{org}");
-    let mut on_a = Phx::org_member(&a, &org).await;
-    let mut on_b = Phx::org_member(&b, &org).await;
-    // A coach on each hub, and an open queue (replicated before the master dies).
+    let mut on_a = Phx::connect(&a, &user_token("u1", &org)).await;
+    on_a.join_ok(&topic).await;
+    let mut on_b = Phx::connect(&b, &user_token("u2", &org)).await;
+    on_b.join_ok(&topic).await;
+    // A coach on each hub, and a queue in check-in (replicated before the master dies).
     let inhouse = format!("inhouse:{org}");
     let mut coach_a = Phx::connect(&a, &user_token("coach", &org)).await;
     let coach_ref = coach_a.join_ok(&inhouse).await;
     let mut coach_b = Phx::connect(&b, &user_token("coach-b", &org)).await;
     coach_b.join_ok(&inhouse).await;
-    let opened = Event::new(&org, "inhouse.queue_opened")
-        .payload(serde_json::json!({"queue_id": "q1"}))
-        .json();
-    publish_event(&master, &org, opened, 2).await;
     let is_update =
         |event: &'static str| move |f: &Value| f[3] == "queue_update" && f[4]["event"] == event;
+    let lifecycle =
+        |event_type: &str, payload: Value| Event::new(&org, event_type).payload(payload).json();
+    let opened = lifecycle(
+        "inhouse.queue_opened",
+        serde_json::json!({"queue_id": "q1"}),
+    );
+    publish_event(&master, &org, opened, 2).await;
     coach_a.recv_matching(is_update("queue_opened")).await;
     coach_b.recv_matching(is_update("queue_opened")).await;
+    for (player, role) in [("p1", "top"), ("p2", "mid")] {
+        let join = serde_json::json!({"player_id": player, "role": role});
+        let reply = coach_a.push(&coach_ref, &inhouse, "join_queue", join).await;
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    let started = lifecycle(
+        "inhouse.check_in_started",
+        serde_json::json!({"queue_id": "q1", "check_in_deadline": rfc3339_in(Duration::from_millis(1500))}),
+    );
+    publish_event(&master, &org, started, 2).await;
+    coach_b.recv_matching(is_update("check_in_started")).await;
+    let reply = coach_a
+        .push(
+            &coach_ref,
+            &inhouse,
+            "checkin",
+            serde_json::json!({"player_id": "p1"}),
+        )
+        .await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
     publish_event(
         &master,
         &org,
@@ -185,10 +212,8 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     wait_readiness(&a, "hub a sees the master gone", false).await;
     wait_readiness(&b, "hub b sees the master gone", false).await;
     // While there is no master, a queue action says so rather than guess.
-    let join = serde_json::json!({"player_id": "p1", "role": "top"});
-    let reply = coach_a
-        .push(&coach_ref, &inhouse, "join_queue", join.clone())
-        .await;
+    let join = serde_json::json!({"player_id": "p3", "role": "top"});
+    let reply = coach_a.push(&coach_ref, &inhouse, "join_queue", join).await;
     assert_eq!(reply[4]["response"]["reason"], "unavailable", "{reply}");
     eventually_within("the sentinels promote the replica", FAILOVER, || async {
         sentinels[0].master_port() == Some(replica.port)
@@ -196,18 +221,70 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     .await;
     wait_readiness(&a, "hub a follows the new master", true).await;
     wait_readiness(&b, "hub b follows the new master", true).await;
+    assert!(
+        std::time::Instant::now() > deadline,
+        "the set-up needs the check-in deadline to pass while there is no master"
+    );
+
+    // The deadline that passed during the failover fires once: p2 never checked in and is
+    // removed; one checked in is not enough, so the queue closes. Each hub's coach sees it once.
+    let expired = coach_b.recv_matching(is_update("check_in_expired")).await;
+    assert_eq!(expired[4]["removed_count"], 1, "{expired}");
+    assert_eq!(expired[4]["checked_in_count"], 1, "{expired}");
+    assert_eq!(expired[4]["queue_closed"], true, "{expired}");
+    coach_a.recv_matching(is_update("check_in_expired")).await;
+    for (name, coach) in [("a", &mut coach_a), ("b", &mut coach_b)] {
+        let again = coach
+            .collect(Duration::from_millis(1000))
+            .await
+            .into_iter()
+            .filter(|f| f[3] == "queue_update" && f[4]["event"] == "check_in_expired")
+            .count();
+        assert_eq!(again, 0, "hub {name}: the deadline fired more than once");
+    }
 
     let after = Event::new(&org, "team_goal.completed").json();
     publish_event(&replica, &org, after, 2).await;
     let on_a_after = on_a.event(&topic, "team_goal.completed").await;
     let on_b_after = on_b.event(&topic, "team_goal.completed").await;
     assert_eq!(on_a_after[4]["id"], on_b_after[4]["id"]);
-    // The queue survived on the promoted replica; an action on one hub reaches the other.
+    // A queue opened after the failover takes a join made on one hub, seen on the other.
+    let reopened = lifecycle(
+        "inhouse.queue_opened",
+        serde_json::json!({"queue_id": "q2"}),
+    );
+    publish_event(&replica, &org, reopened, 2).await;
+    coach_b.recv_matching(is_update("queue_opened")).await;
+    let join = serde_json::json!({"player_id": "p1", "role": "top"});
     let reply = coach_a.push(&coach_ref, &inhouse, "join_queue", join).await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
     let joined = coach_b.recv_matching(is_update("player_joined")).await;
     assert_eq!(joined[4]["player_id"], "p1", "{joined}");
+    // Presence converges: a newcomer on either hub sees both members (and itself).
+    for (name, hub) in [("a", &a), ("b", &b)] {
+        eventually_within(&format!("presence on hub {name}"), FAILOVER, || async {
+            let mut newcomer = Phx::connect(hub, &user_token("u3", &org)).await;
+            newcomer.presence = true;
+            newcomer.join_ok(&topic).await;
+            let state = newcomer
+                .recv_matching(|f| frame_event(f) == "presence_state")
+                .await;
+            let keys: Vec<&str> = state[4]
+                .as_object()
+                .map(|members| members.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            keys == ["user:u1", "user:u2", "user:u3"]
+        })
+        .await;
+    }
     wait_for_log(&["redis connected", "reconnect=true"]).await;
+}
+
+/// An RFC 3339 UTC time `after` from now (a check-in deadline).
+fn rfc3339_in(after: Duration) -> String {
+    (time::OffsetDateTime::now_utc() + after)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
 }
 
 /// A failover that lost the newest history writes (the promoted replica had not received them)

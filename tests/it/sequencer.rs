@@ -39,7 +39,10 @@ fn numbered(frames: &[Value], topic: &str) -> Vec<(u64, String)> {
 fn assert_in_order(got: &[(u64, String)], first: u64, last: u64, who: &str) -> String {
     let expected: Vec<u64> = (first..=last).collect();
     let numbers: Vec<u64> = got.iter().map(|(n, _)| *n).collect();
-    assert_eq!(numbers, expected, "{who}: events out of order, missing or twice");
+    assert_eq!(
+        numbers, expected,
+        "{who}: events out of order, missing or twice"
+    );
     let epoch = got[0].1.split_once(':').unwrap().0.to_string();
     for (n, position) in got {
         assert_eq!(
@@ -97,7 +100,11 @@ async fn one_hub_appends_and_every_hub_delivers_at_its_positions() {
     let leader = sequencers(&hubs).await[0];
     let holder = redis.command("GET prostaff:sequencer").unwrap_or_default();
     assert!(
-        holder.contains(admin_status(&hubs[leader]).await["instance"].as_str().unwrap()),
+        holder.contains(
+            admin_status(&hubs[leader]).await["instance"]
+                .as_str()
+                .unwrap()
+        ),
         "the lease names the sequencer: {holder}"
     );
 
@@ -110,7 +117,11 @@ async fn one_hub_appends_and_every_hub_delivers_at_its_positions() {
         epochs.push(assert_in_order(&got, 1, 100, &format!("hub {i}")));
     }
     assert!(epochs.windows(2).all(|w| w[0] == w[1]), "{epochs:?}");
-    assert_eq!(calls(&redis, "xadd") - xadds, 100, "each event appended once");
+    assert_eq!(
+        calls(&redis, "xadd") - xadds,
+        100,
+        "each event appended once"
+    );
     // One appender: 100 dedup reads (plus a lease GET per hub every 2 s); one per hub per event
     // (300) without the sequencer.
     let reads = calls(&redis, "get") - gets;
@@ -159,7 +170,11 @@ async fn without_a_sequencer_every_hub_falls_back_and_nothing_is_lost() {
         ));
     }
     assert_eq!(epochs[0], epochs[1]);
-    assert_eq!(calls(&redis, "xadd") - xadds, 30, "each event appended once");
+    assert_eq!(
+        calls(&redis, "xadd") - xadds,
+        30,
+        "each event appended once"
+    );
 
     assert_eq!(
         redis.command("DEL prostaff:sequencer").as_deref(),
@@ -191,7 +206,13 @@ async fn a_notice_for_a_missed_broadcast_is_repaired_from_history() {
     let mut member = Phx::org_member(&hub, &org).await;
     publish_numbered(&redis, &org, 1..=1);
     let first = member.event(&topic, "player.transferred").await;
-    let epoch = first[1].as_str().unwrap().split_once(':').unwrap().0.to_string();
+    let epoch = first[1]
+        .as_str()
+        .unwrap()
+        .split_once(':')
+        .unwrap()
+        .0
+        .to_string();
 
     // Another instance appended event 2, which this hub's link never brought.
     let missed = Event::numbered(&org, 2).text();
@@ -206,7 +227,11 @@ async fn a_notice_for_a_missed_broadcast_is_repaired_from_history() {
         "XADD hist:{{{topic}}}:s 2-0 e player.transferred p {}",
         serde_json::to_string(&missed).unwrap()
     ));
-    assert_eq!(added.as_deref(), Some("$3\r\n2-0"), "XADD answers the entry id");
+    assert_eq!(
+        added.as_deref(),
+        Some("$3\r\n2-0"),
+        "XADD answers the entry id"
+    );
     connection.publish(
         &format!("prostaff:seq:{topic}"),
         &format!("elsewhere\ni{org}-2 {epoch}:2"),
