@@ -74,6 +74,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "LONGPOLL_SESSION_TIMEOUT_MS", default: "20000", meaning: "a long-poll session with no request for this long ends (its channels leave)" },
     Setting { name: "REVOCATION_TTL_S", default: "86400", meaning: "how long a revocation (`access.revoked`, a roster removal) refuses the identity's older tokens; set it to the longest token lifetime Rails issues" },
     Setting { name: "EVENT_SCHEMAS", default: "warn", meaning: "what ingest does with an envelope its type's schema (config/events/) rejects: `enforce` drops it into the dead-letter stream (HTTP answers 422), `warn` delivers and counts it, `off` skips validation" },
+    Setting { name: "EVENTS_STREAM", default: "prostaff:events:stream", meaning: "a Redis Stream every instance also reads envelopes from (`XADD <key> MAXLEN ~ 100000 * envelope <json>`), each from the last entry it delivered, so what is added while an instance reconnects reaches its clients; `off` stops reading it" },
     Setting { name: "DEAD_LETTER_MAXLEN", default: "10000", meaning: "entries kept (approximately) in the dead-letter stream `prostaff:events:dead`" },
     Setting { name: "ADMIN_TOKEN", default: "", meaning: "when set (>= 32 bytes in production), opens GET /admin besides an internal JWT" },
     Setting { name: "PROSTAFF_EVENTS_CONFIG", default: "(config/prostaff-events.toml when it exists)", meaning: "optional TOML file with any of these variables (environment wins); empty means none" },
@@ -214,6 +215,8 @@ pub struct Config {
     pub event_schemas: SchemaMode,
     /// `DEAD_LETTER_MAXLEN`.
     pub dead_letter_maxlen: u64,
+    /// `EVENTS_STREAM`: the stream envelopes are also read from; `None` when `off`.
+    pub events_stream: Option<String>,
 }
 
 /// Presence settings.
@@ -359,6 +362,7 @@ impl Config {
             revocation_ttl: Duration::from_secs(parse_positive(&get, "REVOCATION_TTL_S")?),
             event_schemas: event_schemas(&get)?,
             dead_letter_maxlen: parse_positive(&get, "DEAD_LETTER_MAXLEN")?,
+            events_stream: events_stream(&get)?,
             presence: PresenceConfig {
                 families: presence_families(&get)?,
                 ttl: Duration::from_millis(parse_positive(&get, "PRESENCE_TTL_MS")?),
@@ -666,6 +670,21 @@ fn default_of(name: &str) -> Option<&'static str> {
 /// A setting's value, or its default from [`SETTINGS`].
 fn value_or_default(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Option<String> {
     get(name).or_else(|| default_of(name).map(str::to_string))
+}
+
+/// `EVENTS_STREAM`: a key (at most 256 bytes, no whitespace), or `off`.
+fn events_stream(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+    let key = value_or_default(get, "EVENTS_STREAM").unwrap_or_default();
+    if key.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    if key.len() > 256 || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "EVENTS_STREAM",
+            "must be a Redis key (at most 256 bytes, no whitespace) or `off`",
+        ));
+    }
+    Ok(Some(key))
 }
 
 /// Parses a setting that has a default in [`SETTINGS`].

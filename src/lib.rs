@@ -214,6 +214,9 @@ fn build(config: Config) -> std::io::Result<Built> {
         &revocations,
     )?);
     pipeline.subscribe(&redis);
+    if let Some(key) = &config.events_stream {
+        redis.read_stream(key.clone(), pipeline.clone());
+    }
     redis.subscribe(presence::CHANNEL_PATTERN, presence.clone());
     longpoll.subscribe(&redis);
     let rails = rails::RailsClient::new(&config.rails_api_url, &config.internal_jwt_secret);

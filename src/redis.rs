@@ -112,9 +112,17 @@ impl Subscription {
     }
 }
 
-/// The registered handlers, in registration order.
+/// A registered stream: each entry's `envelope` field is handed to `handler` as a message on
+/// a channel named after the key.
+#[derive(Clone)]
+struct StreamSource {
+    key: String,
+    handler: Arc<dyn Handler>,
+}
+
+/// The registered handlers, in registration order, and the stream read (if any).
 #[derive(Default, Clone)]
-struct Registry(Vec<Arc<Subscription>>);
+struct Registry(Vec<Arc<Subscription>>, Option<StreamSource>);
 
 impl Registry {
     fn patterns(&self) -> Vec<String> {
@@ -182,6 +190,9 @@ pub struct RedisLink {
     /// Counts successful connects, the first one included: subscribers catch up after each.
     connects: watch::Sender<u64>,
     registry: Mutex<Registry>,
+    /// The id of the last stream entry handed over; `None` until the first connect reads where
+    /// the stream ends (a new process starts there, it does not replay the past).
+    stream_position: Mutex<Option<String>>,
 }
 
 impl RedisLink {
@@ -192,6 +203,7 @@ impl RedisLink {
             publisher: RwLock::new(None),
             connects: watch::Sender::new(0),
             registry: Mutex::default(),
+            stream_position: Mutex::new(None),
         })
     }
 
@@ -210,6 +222,16 @@ impl RedisLink {
                 pattern: pattern.into(),
                 handler,
             }));
+    }
+
+    /// Reads the stream at `key` (XREAD on a connection of its own) and hands each entry's
+    /// `envelope` field to `handler`, in the stream's order, from the entry after the last one
+    /// handed over, across reconnects. Register before [`RedisLink::run`].
+    pub fn read_stream(&self, key: impl Into<String>, handler: Arc<dyn Handler>) {
+        self.registry.lock().expect("registry lock").1 = Some(StreamSource {
+            key: key.into(),
+            handler,
+        });
     }
 
     /// A receiver that sees every later connect (the first one included).
@@ -406,6 +428,19 @@ impl Connection<'_> {
                     return Err(reason);
                 }
             };
+        let mut stream = match self.registry.1.clone() {
+            Some(source) => match StreamReader::start(self.link, self.config, source).await {
+                Ok(reader) => Some(reader),
+                Err(reason) => {
+                    let _ = subscriber.quit().await;
+                    let _ = commands.quit().await;
+                    sub_task.abort();
+                    cmd_task.abort();
+                    return Err(reason);
+                }
+            },
+            None => None,
+        };
         self.link.set_connected(Some(commands.clone()));
         *backoff = BACKOFF_MIN;
         if *ever_connected {
@@ -421,11 +456,14 @@ impl Connection<'_> {
         self.link.connects.send_modify(|count| *count += 1);
         *ever_connected = true;
         let outcome = tokio::select! {
-            outcome = self.read(messages, &subscriber, &commands) => outcome,
+            outcome = self.read(messages, &subscriber, &commands, stream.as_mut().map(StreamReader::entries)) => outcome,
             _ = &mut sub_task => Err("subscriber connection closed".to_string()),
             _ = &mut cmd_task => Err("command connection closed".to_string()),
         };
         self.link.set_connected(None);
+        if let Some(stream) = stream {
+            stream.stop().await;
+        }
         let _ = tokio::time::timeout(Duration::from_millis(500), subscriber.quit()).await;
         let _ = tokio::time::timeout(Duration::from_millis(500), commands.quit()).await;
         sub_task.abort();
@@ -459,12 +497,17 @@ impl Connection<'_> {
         }
     }
 
-    /// Delivers messages and checks liveness until the link fails or shutdown.
+    /// Delivers messages (and stream entries) and checks liveness until the link fails or
+    /// shutdown.
     async fn read(
         &self,
         mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
         subscriber: &Client,
         commands: &Client,
+        mut stream: Option<(
+            &mut tokio::sync::mpsc::Receiver<StreamBatch>,
+            Arc<dyn Handler>,
+        )>,
     ) -> Result<(), String> {
         let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -487,6 +530,14 @@ impl Connection<'_> {
                         Err(_) => return Err("redis unresponsive (ping timed out)".to_string()),
                     }
                 }
+                batch = next_entries(&mut stream) => {
+                    let (batch, last) = batch.unwrap_or_else(|| Err("stream reader stopped".to_string()))?;
+                    if let Some((_, handler)) = &stream {
+                        handler.messages(batch).await;
+                    }
+                    // Handed over: a reconnect reads on from here.
+                    *self.link.stream_position.lock().expect("stream position lock") = Some(last);
+                }
                 first = messages.recv() => {
                     // Take whatever else is already waiting too: one batch costs one history
                     // call per topic instead of one round trip per message.
@@ -501,6 +552,220 @@ impl Connection<'_> {
             }
         }
     }
+}
+
+/// The next batch of stream entries, or never when no stream is read.
+async fn next_entries(
+    stream: &mut Option<(
+        &mut tokio::sync::mpsc::Receiver<StreamBatch>,
+        Arc<dyn Handler>,
+    )>,
+) -> Option<StreamBatch> {
+    match stream {
+        Some((receiver, _)) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stream entries read at once and the id of the last one, or why the reader stopped.
+type StreamBatch = Result<(Vec<Message>, String), String>;
+
+/// Entries asked for per XREAD, and how long one XREAD waits for new ones.
+const STREAM_COUNT: &str = "256";
+const STREAM_BLOCK_MS: &str = "1000";
+
+/// The stream's reader: its own connection (XREAD BLOCK would hold up any other command), and
+/// a task that reads from the last entry handed over and sends batches to the link's loop,
+/// which hands them to the handler in order. A batch read but not handed over when the link
+/// fails is read again after the reconnect.
+struct StreamReader {
+    source: StreamSource,
+    client: Client,
+    task: tokio::task::JoinHandle<()>,
+    batches: tokio::sync::mpsc::Receiver<StreamBatch>,
+    connection: fred::types::ConnectHandle,
+}
+
+impl StreamReader {
+    async fn start(
+        link: &RedisLink,
+        config: &FredConfig,
+        source: StreamSource,
+    ) -> Result<StreamReader, String> {
+        let client = RedisLink::build_client(config).map_err(|e| e.details().to_string())?;
+        let connect = async {
+            let connection = client.init().await?;
+            let known = link
+                .stream_position
+                .lock()
+                .expect("stream position lock")
+                .clone();
+            let after = match known {
+                Some(after) => after,
+                None => stream_end(&client, &source.key).await?,
+            };
+            Ok::<_, fred::error::Error>((connection, after))
+        };
+        let (connection, after) = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(error)) => {
+                let _ = client.quit().await;
+                return Err(format!(
+                    "stream reader connect failed: {}",
+                    error.kind().to_str()
+                ));
+            }
+            Err(_) => {
+                let _ = client.quit().await;
+                return Err("stream reader connect timed out".into());
+            }
+        };
+        *link.stream_position.lock().expect("stream position lock") = Some(after.clone());
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        let task = tokio::spawn(read_entries(
+            client.clone(),
+            source.key.clone(),
+            after,
+            sender,
+        ));
+        Ok(StreamReader {
+            source,
+            client,
+            task,
+            batches: receiver,
+            connection,
+        })
+    }
+
+    /// The batches it reads, and who they are for.
+    fn entries(
+        &mut self,
+    ) -> (
+        &mut tokio::sync::mpsc::Receiver<StreamBatch>,
+        Arc<dyn Handler>,
+    ) {
+        (&mut self.batches, self.source.handler.clone())
+    }
+
+    async fn stop(self) {
+        self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.client.quit()).await;
+        self.connection.abort();
+    }
+}
+
+fn stream_command(name: &'static str) -> fred::types::CustomCommand {
+    fred::types::CustomCommand::new_static(name, None::<u16>, name == "XREAD")
+}
+
+/// The id of the stream's last entry (`0-0` when it is empty or does not exist).
+async fn stream_end(client: &Client, key: &str) -> Result<String, fred::error::Error> {
+    let reply: fred::types::Value = client
+        .custom(
+            stream_command("XREVRANGE"),
+            vec![key, "+", "-", "COUNT", "1"],
+        )
+        .await?;
+    Ok(parse_entries(reply)
+        .into_iter()
+        .next()
+        .map_or_else(|| "0-0".to_string(), |(id, _)| id))
+}
+
+/// Reads the stream after `after` until an XREAD fails (the reason is sent to the link's loop,
+/// which reconnects) or the link's loop is gone.
+async fn read_entries(
+    client: Client,
+    key: String,
+    mut after: String,
+    batches: tokio::sync::mpsc::Sender<StreamBatch>,
+) {
+    loop {
+        let args = vec![
+            "COUNT",
+            STREAM_COUNT,
+            "BLOCK",
+            STREAM_BLOCK_MS,
+            "STREAMS",
+            key.as_str(),
+            after.as_str(),
+        ];
+        let reply = match client
+            .custom::<fred::types::Value, _>(stream_command("XREAD"), args)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(error) => {
+                // XREAD BLOCK answers within its block time: a timeout is a dead connection.
+                let reason = match error.kind() {
+                    fred::error::ErrorKind::Timeout => {
+                        "no answer to XREAD (stream reader): connection unresponsive".to_string()
+                    }
+                    _ => format!("stream read failed: {}", probe_reason(&error)),
+                };
+                let _ = batches.send(Err(reason)).await;
+                return;
+            }
+        };
+        // XREAD answers `[[key, entries]]`, or nil when BLOCK passed without a new entry.
+        let entries = match reply.into_array().into_iter().next() {
+            Some(stream) if !stream.is_null() => parse_entries(
+                stream
+                    .into_array()
+                    .into_iter()
+                    .nth(1)
+                    .unwrap_or(fred::types::Value::Null),
+            ),
+            _ => continue,
+        };
+        let Some(last) = entries.last().map(|(id, _)| id.clone()) else {
+            continue;
+        };
+        let messages = entries
+            .into_iter()
+            .filter_map(|(id, envelope)| match envelope {
+                Some(payload) => Some(Message {
+                    channel: key.clone(),
+                    payload,
+                }),
+                None => {
+                    tracing::warn!(%id, stream = %key, "stream entry without an `envelope` field; skipped");
+                    metrics::counter!(crate::metrics::EVENTS_RECEIVED, "source" => "redis", "outcome" => "malformed_stream_entry")
+                        .increment(1);
+                    None
+                }
+            })
+            .collect();
+        if batches.send(Ok((messages, last.clone()))).await.is_err() {
+            return;
+        }
+        after = last;
+    }
+}
+
+/// Stream entries `[[id, [field, value, …]], …]` as (id, the `envelope` field's value).
+fn parse_entries(entries: fred::types::Value) -> Vec<(String, Option<Bytes>)> {
+    entries
+        .into_array()
+        .into_iter()
+        .filter(|entry| !entry.is_null())
+        .filter_map(|entry| {
+            let mut parts = entry.into_array().into_iter();
+            let id = parts.next()?.into_string()?;
+            let mut fields = parts
+                .next()
+                .unwrap_or(fred::types::Value::Null)
+                .into_array()
+                .into_iter();
+            let mut envelope = None;
+            while let (Some(field), Some(value)) = (fields.next(), fields.next()) {
+                if field.as_bytes() == Some(b"envelope".as_slice()) {
+                    envelope = value.into_bytes();
+                }
+            }
+            Some((id, envelope))
+        })
+        .collect()
 }
 
 /// Why a connect or a liveness check failed, for the log: READONLY is named (a demoted
