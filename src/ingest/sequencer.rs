@@ -255,12 +255,16 @@ impl Sequencer {
     /// After a batch was pushed on `topics` (each once): the sequencer appends whatever waits
     /// (one call per topic, topics concurrently); any instance delivers what is ready.
     pub async fn settle(&self, topics: &[String]) {
+        let mut appended = Vec::new();
         if self.is_sequencer() {
             let calls = self.take_calls(|_, _| true);
+            // Topics that waited from before this instance held the lease are appended too, and
+            // must be delivered as well.
+            appended = calls.iter().map(|call| call.topic.clone()).collect();
             self.append(calls, Via::Appended).await;
         }
         let mut state = self.state.lock().expect("sequencer lock");
-        for topic in topics {
+        for topic in topics.iter().chain(&appended) {
             self.deliver(&mut state, topic);
         }
     }
@@ -535,5 +539,98 @@ fn count(via: Via, n: u64) {
     if n > 0 {
         metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "ok", "via" => via.label())
             .increment(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Drained;
+
+    /// A sequencer whose link is not connected (it never holds the lease), and a socket
+    /// subscribed to `t`.
+    fn setup() -> (Sequencer, Arc<crate::hub::Outbox>) {
+        let redis = RedisLink::new("redis://127.0.0.1:1");
+        let hub = Arc::new(Hub::new(64, crate::metrics::Metrics::detached()));
+        let (id, outbox) = hub.register_socket();
+        hub.subscribe("t", id, &outbox);
+        let history = Arc::new(History::new(redis.clone(), 10, Duration::from_secs(60)));
+        (Sequencer::new(history, hub, redis), outbox)
+    }
+
+    fn delivered(outbox: &crate::hub::Outbox) -> Vec<(String, String)> {
+        let mut drained = Drained::default();
+        outbox.drain(64, &mut drained);
+        drained
+            .frames
+            .iter()
+            .map(|f| {
+                let position = f.position.as_ref().map(|p| p.to_string());
+                (f.event.to_string(), position.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    fn push(sequencer: &Sequencer, event: &str) {
+        sequencer.push(
+            "t",
+            event.to_string(),
+            Bytes::from_static(b"{}"),
+            event.into(),
+        );
+    }
+
+    #[test]
+    fn a_topic_is_delivered_in_queue_order_once_its_head_has_a_position() {
+        let (sequencer, outbox) = setup();
+        for event in ["a", "b", "c"] {
+            push(&sequencer, event);
+        }
+        // b and c are placed; a, at the head, is not: nothing goes out.
+        sequencer.notice("t", b"elsewhere\nb e1:2\nc e1:3");
+        assert!(delivered(&outbox).is_empty());
+        sequencer.notice("t", b"elsewhere\na e1:1");
+        assert_eq!(
+            delivered(&outbox),
+            [("a", "e1:1"), ("b", "e1:2"), ("c", "e1:3")].map(|(e, p)| (e.into(), p.into()))
+        );
+        // Its own notices are ignored; an empty queue leaves nothing behind.
+        sequencer.notice(
+            "t",
+            format!("{}\nx e1:9", sequencer.redis.instance()).as_bytes(),
+        );
+        assert!(sequencer.state.lock().unwrap().topics.is_empty());
+    }
+
+    #[test]
+    fn a_late_fallback_position_is_delivered_after_the_earlier_offsets_behind_it() {
+        let (sequencer, outbox) = setup();
+        push(&sequencer, "late");
+        push(&sequencer, "placed");
+        // The sequencer never saw `late`; a fallback appended it after `placed`.
+        sequencer.notice("t", b"elsewhere\nplaced e1:4");
+        sequencer.notice("t", b"elsewhere\nlate e1:5");
+        assert_eq!(
+            delivered(&outbox),
+            [("placed", "e1:4"), ("late", "e1:5")].map(|(e, p)| (e.into(), p.into())),
+            "in queue order the socket would skip e1:4 as already seen after e1:5"
+        );
+    }
+
+    #[test]
+    fn a_notice_before_its_message_places_it_on_arrival() {
+        let (sequencer, outbox) = setup();
+        sequencer.notice("t", b"elsewhere\nearly e1:7");
+        assert!(delivered(&outbox).is_empty());
+        push(&sequencer, "early");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(sequencer.settle(&["t".to_string()]));
+        assert_eq!(
+            delivered(&outbox),
+            [("early".to_string(), "e1:7".to_string())]
+        );
     }
 }
