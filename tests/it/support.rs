@@ -153,6 +153,11 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                // A replica's full sync writes an RDB file: never into the checkout.
+                "--dir",
+                std::env::temp_dir().to_str().expect("a UTF-8 temp dir"),
+                "--dbfilename",
+                &format!("{}.rdb", unique("redis")),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
