@@ -30,6 +30,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "BIND_ADDR", default: "0.0.0.0", meaning: "listen address" },
     Setting { name: "REDIS_URL", default: "redis://127.0.0.1:6379/0", meaning: "Redis URL; `redis://` is prepended when the scheme is missing" },
     Setting { name: "REDIS_PASSWORD", default: "", meaning: "password of the Redis data nodes, used when REDIS_URL carries none (and with Sentinel)" },
+    Setting { name: "REDIS_CLUSTER_NODES", default: "", meaning: "`host:port,host:port,…` of Redis Cluster nodes (any reachable ones: the hub discovers the rest and follows slot moves and failovers; REDIS_URL is then ignored)" },
     Setting { name: "REDIS_SENTINELS", default: "", meaning: "`host:port,host:port,…` of Redis Sentinels: the hub finds the master through them and follows every failover (REDIS_URL is then ignored)" },
     Setting { name: "REDIS_SENTINEL_MASTER", default: "", meaning: "the master's name in the Sentinel configuration (required with REDIS_SENTINELS)" },
     Setting { name: "REDIS_SENTINEL_PASSWORD", default: "", meaning: "password of the Sentinels themselves, if they have one" },
@@ -384,6 +385,15 @@ impl Config {
 /// `REDIS_URL` with `REDIS_PASSWORD` applied, or the Sentinel URL `REDIS_SENTINELS` describes,
 /// checked to be a URL fred accepts.
 fn redis_url(get: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    if get("REDIS_CLUSTER_NODES").is_some() && get("REDIS_SENTINELS").is_some() {
+        return Err(invalid(
+            "REDIS_CLUSTER_NODES",
+            "set either REDIS_CLUSTER_NODES or REDIS_SENTINELS, not both",
+        ));
+    }
+    if let Some(nodes) = get("REDIS_CLUSTER_NODES") {
+        return cluster_url(get, &nodes);
+    }
     if let Some(sentinels) = get("REDIS_SENTINELS") {
         return sentinel_url(get, &sentinels);
     }
@@ -405,13 +415,9 @@ fn usable_by_fred(url: String, variable: &'static str, what: &str) -> Result<Str
     }
 }
 
-/// `redis-sentinel://[:password@]first/0?sentinelServiceName=…&node=…[&sentinelPassword=…]`:
-/// fred asks the Sentinels for the master at every connect.
-fn sentinel_url(
-    get: &impl Fn(&str) -> Option<String>,
-    sentinels: &str,
-) -> Result<String, ConfigError> {
-    let nodes: Vec<&str> = sentinels
+/// A `host:port,host:port,…` list of `variable`, each entry checked.
+fn node_list<'a>(variable: &'static str, list: &'a str) -> Result<Vec<&'a str>, ConfigError> {
+    let nodes: Vec<&str> = list
         .split(',')
         .map(str::trim)
         .filter(|node| !node.is_empty())
@@ -423,13 +429,41 @@ fn sentinel_url(
     });
     if nodes.is_empty() || bad_node.is_some() {
         return Err(invalid(
-            "REDIS_SENTINELS",
+            variable,
             format!(
                 "expected host:port,host:port,…, got {:?}",
-                bad_node.unwrap_or(&sentinels)
+                bad_node.unwrap_or(&list)
             ),
         ));
     }
+    Ok(nodes)
+}
+
+/// `redis-cluster://[:password@]first?node=…`: fred discovers the cluster from any of them.
+fn cluster_url(get: &impl Fn(&str) -> Option<String>, list: &str) -> Result<String, ConfigError> {
+    let nodes = node_list("REDIS_CLUSTER_NODES", list)?;
+    let credentials = get("REDIS_PASSWORD")
+        .map(|password| format!(":{}@", percent_encode(&password)))
+        .unwrap_or_default();
+    let others: Vec<String> = nodes[1..]
+        .iter()
+        .map(|node| format!("node={node}"))
+        .collect();
+    let mut url = format!("redis-cluster://{credentials}{}", nodes[0]);
+    if !others.is_empty() {
+        url.push('?');
+        url.push_str(&others.join("&"));
+    }
+    usable_by_fred(url, "REDIS_CLUSTER_NODES", "a usable cluster node list")
+}
+
+/// `redis-sentinel://[:password@]first/0?sentinelServiceName=…&node=…[&sentinelPassword=…]`:
+/// fred asks the Sentinels for the master at every connect.
+fn sentinel_url(
+    get: &impl Fn(&str) -> Option<String>,
+    sentinels: &str,
+) -> Result<String, ConfigError> {
+    let nodes = node_list("REDIS_SENTINELS", sentinels)?;
     let master = get("REDIS_SENTINEL_MASTER").ok_or_else(|| {
         invalid(
             "REDIS_SENTINEL_MASTER",
@@ -984,6 +1018,31 @@ mod tests {
         );
         let err = config(&[("FORCE_SSL", "maybe")]).unwrap_err();
         assert!(err.to_string().contains("FORCE_SSL"), "{err}");
+    }
+
+    #[test]
+    fn cluster_nodes_make_a_cluster_url() {
+        let cluster = config(&[
+            (
+                "REDIS_CLUSTER_NODES",
+                "10.0.0.1:7000, 10.0.0.2:7001,10.0.0.3:7002",
+            ),
+            ("REDIS_PASSWORD", "p@ss"),
+        ])
+        .unwrap();
+        assert_eq!(
+            cluster.redis_url,
+            "redis-cluster://:p%40ss@10.0.0.1:7000?node=10.0.0.2:7001&node=10.0.0.3:7002"
+        );
+        let one = config(&[("REDIS_CLUSTER_NODES", "10.0.0.1:7000")]).unwrap();
+        assert_eq!(one.redis_url, "redis-cluster://10.0.0.1:7000");
+        assert!(config(&[("REDIS_CLUSTER_NODES", "10.0.0.1")]).is_err());
+        assert!(config(&[
+            ("REDIS_CLUSTER_NODES", "10.0.0.1:7000"),
+            ("REDIS_SENTINELS", "10.0.0.1:26379"),
+            ("REDIS_SENTINEL_MASTER", "m"),
+        ])
+        .is_err());
     }
 
     #[test]

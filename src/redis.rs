@@ -255,6 +255,45 @@ impl RedisLink {
         .await
     }
 
+    /// Runs `script` (no keys) on every primary — each node of a cluster, or the one server —
+    /// and joins the answers: what a keyspace walk (`SCAN`) needs, as a script sees only its
+    /// own node's keys.
+    pub async fn eval_on_every_primary(
+        &self,
+        script: &Script,
+        args: Vec<String>,
+    ) -> Result<Vec<String>, RedisError> {
+        let client = self.commands().ok_or(RedisError::Disconnected)?;
+        if !client.is_clustered() {
+            return self.eval(script, vec![], args).await;
+        }
+        use fred::interfaces::ClusterInterface;
+        let lua = script
+            .lua()
+            .ok_or(RedisError::Malformed("a script without its text"))?
+            .to_string();
+        // One slot each primary owns: an EVAL routed by it runs on that primary.
+        let mut slots: Vec<(fred::types::config::Server, u16)> = Vec::new();
+        for range in client
+            .cached_cluster_state()
+            .map(|state| state.slots().to_vec())
+            .unwrap_or_default()
+        {
+            if !slots.iter().any(|(primary, _)| *primary == range.primary) {
+                slots.push((range.primary.clone(), range.start));
+            }
+        }
+        let mut joined = Vec::new();
+        for (_, slot) in slots {
+            let mut call = vec![lua.clone(), "0".to_string()];
+            call.extend(args.iter().cloned());
+            let eval = fred::types::CustomCommand::new_static("EVAL", Some(slot), false);
+            let answer: Vec<String> = bounded(COMMAND_TIMEOUT, client.custom(eval, call)).await?;
+            joined.extend(answer);
+        }
+        Ok(joined)
+    }
+
     pub fn is_connected(&self) -> bool {
         self.commands().is_some()
     }
@@ -654,15 +693,17 @@ impl StreamReader {
     }
 }
 
-fn stream_command(name: &'static str) -> fred::types::CustomCommand {
-    fred::types::CustomCommand::new_static(name, None::<u16>, name == "XREAD")
+/// A stream command on `key`, routed to the key's slot in a cluster.
+fn stream_command(name: &'static str, key: &str) -> fred::types::CustomCommand {
+    let slot = fred::util::redis_keyslot(key.as_bytes());
+    fred::types::CustomCommand::new_static(name, Some(slot), name == "XREAD")
 }
 
 /// The id of the stream's last entry (`0-0` when it is empty or does not exist).
 async fn stream_end(client: &Client, key: &str) -> Result<String, fred::error::Error> {
     let reply: fred::types::Value = client
         .custom(
-            stream_command("XREVRANGE"),
+            stream_command("XREVRANGE", key),
             vec![key, "+", "-", "COUNT", "1"],
         )
         .await?;
@@ -691,7 +732,7 @@ async fn read_entries(
             after.as_str(),
         ];
         let reply = match client
-            .custom::<fred::types::Value, _>(stream_command("XREAD"), args)
+            .custom::<fred::types::Value, _>(stream_command("XREAD", &key), args)
             .await
         {
             Ok(reply) => reply,

@@ -217,16 +217,18 @@ impl QueueStore {
         self.eval(&self.queue_script, op, keys(org_id), args).await
     }
 
-    /// Organisations that have a queue in Redis (at most `limit`, bounded work): the status
-    /// page's list. Not for hot paths.
+    /// Organisations that have a queue in Redis (at most `limit`, bounded work on each node of
+    /// a cluster): the status page's list. Not for hot paths.
     pub async fn queue_orgs(&self, limit: usize) -> Result<Vec<String>, RedisError> {
-        self.eval(
-            &self.queue_orgs_script,
-            "queue_orgs",
-            vec![],
-            vec![limit.to_string(), "50".to_string()],
-        )
-        .await
+        let mut orgs = self
+            .redis
+            .eval_on_every_primary(
+                &self.queue_orgs_script,
+                vec![limit.to_string(), "50".to_string()],
+            )
+            .await?;
+        orgs.truncate(limit);
+        Ok(orgs)
     }
 
     /// The org's active queue, or `None`.

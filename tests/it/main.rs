@@ -7,6 +7,7 @@ mod autobahn;
 mod browser;
 mod catalogue;
 mod cli;
+mod cluster;
 mod fuzz_regressions;
 mod ha;
 mod hardening;

@@ -143,6 +143,17 @@ impl RedisServer {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    /// Starts a redis-server on `port` with `extra` arguments besides the test defaults.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        let mut server = RedisServer { port, child: None };
+        server.spawn_with(extra);
+        server
+    }
+
+    fn spawn_with(&mut self, extra: &[&str]) {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -159,6 +170,7 @@ impl RedisServer {
                 "--dbfilename",
                 &format!("{}.rdb", unique("redis")),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -269,7 +281,8 @@ impl RedisServer {
     }
 
     /// Runs an inline command whose reply is a bulk string and returns its text.
-    fn bulk_command(&self, command: &str) -> Option<String> {
+    /// An inline command's bulk-string reply (`INFO`, `CLUSTER INFO`, `CLIENT LIST`).
+    pub fn bulk_command(&self, command: &str) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
