@@ -32,6 +32,7 @@ pub const HISTORY_SCRIPT_SECONDS: &str = "prostaff_history_script_seconds";
 pub const HISTORY_APPENDS: &str = "prostaff_history_appends_total";
 pub const HISTORY_NOTICES: &str = "prostaff_history_notices_total";
 pub const SEQUENCER: &str = "prostaff_history_sequencer";
+pub const QUEUE_REPLICATION: &str = "prostaff_queue_replication_total";
 pub const RECOVERIES: &str = "prostaff_recoveries_total";
 pub const SSE_STREAMS: &str = "prostaff_sse_streams";
 pub const INHOUSE_EXPIRIES: &str = "prostaff_inhouse_expiries_total";
@@ -119,6 +120,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (HISTORY_SCRIPT_SECONDS, Kind::Seconds, "latency of the history scripts (append, recover) in Redis"),
     (HISTORY_APPENDS, Kind::Counter, "broadcasts given a history position, by outcome (ok, failed: delivered without one) and via (appended: by this instance as the sequencer; notice: learnt from the sequencer's notice; fallback: appended here after waiting FALLBACK_AFTER for a notice)"),
     (HISTORY_NOTICES, Kind::Counter, "position notices of other instances' appends, by outcome (received; undecodable; overflow: too many unmatched kept; repaired: broadcasts this instance never received, delivered from history; gap: history could not cover them; repair_failed)"),
+    (QUEUE_REPLICATION, Kind::Counter, "queue script calls followed by WAIT 1 100 on a master with replicas, by outcome (acknowledged: a replica has it; unacknowledged: none within 100 ms, a failover now may lose it; no_replica: nothing to wait for)"),
     (SEQUENCER, Kind::Gauge, "1 while this instance holds the history sequencer lease (it appends every event; the others learn the positions from its notices)"),
     (SSE_STREAMS, Kind::Gauge, "Server-Sent Events streams currently open"),
     (SESSION_PANICS, Kind::Counter, "sessions that panicked (caught, logged with the socket's span, cleaned up)"),

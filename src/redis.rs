@@ -193,6 +193,24 @@ pub struct RedisLink {
     /// The id of the last stream entry handed over; `None` until the first connect reads where
     /// the stream ends (a new process starts there, it does not replay the past).
     stream_position: Mutex<Option<String>>,
+    /// Replicas connected to the master (`INFO replication`), read at connect and at every
+    /// liveness check; 0 on a cluster (its writes go to many masters).
+    replicas: std::sync::atomic::AtomicU64,
+}
+
+/// How long [`RedisLink::replicate`] waits for a replica to acknowledge a write.
+pub const REPLICATION_WAIT: Duration = Duration::from_millis(100);
+
+/// What [`RedisLink::replicate`] learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replication {
+    /// A replica has the write: a failover now keeps it.
+    Acknowledged,
+    /// No replica acknowledged within [`REPLICATION_WAIT`] (or WAIT failed): a failover in
+    /// the next moments may lose the write.
+    Unacknowledged,
+    /// The master has no replica (or this is a cluster): nothing to wait for.
+    NoReplica,
 }
 
 impl RedisLink {
@@ -204,6 +222,7 @@ impl RedisLink {
             connects: watch::Sender::new(0),
             registry: Mutex::default(),
             stream_position: Mutex::new(None),
+            replicas: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -320,6 +339,49 @@ impl RedisLink {
             client.publish::<i64, _, _>(channel, payload),
         )
         .await
+    }
+
+    /// Waits (at most [`REPLICATION_WAIT`]) until a replica has every write this instance's
+    /// command connection made so far (`WAIT 1 100`); at once when the master has none.
+    pub async fn replicate(&self) -> Replication {
+        if self.replicas.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return Replication::NoReplica;
+        }
+        let Some(client) = self.commands() else {
+            return Replication::Unacknowledged;
+        };
+        let wait = fred::types::CustomCommand::new_static("WAIT", None::<u16>, true);
+        let timeout = REPLICATION_WAIT.as_millis().to_string();
+        match bounded(
+            COMMAND_TIMEOUT,
+            client.custom::<i64, _>(wait, vec!["1".to_string(), timeout]),
+        )
+        .await
+        {
+            Ok(acknowledged) if acknowledged >= 1 => Replication::Acknowledged,
+            _ => Replication::Unacknowledged,
+        }
+    }
+
+    /// Reads how many replicas the master has (0 on a cluster or when INFO fails).
+    async fn count_replicas(&self, commands: &Client) {
+        let replicas = if commands.is_clustered() {
+            0
+        } else {
+            let info = fred::types::CustomCommand::new_static("INFO", None::<u16>, false);
+            commands
+                .custom::<String, _>(info, vec!["replication"])
+                .await
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .find_map(|line| line.strip_prefix("connected_slaves:"))
+                        .and_then(|n| n.trim().parse().ok())
+                })
+                .unwrap_or(0)
+        };
+        self.replicas
+            .store(replicas, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `SET prostaff:live:<instance> 1 PX 10000`: fails with READONLY on a replica.
@@ -480,6 +542,7 @@ impl Connection<'_> {
             },
             None => None,
         };
+        self.link.count_replicas(&commands).await;
         self.link.set_connected(Some(commands.clone()));
         *backoff = BACKOFF_MIN;
         if *ever_connected {
@@ -564,7 +627,7 @@ impl Connection<'_> {
                         )
                     };
                     match tokio::time::timeout(LIVENESS_TIMEOUT, pings).await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(_)) => self.link.count_replicas(commands).await,
                         Ok(Err(error)) => return Err(format!("liveness ping failed: {}", probe_reason(&error))),
                         Err(_) => return Err("redis unresponsive (ping timed out)".to_string()),
                     }

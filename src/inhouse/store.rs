@@ -214,7 +214,22 @@ impl QueueStore {
             format!("{QUEUE_CHANNEL_PREFIX}{org_id}"),
         ];
         args.extend(extra);
-        self.eval(&self.queue_script, op, keys(org_id), args).await
+        let reply = self
+            .eval(&self.queue_script, op, keys(org_id), args)
+            .await?;
+        let refused = reply.first().map(String::as_str) == Some("err");
+        if op != "snapshot" && !refused {
+            // A transition a replica has not received is lost if the master fails now: wait
+            // (≤ 100 ms) until one has it, so a failover keeps every acknowledged action. A
+            // refusal changed nothing a client relies on.
+            let outcome = match self.redis.replicate().await {
+                crate::redis::Replication::Acknowledged => "acknowledged",
+                crate::redis::Replication::Unacknowledged => "unacknowledged",
+                crate::redis::Replication::NoReplica => "no_replica",
+            };
+            metrics::counter!(crate::metrics::QUEUE_REPLICATION, "outcome" => outcome).increment(1);
+        }
+        Ok(reply)
     }
 
     /// Organisations that have a queue in Redis (at most `limit`, bounded work on each node of

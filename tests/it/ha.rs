@@ -369,3 +369,78 @@ async fn history_that_went_back_in_a_failover_starts_a_new_epoch() {
     );
     wait_for_log(&["history cannot cover this instance's gap"]).await;
 }
+
+/// Calls of `command` Redis has served (`INFO commandstats`).
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
+    redis
+        .info("commandstats")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A queue transition is acknowledged by a replica before the client hears `ok` (`WAIT 1 100`
+/// after each queue script), so a failover keeps what a client was told happened; on a master
+/// without replicas nothing waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_actions_wait_for_a_replica_only_when_there_is_one() {
+    let (master, hub) = redis_and_ready_hub().await;
+    let org = unique("org");
+    let inhouse = format!("inhouse:{org}");
+    let mut coach = Phx::connect(&hub, &user_token("coach", &org)).await;
+    let coach_ref = coach.join_ok(&inhouse).await;
+    let opened = Event::new(&org, "inhouse.queue_opened")
+        .payload(serde_json::json!({"queue_id": "q1"}))
+        .json();
+    publish_event(&master, &org, opened, 1).await;
+    coach
+        .recv_matching(|f| f[3] == "queue_update" && f[4]["event"] == "queue_opened")
+        .await;
+    let act = |event: &str, coach_ref: &str| {
+        let payload = serde_json::json!({"player_id": "p1", "role": "top"});
+        (
+            inhouse.clone(),
+            coach_ref.to_string(),
+            event.to_string(),
+            payload,
+        )
+    };
+    let (topic, join_ref, event, payload) = act("join_queue", &coach_ref);
+    let reply = coach.push(&join_ref, &topic, &event, payload).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(command_calls(&master, "wait"), 0, "no replica: no WAIT");
+
+    let replica = RedisServer::start();
+    replica.replicate(master.port);
+    eventually_within("the replica syncs", FAILOVER, || async {
+        replica
+            .info("replication")
+            .is_some_and(|info| info.contains("master_link_status:up"))
+    })
+    .await;
+    // The hub sees the replica at its next liveness check (every 2 s); actions then wait.
+    let deadline = tokio::time::Instant::now() + FAILOVER;
+    for event in ["leave_queue", "join_queue"].into_iter().cycle() {
+        let (topic, join_ref, event, payload) = act(event, &coach_ref);
+        let reply = coach.push(&join_ref, &topic, &event, payload).await;
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+        if command_calls(&master, "wait") > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue actions never waited for the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        replica
+            .command(&format!("EXISTS iq:{{{org}}}:q"))
+            .is_some_and(|r| r == ":1"),
+        "the replica has the queue"
+    );
+}
