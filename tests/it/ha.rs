@@ -106,7 +106,8 @@ impl Drop for Sentinel {
 
 /// One master, one replica, three sentinels; two hubs that know only the sentinels
 /// (`REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER`), members with presence on each, and a queue in
-/// check-in whose deadline passes while there is no master. The master is SIGKILLed: readiness
+/// check-in whose deadline passes while there is no master. The master is SIGKILLed while events
+/// flow (to another org, watched on both hubs: at most once, in order, never a silent gap): readiness
 /// fails and a queue action answers `unavailable`; the sentinels promote the replica and both
 /// hubs follow it; the deadline fires exactly once (seen once on each hub); what is published on
 /// the new master reaches both hubs; a new queue takes a join seen on both; presence converges.
@@ -208,7 +209,40 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     on_b.event(&topic, "player.transferred").await;
     assert_eq!(master.command("WAIT 1 2000").as_deref(), Some(":1"));
 
+    // Traffic on another org until the master dies: a member on each hub watches it.
+    let busy = unique("org");
+    let busy_topic = format!("org_events:{busy}");
+    let mut busy_on_a = Phx::connect(&a, &user_token("w1", &busy)).await;
+    busy_on_a.join_ok(&busy_topic).await;
+    let mut busy_on_b = Phx::connect(&b, &user_token("w2", &busy)).await;
+    busy_on_b.join_ok(&busy_topic).await;
+    let traffic = {
+        let (port, busy) = (master.port, busy.clone());
+        std::thread::spawn(move || {
+            let node = RedisServer::attach(port);
+            let channel = format!("prostaff:events:{busy}");
+            let mut sent = 0;
+            for n in 1.. {
+                let text = serde_json::to_string(&Event::numbered(&busy, n).text()).unwrap();
+                match node.command(&format!("PUBLISH {channel} {text}")) {
+                    Some(reply) if reply.starts_with(':') => sent = n,
+                    _ => break,
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     master.stop();
+    let sent = tokio::task::spawn_blocking(move || traffic.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        sent > 10,
+        "traffic was flowing when the master died ({sent} events)"
+    );
     wait_readiness(&a, "hub a sees the master gone", false).await;
     wait_readiness(&b, "hub b sees the master gone", false).await;
     // While there is no master, a queue action says so rather than guess.
@@ -288,6 +322,36 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+    // What the busy members got of the traffic cut by the kill: each event at most once, in
+    // order, at increasing positions — or a gap notice (`phx_error`) where history went back,
+    // never a silent one.
+    for (name, member) in [("a", &mut busy_on_a), ("b", &mut busy_on_b)] {
+        let frames = member.collect(Duration::from_millis(300)).await;
+        let mut last: Option<(u64, u64)> = None;
+        for frame in frames.iter().filter(|f| f[2] == busy_topic.as_str()) {
+            if frame[3] == "phx_error" {
+                break;
+            }
+            if frame[3] != "player.transferred" {
+                continue;
+            }
+            let n = frame[4]["payload"]["n"].as_u64().unwrap();
+            let offset: u64 = frame[1]
+                .as_str()
+                .and_then(|p| p.split_once(':'))
+                .and_then(|(_, o)| o.parse().ok())
+                .expect("a position");
+            if let Some((last_n, last_offset)) = last {
+                assert!(n > last_n, "hub {name}: event {n} after {last_n}");
+                assert!(
+                    offset > last_offset,
+                    "hub {name}: offset {offset} after {last_offset}"
+                );
+            }
+            last = Some((n, offset));
+        }
+        assert!(last.is_some(), "hub {name} delivered none of the traffic");
     }
     wait_for_log(&["redis connected", "reconnect=true"]).await;
 }
