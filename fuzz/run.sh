@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET="${1:-60}"
 export RUSTC_BOOTSTRAP=1
 failed=()
-TARGETS="${2:-phoenix_frames envelope token ws_frames longpoll resume presence_diff}"
+TARGETS="${2:-phoenix_frames envelope token ws_frames longpoll resume presence_diff history_notice}"
 for target in $TARGETS; do
   mkdir -p "fuzz/corpus/$target" "fuzz/regressions/$target"
   cp -n fuzz/regressions/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true

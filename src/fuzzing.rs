@@ -234,3 +234,36 @@ pub fn presence_diff(data: &[u8]) {
         }
     }
 }
+
+/// A position notice from Redis (`prostaff:seq:<topic>`, which anyone who can PUBLISH there can
+/// send): parsing never panics, a parsed notice written back out parses to itself, and a
+/// sequencer with broadcasts waiting takes it without panicking.
+pub fn history_notice(data: &[u8]) {
+    use crate::history::Notice;
+    if let Some(notice) = Notice::parse(data) {
+        let mut text = notice.origin.clone();
+        for (dedup, position) in &notice.positions {
+            text.push_str(&format!("\n{dedup} {position}"));
+        }
+        assert_eq!(Notice::parse(text.as_bytes()).as_ref(), Some(&notice));
+    }
+    let redis = crate::redis::RedisLink::new("redis://127.0.0.1:1");
+    let hub = std::sync::Arc::new(crate::hub::Hub::new(8, crate::metrics::Metrics::detached()));
+    let (id, outbox) = hub.register_socket();
+    hub.subscribe("t", id, &outbox);
+    let history = std::sync::Arc::new(crate::history::History::new(
+        redis.clone(),
+        10,
+        std::time::Duration::from_secs(60),
+    ));
+    let sequencer = crate::ingest::sequencer::Sequencer::new(history, hub, redis);
+    for dedup in ["a", "b"] {
+        sequencer.push(
+            "t",
+            "e".into(),
+            bytes::Bytes::from_static(b"{}"),
+            dedup.into(),
+        );
+    }
+    sequencer.notice("t", data);
+}

@@ -93,3 +93,11 @@ fn presence_diffs_and_stored_hashes() {
         prostaff_events::fuzzing::presence_diff(&data);
     }
 }
+
+#[test]
+fn history_notices() {
+    for (name, data) in inputs("history_notice") {
+        println!("{name}");
+        prostaff_events::fuzzing::history_notice(&data);
+    }
+}
