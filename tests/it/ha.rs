@@ -464,17 +464,10 @@ async fn queue_actions_wait_for_a_replica_only_when_there_is_one() {
     coach
         .recv_matching(|f| f[3] == "queue_update" && f[4]["event"] == "queue_opened")
         .await;
-    let act = |event: &str, coach_ref: &str| {
-        let payload = serde_json::json!({"player_id": "p1", "role": "top"});
-        (
-            inhouse.clone(),
-            coach_ref.to_string(),
-            event.to_string(),
-            payload,
-        )
-    };
-    let (topic, join_ref, event, payload) = act("join_queue", &coach_ref);
-    let reply = coach.push(&join_ref, &topic, &event, payload).await;
+    let player = serde_json::json!({"player_id": "p1", "role": "top"});
+    let reply = coach
+        .push(&coach_ref, &inhouse, "join_queue", player.clone())
+        .await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
     assert_eq!(command_calls(&master, "wait"), 0, "no replica: no WAIT");
 
@@ -489,8 +482,9 @@ async fn queue_actions_wait_for_a_replica_only_when_there_is_one() {
     // The hub sees the replica at its next liveness check (every 2 s); actions then wait.
     let deadline = tokio::time::Instant::now() + FAILOVER;
     for event in ["leave_queue", "join_queue"].into_iter().cycle() {
-        let (topic, join_ref, event, payload) = act(event, &coach_ref);
-        let reply = coach.push(&join_ref, &topic, &event, payload).await;
+        let reply = coach
+            .push(&coach_ref, &inhouse, event, player.clone())
+            .await;
         assert_eq!(reply[4]["status"], "ok", "{reply}");
         if command_calls(&master, "wait") > 0 {
             break;
