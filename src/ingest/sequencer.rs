@@ -228,9 +228,16 @@ impl Sequencer {
     /// a notice or the sweep, whichever gives it its position.
     pub fn push(&self, topic: &str, event: String, raw: Bytes, dedup: Arc<str>) {
         let mut state = self.state.lock().expect("sequencer lock");
+        let state = &mut *state;
         let id = state.next_id;
         state.next_id += 1;
-        let queue = state.topics.entry(topic.to_string()).or_default();
+        // The topic's name is copied only when its queue is new (not once per broadcast).
+        if !state.topics.contains_key(topic) {
+            state
+                .topics
+                .insert(topic.to_string(), TopicQueue::default());
+        }
+        let queue = state.topics.get_mut(topic).expect("inserted above");
         // A notice that came first (it can, when the raw message was delayed): taken now.
         let status = match queue.early.iter().position(|e| *e.dedup == *dedup) {
             Some(index) => {
@@ -241,7 +248,6 @@ impl Sequencer {
             }
             None => Status::Waiting,
         };
-        let queue = state.topics.get_mut(topic).expect("inserted above");
         queue.queued.push_back(Queued {
             id,
             dedup,

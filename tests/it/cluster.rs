@@ -133,10 +133,7 @@ async fn two_hubs_on_a_three_master_cluster_deliver_queue_recover_and_share_pres
     }
     // The events stream lives on its slot's node.
     let stream = "prostaff:events:stream";
-    let added = owner(nodes, stream).command(&format!(
-        "XADD {stream} MAXLEN ~ 1000 * envelope {}",
-        serde_json::to_string(&Event::numbered(&org, 4).text()).unwrap()
-    ));
+    let added = owner(nodes, stream).xadd_envelope(stream, &Event::numbered(&org, 4));
     assert!(
         added.is_some_and(|r| r.starts_with('$')),
         "XADD on the owner"
@@ -166,9 +163,7 @@ async fn two_hubs_on_a_three_master_cluster_deliver_queue_recover_and_share_pres
         .payload(json!({"queue_id": "q1"}))
         .json();
     nodes[1].publish(&channel, &opened.to_string());
-    let is_update =
-        |event: &'static str| move |f: &Value| f[3] == "queue_update" && f[4]["event"] == event;
-    coach_b.recv_matching(is_update("queue_opened")).await;
+    coach_b.recv_matching(update_of("queue_opened")).await;
     let reply = coach_a
         .push(
             &coach_ref,
@@ -178,7 +173,7 @@ async fn two_hubs_on_a_three_master_cluster_deliver_queue_recover_and_share_pres
         )
         .await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
-    let joined = coach_b.recv_matching(is_update("player_joined")).await;
+    let joined = coach_b.recv_matching(update_of("player_joined")).await;
     assert_eq!(joined[4]["player_id"], "p1", "{joined}");
 
     // The status page walks every node's keys: queues whose keys sit on different nodes all show.
@@ -211,16 +206,7 @@ async fn two_hubs_on_a_three_master_cluster_deliver_queue_recover_and_share_pres
     // later diff).
     for hub in [&a, &b] {
         eventually("presence across hubs on a cluster", || async {
-            let mut newcomer = Phx::connect(hub, &user_token("u4", &org)).await;
-            newcomer.presence = true;
-            newcomer.join_ok(&topic).await;
-            let state = newcomer
-                .recv_matching(|f| frame_event(f) == "presence_state")
-                .await;
-            let keys: Vec<String> = state[4]
-                .as_object()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default();
+            let keys = presence_keys(hub, &user_token("u4", &org), &topic).await;
             ["user:u1", "user:u2"]
                 .iter()
                 .all(|k| keys.iter().any(|key| key == k))

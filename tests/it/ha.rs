@@ -115,13 +115,7 @@ impl Drop for Sentinel {
 async fn a_sentinel_failover_is_followed_by_every_hub() {
     let mut master = RedisServer::start();
     let replica = RedisServer::start();
-    replica.replicate(master.port);
-    eventually_within("the replica syncs", FAILOVER, || async {
-        replica
-            .info("replication")
-            .is_some_and(|info| info.contains("master_link_status:up"))
-    })
-    .await;
+    replica.replicate_synced(master.port, FAILOVER).await;
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
     eventually_within(
         "the sentinels know the master and each other",
@@ -166,8 +160,6 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
     let coach_ref = coach_a.join_ok(&inhouse).await;
     let mut coach_b = Phx::connect(&b, &user_token("coach-b", &org)).await;
     coach_b.join_ok(&inhouse).await;
-    let is_update =
-        |event: &'static str| move |f: &Value| f[3] == "queue_update" && f[4]["event"] == event;
     let lifecycle =
         |event_type: &str, payload: Value| Event::new(&org, event_type).payload(payload).json();
     let opened = lifecycle(
@@ -175,8 +167,8 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
         serde_json::json!({"queue_id": "q1"}),
     );
     publish_event(&master, &org, opened, 2).await;
-    coach_a.recv_matching(is_update("queue_opened")).await;
-    coach_b.recv_matching(is_update("queue_opened")).await;
+    coach_a.recv_matching(update_of("queue_opened")).await;
+    coach_b.recv_matching(update_of("queue_opened")).await;
     for (player, role) in [("p1", "top"), ("p2", "mid")] {
         let join = serde_json::json!({"player_id": player, "role": role});
         let reply = coach_a.push(&coach_ref, &inhouse, "join_queue", join).await;
@@ -188,7 +180,7 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
         serde_json::json!({"queue_id": "q1", "check_in_deadline": rfc3339_in(Duration::from_millis(1500))}),
     );
     publish_event(&master, &org, started, 2).await;
-    coach_b.recv_matching(is_update("check_in_started")).await;
+    coach_b.recv_matching(update_of("check_in_started")).await;
     let reply = coach_a
         .push(
             &coach_ref,
@@ -262,11 +254,11 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
 
     // The deadline that passed during the failover fires once: p2 never checked in and is
     // removed; one checked in is not enough, so the queue closes. Each hub's coach sees it once.
-    let expired = coach_b.recv_matching(is_update("check_in_expired")).await;
+    let expired = coach_b.recv_matching(update_of("check_in_expired")).await;
     assert_eq!(expired[4]["removed_count"], 1, "{expired}");
     assert_eq!(expired[4]["checked_in_count"], 1, "{expired}");
     assert_eq!(expired[4]["queue_closed"], true, "{expired}");
-    coach_a.recv_matching(is_update("check_in_expired")).await;
+    coach_a.recv_matching(update_of("check_in_expired")).await;
     for (name, coach) in [("a", &mut coach_a), ("b", &mut coach_b)] {
         let again = coach
             .collect(Duration::from_millis(1000))
@@ -288,26 +280,17 @@ async fn a_sentinel_failover_is_followed_by_every_hub() {
         serde_json::json!({"queue_id": "q2"}),
     );
     publish_event(&replica, &org, reopened, 2).await;
-    coach_b.recv_matching(is_update("queue_opened")).await;
+    coach_b.recv_matching(update_of("queue_opened")).await;
     let join = serde_json::json!({"player_id": "p1", "role": "top"});
     let reply = coach_a.push(&coach_ref, &inhouse, "join_queue", join).await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
-    let joined = coach_b.recv_matching(is_update("player_joined")).await;
+    let joined = coach_b.recv_matching(update_of("player_joined")).await;
     assert_eq!(joined[4]["player_id"], "p1", "{joined}");
     // Presence converges: a newcomer on either hub sees both members.
     for (name, hub) in [("a", &a), ("b", &b)] {
         let deadline = tokio::time::Instant::now() + FAILOVER;
         loop {
-            let mut newcomer = Phx::connect(hub, &user_token("u3", &org)).await;
-            newcomer.presence = true;
-            newcomer.join_ok(&topic).await;
-            let state = newcomer
-                .recv_matching(|f| frame_event(f) == "presence_state")
-                .await;
-            let keys: Vec<String> = state[4]
-                .as_object()
-                .map(|members| members.keys().cloned().collect())
-                .unwrap_or_default();
+            let keys = presence_keys(hub, &user_token("u3", &org), &topic).await;
             // The newcomer's own meta comes in a later diff; the members of both hubs must be in
             // the state.
             if ["user:u1", "user:u2"]
@@ -399,12 +382,7 @@ async fn history_that_went_back_in_a_failover_starts_a_new_epoch() {
             .as_deref(),
         Some(":1")
     );
-    assert!(redis
-        .command("CLIENT KILL TYPE pubsub")
-        .is_some_and(|r| r.starts_with(':')));
-    assert!(redis
-        .command("CLIENT KILL TYPE normal")
-        .is_some_and(|r| r.starts_with(':')));
+    redis.kill_clients();
 
     // The hub's subscribers hear that it cannot vouch for the gap.
     member.event(&topic, "phx_error").await;
@@ -434,19 +412,6 @@ async fn history_that_went_back_in_a_failover_starts_a_new_epoch() {
     wait_for_log(&["history cannot cover this instance's gap"]).await;
 }
 
-/// Calls of `command` Redis has served (`INFO commandstats`).
-fn command_calls(redis: &RedisServer, command: &str) -> u64 {
-    let prefix = format!("cmdstat_{command}:calls=");
-    redis
-        .info("commandstats")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A queue transition is acknowledged by a replica before the client hears `ok` (`WAIT 1 100`
 /// after each queue script), so a failover keeps what a client was told happened; on a master
 /// without replicas nothing waits.
@@ -469,16 +434,10 @@ async fn queue_actions_wait_for_a_replica_only_when_there_is_one() {
         .push(&coach_ref, &inhouse, "join_queue", player.clone())
         .await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
-    assert_eq!(command_calls(&master, "wait"), 0, "no replica: no WAIT");
+    assert_eq!(master.command_calls("wait"), 0, "no replica: no WAIT");
 
     let replica = RedisServer::start();
-    replica.replicate(master.port);
-    eventually_within("the replica syncs", FAILOVER, || async {
-        replica
-            .info("replication")
-            .is_some_and(|info| info.contains("master_link_status:up"))
-    })
-    .await;
+    replica.replicate_synced(master.port, FAILOVER).await;
     // The hub sees the replica at its next liveness check (every 2 s); actions then wait.
     let deadline = tokio::time::Instant::now() + FAILOVER;
     for event in ["leave_queue", "join_queue"].into_iter().cycle() {
@@ -486,7 +445,7 @@ async fn queue_actions_wait_for_a_replica_only_when_there_is_one() {
             .push(&coach_ref, &inhouse, event, player.clone())
             .await;
         assert_eq!(reply[4]["status"], "ok", "{reply}");
-        if command_calls(&master, "wait") > 0 {
+        if master.command_calls("wait") > 0 {
             break;
         }
         assert!(

@@ -497,14 +497,6 @@ async fn metrics_expose_the_documented_series() {
     );
 }
 
-/// XADD to a Redis Stream `command`'s inline form: the envelope as one quoted argument.
-fn xadd_envelope(redis: &RedisServer, key: &str, envelope: &Event) -> Option<String> {
-    redis.command(&format!(
-        "XADD {key} MAXLEN ~ 1000 * envelope {}",
-        serde_json::to_string(&envelope.text()).unwrap()
-    ))
-}
-
 /// The Streams ingestion: what Rails XADDs to `prostaff:events:stream` is delivered like what it
 /// PUBLISHes, and what it adds while a hub's link is away reaches that hub's sockets after the
 /// reconnect, in order and at contiguous positions — where a PUBLISH at the same moment reached
@@ -516,7 +508,9 @@ async fn what_is_added_to_the_events_stream_while_a_hub_is_away_reaches_it_after
     let topic = format!("org_events:{org}");
     let mut member = Phx::org_member(&hub, &org).await;
     let key = "prostaff:events:stream";
-    assert!(xadd_envelope(&redis, key, &Event::numbered(&org, 1)).is_some());
+    assert!(redis
+        .xadd_envelope(key, &Event::numbered(&org, 1))
+        .is_some());
     let first = member.event(&topic, "player.transferred").await;
     assert_eq!(first[4]["payload"]["n"], 1, "{first}");
     let (epoch, offset) = first[1].as_str().unwrap().split_once(':').unwrap();
@@ -529,12 +523,7 @@ async fn what_is_added_to_the_events_stream_while_a_hub_is_away_reaches_it_after
         Some(true)
     );
     // The hub's connections are cut; while it reconnects, Rails publishes and adds.
-    assert!(redis
-        .command("CLIENT KILL TYPE pubsub")
-        .is_some_and(|r| r.starts_with(':')));
-    assert!(redis
-        .command("CLIENT KILL TYPE normal")
-        .is_some_and(|r| r.starts_with(':')));
+    redis.kill_clients();
     let lost = Event::new(&org, "team_goal.completed").text();
     assert_eq!(
         redis.publish(&format!("prostaff:events:{org}"), &lost),
@@ -542,7 +531,9 @@ async fn what_is_added_to_the_events_stream_while_a_hub_is_away_reaches_it_after
         "the hub was away: a PUBLISH reaches no one"
     );
     for n in 2..=4 {
-        assert!(xadd_envelope(&redis, key, &Event::numbered(&org, n)).is_some());
+        assert!(redis
+            .xadd_envelope(key, &Event::numbered(&org, n))
+            .is_some());
     }
     hub.wait_redis_ready().await;
     for n in 2..=4u64 {

@@ -46,10 +46,6 @@ async fn action(phx: &mut Phx, join_ref: &str, org: &str, event: &str, payload: 
         .clone()
 }
 
-fn update_of(event: &'static str) -> impl Fn(&Value) -> bool {
-    move |f: &Value| f[3] == "queue_update" && f[4]["event"] == event
-}
-
 /// Every `queue_update` with `event` that arrives within `quiet` of silence.
 async fn count_updates(phx: &mut Phx, event: &str, quiet: Duration) -> usize {
     phx.collect(quiet)

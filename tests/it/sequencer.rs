@@ -8,18 +8,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// Calls of `command` Redis has served so far (`INFO commandstats`).
-fn calls(redis: &RedisServer, command: &str) -> u64 {
-    let stats = redis.info("commandstats").unwrap_or_default();
-    let prefix = format!("cmdstat_{command}:calls=");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The `n` and position of each `player.transferred` broadcast among `frames`.
 fn numbered(frames: &[Value], topic: &str) -> Vec<(u64, String)> {
     frames
@@ -108,7 +96,7 @@ async fn one_hub_appends_and_every_hub_delivers_at_its_positions() {
         "the lease names the sequencer: {holder}"
     );
 
-    let (gets, xadds) = (calls(&redis, "get"), calls(&redis, "xadd"));
+    let (gets, xadds) = (redis.command_calls("get"), redis.command_calls("xadd"));
     publish_numbered(&redis, &org, 1..=100);
     let mut epochs = Vec::new();
     for (i, socket) in sockets.iter_mut().enumerate() {
@@ -118,13 +106,13 @@ async fn one_hub_appends_and_every_hub_delivers_at_its_positions() {
     }
     assert!(epochs.windows(2).all(|w| w[0] == w[1]), "{epochs:?}");
     assert_eq!(
-        calls(&redis, "xadd") - xadds,
+        redis.command_calls("xadd") - xadds,
         100,
         "each event appended once"
     );
     // One appender: 100 dedup reads (plus a lease GET per hub every 2 s); one per hub per event
     // (300) without the sequencer.
-    let reads = calls(&redis, "get") - gets;
+    let reads = redis.command_calls("get") - gets;
     assert!(
         (100..150).contains(&reads),
         "{reads} dedup reads for 100 events on 3 hubs"
@@ -157,7 +145,7 @@ async fn without_a_sequencer_every_hub_falls_back_and_nothing_is_lost() {
         sequencers(&hubs).await.is_empty()
     })
     .await;
-    let xadds = calls(&redis, "xadd");
+    let xadds = redis.command_calls("xadd");
     publish_numbered(&redis, &org, 11..=40);
     let mut epochs = Vec::new();
     for (i, socket) in sockets.iter_mut().enumerate() {
@@ -171,7 +159,7 @@ async fn without_a_sequencer_every_hub_falls_back_and_nothing_is_lost() {
     }
     assert_eq!(epochs[0], epochs[1]);
     assert_eq!(
-        calls(&redis, "xadd") - xadds,
+        redis.command_calls("xadd") - xadds,
         30,
         "each event appended once"
     );

@@ -208,6 +208,46 @@ impl RedisServer {
         );
     }
 
+    /// `REPLICAOF` `master`, then waits until the link is up (its first sync done).
+    pub async fn replicate_synced(&self, master_port: u16, limit: Duration) {
+        self.replicate(master_port);
+        eventually_within("the replica syncs", limit, || async {
+            self.info("replication")
+                .is_some_and(|info| info.contains("master_link_status:up"))
+        })
+        .await;
+    }
+
+    /// Calls of `command` this server has served (`INFO commandstats`).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.info("commandstats")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Cuts every client connection (pub/sub and normal): a hub's link drops and reconnects.
+    pub fn kill_clients(&self) {
+        for kind in ["pubsub", "normal"] {
+            assert!(self
+                .command(&format!("CLIENT KILL TYPE {kind}"))
+                .is_some_and(|r| r.starts_with(':')));
+        }
+    }
+
+    /// `XADD key MAXLEN ~ 1000 * envelope <event>` (the events stream's entry shape); the
+    /// first reply line.
+    pub fn xadd_envelope(&self, key: &str, event: &Event) -> Option<String> {
+        self.command(&format!(
+            "XADD {key} MAXLEN ~ 1000 * envelope {}",
+            serde_json::to_string(&event.text()).unwrap()
+        ))
+    }
+
     /// `INFO section` as text.
     pub fn info(&self, section: &str) -> Option<String> {
         self.bulk_command(&format!("INFO {section}"))
@@ -941,6 +981,25 @@ impl BinaryHub {
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
     }
+}
+
+/// Matches the `queue_update` frames of `event` (`player_joined`, `check_in_expired`, …).
+pub fn update_of(event: &'static str) -> impl Fn(&Value) -> bool {
+    move |f: &Value| f[3] == "queue_update" && f[4]["event"] == event
+}
+
+/// The keys of the `presence_state` a newcomer (`token`) gets when it joins `topic` on `hub`.
+pub async fn presence_keys(hub: &TestHub, token: &str, topic: &str) -> Vec<String> {
+    let mut newcomer = Phx::connect(hub, token).await;
+    newcomer.presence = true;
+    newcomer.join_ok(topic).await;
+    let state = newcomer
+        .recv_matching(|f| frame_event(f) == "presence_state")
+        .await;
+    state[4]
+        .as_object()
+        .map(|members| members.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 /// The tests' one envelope builder: what Rails publishes on `prostaff:events:{org}`.
