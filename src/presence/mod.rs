@@ -22,7 +22,7 @@
 //! Invariant: the hub's sockets never wait for Redis here except for the `presence_state` read
 //! at join; tracking and untracking are in-memory and O(1).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -245,6 +245,10 @@ pub struct Presence {
     /// Every instance's members of the topics this instance has subscribers on, kept current
     /// by the diffs every instance receives: joins read `presence_state` here, not in Redis.
     mirrors: Mutex<HashMap<Arc<str>, Mirror>>,
+    /// Topics whose joiners were shown only this instance's members because Redis could not
+    /// answer (a join before the first connect, during an outage, or a failed read): once it
+    /// answers, their subscribers get the whole state, and diffs are relayed from then on.
+    unsynced: Mutex<HashSet<Arc<str>>>,
     hub: Arc<Hub>,
     /// One flush at a time (the loop's and the final one at shutdown), so a topic's changes
     /// reach Redis in the order they were made.
@@ -310,6 +314,7 @@ impl Presence {
             next_ref: AtomicU64::new(1),
             topics: Mutex::new(HashMap::new()),
             mirrors: Mutex::new(HashMap::new()),
+            unsynced: Mutex::new(HashSet::new()),
             hub,
             flushing: tokio::sync::Mutex::new(()),
             topic_script: Script::from_lua(TOPIC_SCRIPT),
@@ -434,6 +439,10 @@ impl Presence {
                 }
             }
             None => {
+                self.unsynced
+                    .lock()
+                    .expect("unsynced lock")
+                    .insert(Arc::from(topic));
                 let local = topics.get(topic);
                 let mut own = Members::default();
                 for member in local.into_iter().flat_map(|l| l.members.values()) {
@@ -668,15 +677,40 @@ impl Presence {
             topics
         };
         for topic in topics {
-            if !self.hub.has_subscribers(&topic) {
-                continue;
-            }
-            if let Some((state, summary)) = self.mirrored_state(&topic).await {
+            self.send_state(topic).await;
+        }
+        self.sync_unsynced().await;
+    }
+
+    /// Topics whose joiners got only this instance's members: their subscribers get the whole
+    /// state as soon as Redis answers (tried every [`DIFF_INTERVAL`] while it is connected).
+    async fn sync_unsynced(&self) {
+        if !self.redis.is_connected() {
+            return;
+        }
+        let topics = std::mem::take(&mut *self.unsynced.lock().expect("unsynced lock"));
+        for topic in topics {
+            self.send_state(topic).await;
+        }
+    }
+
+    /// Sends the topic's subscribers on this instance its whole `presence_state` (and, over the
+    /// bound, its summary), read into the mirror first; a topic whose state Redis cannot give
+    /// stays unsynced and is tried again.
+    async fn send_state(&self, topic: Arc<str>) {
+        if !self.hub.has_subscribers(&topic) {
+            return;
+        }
+        match self.mirrored_state(&topic).await {
+            Some((state, summary)) => {
                 self.hub.publish_at(&topic, "presence_state", state, None);
                 if let Some(summary) = summary {
                     self.hub
                         .publish_at(&topic, "presence_summary", summary, None);
                 }
+            }
+            None => {
+                self.unsynced.lock().expect("unsynced lock").insert(topic);
             }
         }
     }
@@ -707,6 +741,7 @@ impl Presence {
                     self.flush().await;
                     self.evict_mirrors();
                     self.move_listings();
+                    self.sync_unsynced().await;
                 }
                 _ = heartbeat.tick() => self.heartbeat().await,
                 _ = sweep.tick() => self.sweep().await,

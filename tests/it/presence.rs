@@ -404,6 +404,55 @@ async fn members_are_announced_again_when_redis_comes_back_empty() {
     .await;
 }
 
+/// A join while Redis cannot answer (here: before the hub's first connect, as a client racing a
+/// hub that just started) shows only this instance's members; once Redis answers, the joiners
+/// get the whole state, and every diff after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiners_shown_only_local_members_while_redis_was_away_get_the_whole_state_after() {
+    let mut redis = RedisServer::start();
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+    let other = TestHub::with_redis(&redis).await;
+    other.wait_redis_ready().await;
+    let mut remote = Member::join(&other.socket_url(&user_token("remote", &org)), &topic).await;
+    remote
+        .until("the remote member is shown", |v| {
+            v.keys() == ["user:remote"]
+        })
+        .await;
+
+    redis.stop();
+    let hub = TestHub::with_redis(&redis).await;
+    let mut first = Member::join(&hub.socket_url(&user_token("first", &org)), &topic).await;
+    let mut second = Member::join(&hub.socket_url(&user_token("second", &org)), &topic).await;
+    assert!(
+        !second.view.keys().contains(&"user:remote"),
+        "no Redis, yet the state has the other hub's member: {:?}",
+        second.view
+    );
+
+    redis.spawn();
+    hub.wait_redis_ready().await;
+    let everyone = ["user:first", "user:remote", "user:second"];
+    first
+        .until("the first joiner sees everyone", |v| v.keys() == everyone)
+        .await;
+    second
+        .until("the second joiner sees everyone", |v| v.keys() == everyone)
+        .await;
+    remote
+        .until("the other hub sees both joiners", |v| v.keys() == everyone)
+        .await;
+
+    // Diffs are relayed from then on.
+    let _late = Member::join(&other.socket_url(&user_token("late", &org)), &topic).await;
+    first
+        .until("the first joiner sees a later join", |v| {
+            v.keys().contains(&"user:late")
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_member_cap_bounds_presence_state() {
     let redis = RedisServer::start();
