@@ -27,18 +27,22 @@
 //!   (1000–1003, 1007–1014, 3000–4999), with 1002 otherwise, and with 1007 when its reason is
 //!   not UTF-8; 1005, 1006 and 1015 are never sent.
 
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
-/// Read buffer an idle socket keeps (Phoenix client frames are ~50–200 bytes; larger messages
-/// grow it on demand and it shrinks back after them).
-const READ_CAPACITY: usize = 1024;
+/// Bytes read at once while no frame is partly buffered. An idle socket keeps no read buffer:
+/// such a read lands on the stack and only what arrived is copied to the heap (Phoenix client
+/// frames are ~50–200 bytes; a socket waits for its next heartbeat for 30 s, and with 20k
+/// sockets a kept 1 KiB buffer each was 20 MiB). A frame that arrives in pieces is read on
+/// into its own buffer, grown to the frame's size.
+const READ_CAPACITY: usize = 4096;
 /// Write buffer an idle socket may keep. A flush larger than this (a join's `presence_state`,
 /// a batch of broadcasts) keeps its buffer while flushes that large follow each other (a stream
 /// reuses it, no allocation per flush) and gives it back at the first smaller flush (at the
@@ -131,7 +135,6 @@ pub struct WsStream<S> {
     failed: bool,
     /// The read buffer was grown past its idle size for a large message: it is replaced by a
     /// small one once empty (`capacity()` of an advanced view does not show the allocation).
-    read_grown: bool,
     /// The last flush wrote more than [`IDLE_WRITE_CAPACITY`]: the buffer is large.
     write_grown: bool,
 }
@@ -155,14 +158,13 @@ impl<S> WsStream<S> {
     pub fn new(io: S, max_message: usize) -> Self {
         WsStream {
             io,
-            read: BytesMut::with_capacity(READ_CAPACITY),
+            read: BytesMut::new(),
             write: BytesMut::new(),
             max_message,
             partial: None,
             close_sent: false,
             eof: false,
             failed: false,
-            read_grown: false,
             write_grown: false,
         }
     }
@@ -272,9 +274,6 @@ impl<S> WsStream<S> {
         let len = usize::try_from(len).map_err(|_| WsError::TooBig)?;
         let total = len.checked_add(header + 4).ok_or(WsError::TooBig)?;
         if buf.len() < total {
-            if total > READ_CAPACITY {
-                self.read_grown = true;
-            }
             self.read.reserve(total - buf.len());
             return Ok(Step::NeedMore);
         }
@@ -437,9 +436,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WsStream<S> {
                 // Pongs go out before waiting for more input.
                 let _ = this.poll_write_out(cx);
             }
-            if this.read.is_empty() && std::mem::take(&mut this.read_grown) {
-                // A large message came and went: back to the idle size.
-                this.read = BytesMut::with_capacity(READ_CAPACITY);
+            if this.read.is_empty() {
+                // Nothing partly read: the buffer of the last message is given back, and what
+                // comes next is read on the stack and copied to a buffer of its own size.
+                this.read = BytesMut::new();
+                let mut stack = [MaybeUninit::<u8>::uninit(); READ_CAPACITY];
+                let mut chunk = ReadBuf::uninit(&mut stack);
+                if let Err(error) = ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk)) {
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+                match chunk.filled() {
+                    [] => this.eof = true,
+                    filled => this.read = BytesMut::from(filled),
+                }
+                continue;
             }
             if this.read.capacity() - this.read.len() < 256 {
                 this.read.reserve(READ_CAPACITY);
@@ -679,6 +689,41 @@ mod tests {
             ws.write.capacity() <= IDLE_WRITE_CAPACITY,
             "the buffer of a flush finished in pieces is given back: {}",
             ws.write.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_keeps_no_read_buffer() {
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        let mut ws = WsStream::new(server, 1 << 20);
+        // Two messages in one read, then half of a third: each is returned whole.
+        let mut bytes = client_frame(true, 0x1, b"one");
+        bytes.extend(client_frame(true, 0x1, b"two"));
+        let third = client_frame(true, 0x1, &[b'x'; 5000]);
+        bytes.extend(&third[..100]);
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text("one".into())
+        );
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text("two".into())
+        );
+        client.write_all(&third[100..]).await.unwrap();
+        assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.len() == 5000));
+        // Waiting for the next message: no buffer is held.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut ws).poll_next(&mut cx).is_pending());
+        assert_eq!(ws.read.capacity(), 0, "an idle socket holds a read buffer");
+        client
+            .write_all(&client_frame(true, 0x1, b"four"))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Text("four".into())
         );
     }
 
