@@ -403,7 +403,21 @@ impl RedisLink {
         metrics::gauge!(crate::metrics::REDIS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
     }
 
+    /// A client for commands: fred's event channels at their small default size.
     fn build_client(config: &FredConfig) -> Result<Client, fred::error::Error> {
+        Self::build_client_with(config, COMMAND_BROADCAST_CAPACITY)
+    }
+
+    /// The subscriber: pub/sub messages wait in its broadcast channel between the connection
+    /// task and the link's loop, so it is sized for bursts.
+    fn build_subscriber(config: &FredConfig) -> Result<Client, fred::error::Error> {
+        Self::build_client_with(config, SUBSCRIBER_BROADCAST_CAPACITY)
+    }
+
+    fn build_client_with(
+        config: &FredConfig,
+        broadcast_capacity: usize,
+    ) -> Result<Client, fred::error::Error> {
         Builder::from_config(config.clone())
             .with_connection_config(|c| {
                 c.connection_timeout = CONNECT_TIMEOUT;
@@ -427,8 +441,7 @@ impl RedisLink {
             })
             .with_performance_config(|p| {
                 p.default_command_timeout = COMMAND_TIMEOUT;
-                // Pub/sub messages wait here between the connection task and our loop.
-                p.broadcast_channel_capacity = 16 * 1024;
+                p.broadcast_channel_capacity = broadcast_capacity;
             })
             .build()
     }
@@ -516,7 +529,7 @@ impl Connection<'_> {
     /// the reason) or shutdown is requested (`Ok`).
     async fn serve(&self, ever_connected: &mut bool, backoff: &mut Duration) -> Result<(), String> {
         let subscriber =
-            RedisLink::build_client(self.config).map_err(|e| e.details().to_string())?;
+            RedisLink::build_subscriber(self.config).map_err(|e| e.details().to_string())?;
         let commands = RedisLink::build_client(self.config).map_err(|e| e.details().to_string())?;
         let messages = subscriber.message_rx();
         let patterns = self.registry.patterns();
@@ -673,6 +686,13 @@ async fn next_entries(
 type StreamBatch = Result<(Vec<Message>, String), String>;
 
 /// Entries asked for per XREAD, and how long one XREAD waits for new ones.
+/// fred's broadcast channels (pub/sub messages, reconnections, errors, …) preallocate every
+/// slot, for each client: at 16,384 slots a client held ~12 MiB whether or not it subscribes
+/// (measured: RSS at rest 55 → 43 MiB without the stream reader's client). Only the
+/// subscriber receives messages through them.
+const SUBSCRIBER_BROADCAST_CAPACITY: usize = 16 * 1024;
+const COMMAND_BROADCAST_CAPACITY: usize = 32;
+
 const STREAM_COUNT: &str = "256";
 const STREAM_BLOCK_MS: &str = "1000";
 
