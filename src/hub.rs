@@ -101,22 +101,35 @@ impl Outbox {
     }
 
     pub fn push(&self, frame: &Arc<BroadcastFrame>) -> PushOutcome {
-        let outcome = {
+        match self.push_run(std::slice::from_ref(frame)) {
+            None => PushOutcome::Closed,
+            Some(0) => PushOutcome::Queued,
+            Some(_) => PushOutcome::QueuedDroppedOldest,
+        }
+    }
+
+    /// Queues `frames` in order with one lock and one wake-up (a run of one topic's
+    /// broadcasts costs a socket what one does). Returns how many queued broadcasts were
+    /// dropped to make room, or `None` when the socket is closing and nothing was queued.
+    pub fn push_run(&self, frames: &[Arc<BroadcastFrame>]) -> Option<u64> {
+        let dropped = {
             let mut state = self.state.lock().expect("outbox lock");
             if state.closing.is_some() {
-                return PushOutcome::Closed;
+                return None;
             }
-            let mut outcome = PushOutcome::Queued;
-            if state.frames.len() >= self.capacity {
-                state.drop_oldest_of_busiest_topic();
-                outcome = PushOutcome::QueuedDroppedOldest;
+            let mut dropped = 0;
+            for frame in frames {
+                if state.frames.len() >= self.capacity {
+                    state.drop_oldest_of_busiest_topic();
+                    dropped += 1;
+                }
+                state.count_queued(&frame.topic, 1);
+                state.frames.push_back(frame.clone());
             }
-            state.count_queued(&frame.topic, 1);
-            state.frames.push_back(frame.clone());
-            outcome
+            dropped
         };
         self.notify.notify_one();
-        outcome
+        Some(dropped)
     }
 
     /// Takes up to `max` frames, the pending drop counts and the close signal.
@@ -379,34 +392,51 @@ impl Hub {
         payload: Bytes,
         position: Option<Position>,
     ) -> usize {
+        self.publish_run(topic, [(event, payload, position)])
+    }
+
+    /// Broadcasts a run of `topic`'s broadcasts `(event, payload, position)`, in order: each
+    /// frame is encoded once, and each subscriber's outbox is locked and woken once for the
+    /// whole run, not once per broadcast (the sequencer delivers what one history append
+    /// placed as one run). Returns how many sockets the run was queued for.
+    pub fn publish_run<E: AsRef<str>>(
+        &self,
+        topic: &str,
+        run: impl IntoIterator<Item = (E, Bytes, Option<Position>)>,
+    ) -> usize {
         let published_at = Instant::now();
         let Some(subscribers) = self.topics.get(topic) else {
             return 0;
         };
-        if let Some(position) = &position {
-            self.remember_delivered(subscribers.key(), position);
+        let frames: Vec<Arc<BroadcastFrame>> = run
+            .into_iter()
+            .map(|(event, payload, position)| {
+                if let Some(position) = &position {
+                    self.remember_delivered(subscribers.key(), position);
+                }
+                BroadcastFrame::new(
+                    subscribers.key().clone(),
+                    event.as_ref(),
+                    payload,
+                    position,
+                    published_at,
+                )
+            })
+            .collect();
+        if frames.is_empty() {
+            return 0;
         }
-        let frame = BroadcastFrame::new(
-            subscribers.key().clone(),
-            event,
-            payload,
-            position,
-            published_at,
-        );
         let mut queued = 0;
         let mut dropped = 0;
         for outbox in subscribers.values() {
-            match outbox.push(&frame) {
-                PushOutcome::Queued => queued += 1,
-                PushOutcome::QueuedDroppedOldest => {
-                    queued += 1;
-                    dropped += 1;
-                }
-                PushOutcome::Closed => {}
+            if let Some(made_room) = outbox.push_run(&frames) {
+                queued += 1;
+                dropped += made_room;
             }
         }
         drop(subscribers);
-        self.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.broadcasts
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if dropped > 0 {
             self.dropped.fetch_add(dropped, Ordering::Relaxed);
             self.metrics
@@ -533,6 +563,54 @@ mod tests {
             .to_string();
         assert!(last.contains("\"b\":9"), "newest busy frame kept: {last}");
         assert!(outbox.state.lock().unwrap().queued_per_topic.is_empty());
+    }
+
+    #[test]
+    fn a_run_is_queued_in_order_like_broadcasts_one_by_one() {
+        let hub = hub(4);
+        let (a, outbox) = hub.register_socket();
+        let (b, closing) = hub.register_socket();
+        hub.subscribe("rare", a, &outbox);
+        hub.subscribe("t", a, &outbox);
+        hub.subscribe("t", b, &closing);
+        closing.close(CloseReason::Restart);
+        hub.publish("rare", "e", Bytes::from_static(b"{\"r\":1}"));
+        let epoch = crate::history::Epoch::new("e7").unwrap();
+        let run = (0..6).map(|i| {
+            let position = Position {
+                epoch,
+                offset: i + 1,
+            };
+            ("e", Bytes::from(format!("{{\"i\":{i}}}")), Some(position))
+        });
+        assert_eq!(
+            hub.publish_run("t", run),
+            1,
+            "the closing socket takes nothing"
+        );
+        assert_eq!(
+            hub.delivered_position("t"),
+            Some(Position { epoch, offset: 6 })
+        );
+        assert_eq!(hub.totals(), (7, 3));
+        let mut drained = Drained::default();
+        outbox.drain(10, &mut drained);
+        let texts: Vec<_> = drained
+            .frames
+            .iter()
+            .map(|f| f.text(crate::phoenix::codec::Vsn::V2).to_string())
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                r#"[null,null,"rare","e",{"r":1}]"#,
+                r#"[null,"e7:4","t","e",{"i":3}]"#,
+                r#"[null,"e7:5","t","e",{"i":4}]"#,
+                r#"[null,"e7:6","t","e",{"i":5}]"#,
+            ]
+        );
+        assert_eq!(drained.dropped, vec![(Arc::from("t"), 3)]);
+        assert_eq!(hub.publish_run("nobody", [("e", Bytes::new(), None)]), 0);
     }
 
     #[test]

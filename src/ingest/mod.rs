@@ -380,14 +380,12 @@ impl Pipeline {
                 Ok(recovery) => match recovery.missed {
                     Some(entries) => {
                         let count = entries.len() as u64;
-                        for entry in entries {
-                            self.hub.publish_at(
-                                &topic,
-                                &entry.event,
-                                entry.payload,
-                                Some(entry.position),
-                            );
-                        }
+                        self.hub.publish_run(
+                            &topic,
+                            entries
+                                .into_iter()
+                                .map(|entry| (entry.event, entry.payload, Some(entry.position))),
+                        );
                         metrics::counter!(crate::metrics::CATCH_UPS, "outcome" => "caught_up")
                             .increment(1);
                         metrics::counter!(crate::metrics::CATCH_UP_BROADCASTS).increment(count);

@@ -456,10 +456,11 @@ impl Sequencer {
             if one_epoch {
                 run.sort_by_key(|(position, _)| position.as_ref().map(|p| p.offset));
             }
-            for (position, queued) in run {
-                self.hub
-                    .publish_at(topic, &queued.event, queued.raw, position);
-            }
+            self.hub.publish_run(
+                topic,
+                run.into_iter()
+                    .map(|(position, queued)| (queued.event, queued.raw, position)),
+            );
         }
         if queue.queued.is_empty() && queue.early.is_empty() {
             state.topics.remove(topic);
@@ -516,14 +517,12 @@ impl Sequencer {
                     metrics::counter!(crate::metrics::HISTORY_NOTICES, "outcome" => "repaired")
                         .increment(entries.len() as u64);
                     tracing::info!(topic = %LogSafe(topic), count = entries.len(), "broadcasts this instance missed delivered from history");
-                    for entry in entries {
-                        self.hub.publish_at(
-                            topic,
-                            &entry.event,
-                            entry.payload,
-                            Some(entry.position),
-                        );
-                    }
+                    self.hub.publish_run(
+                        topic,
+                        entries
+                            .into_iter()
+                            .map(|entry| (entry.event, entry.payload, Some(entry.position))),
+                    );
                 }
                 None => {
                     let told = self.hub.announce_gap(topic);
