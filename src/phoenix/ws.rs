@@ -133,8 +133,6 @@ pub struct WsStream<S> {
     eof: bool,
     /// A protocol error was reported: the stream yields nothing more.
     failed: bool,
-    /// The read buffer was grown past its idle size for a large message: it is replaced by a
-    /// small one once empty (`capacity()` of an advanced view does not show the allocation).
     /// The last flush wrote more than [`IDLE_WRITE_CAPACITY`]: the buffer is large.
     write_grown: bool,
 }
