@@ -486,6 +486,18 @@ mod tests {
         Hub::new(capacity, Metrics::detached())
     }
 
+    /// Drains `outbox`: the V2 text of each queued frame, and the drop counts per topic.
+    fn drain_texts(outbox: &Outbox) -> (Vec<String>, Vec<(Arc<str>, u64)>) {
+        let mut drained = Drained::default();
+        outbox.drain(10, &mut drained);
+        let texts = drained
+            .frames
+            .iter()
+            .map(|f| f.text(crate::phoenix::codec::Vsn::V2).to_string())
+            .collect();
+        (texts, drained.dropped)
+    }
+
     #[test]
     fn publish_shares_one_encoding() {
         let hub = hub(8);
@@ -519,14 +531,8 @@ mod tests {
         for i in 0..5 {
             hub.publish("t", "e", Bytes::from(format!("{{\"i\":{i}}}")));
         }
-        let mut drained = Drained::default();
-        outbox.drain(10, &mut drained);
-        assert_eq!(drained.dropped, vec![(Arc::from("t"), 3)]);
-        let texts: Vec<_> = drained
-            .frames
-            .iter()
-            .map(|f| f.text(crate::phoenix::codec::Vsn::V2).to_string())
-            .collect();
+        let (texts, dropped) = drain_texts(&outbox);
+        assert_eq!(dropped, vec![(Arc::from("t"), 3)]);
         assert_eq!(
             texts,
             [
@@ -593,13 +599,7 @@ mod tests {
             Some(Position { epoch, offset: 6 })
         );
         assert_eq!(hub.totals(), (7, 3));
-        let mut drained = Drained::default();
-        outbox.drain(10, &mut drained);
-        let texts: Vec<_> = drained
-            .frames
-            .iter()
-            .map(|f| f.text(crate::phoenix::codec::Vsn::V2).to_string())
-            .collect();
+        let (texts, dropped) = drain_texts(&outbox);
         assert_eq!(
             texts,
             [
@@ -609,7 +609,7 @@ mod tests {
                 r#"[null,"e7:6","t","e",{"i":5}]"#,
             ]
         );
-        assert_eq!(drained.dropped, vec![(Arc::from("t"), 3)]);
+        assert_eq!(dropped, vec![(Arc::from("t"), 3)]);
         assert_eq!(hub.publish_run("nobody", [("e", Bytes::new(), None)]), 0);
     }
 
