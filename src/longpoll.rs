@@ -47,6 +47,7 @@ use crate::config::LongPollConfig;
 use crate::metrics as m;
 use crate::phoenix::codec::Vsn;
 use crate::phoenix::session;
+use crate::phoenix::ws::Outbound;
 use crate::redis::{self, Handler, HandlerFuture, RedisLink};
 use crate::subscriber::SessionDeps;
 
@@ -678,14 +679,16 @@ impl Stream for LpSocket {
     }
 }
 
-impl Sink<Message> for LpSocket {
+impl Sink<Outbound> for LpSocket {
     type Error = LpClosed;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), LpClosed>> {
         self.outbound.poll_reserve(cx).map_err(|_| LpClosed)
     }
 
-    fn start_send(mut self: Pin<&mut Self>, message: Message) -> Result<(), LpClosed> {
+    fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> Result<(), LpClosed> {
+        // Long-poll answers carry messages: a broadcast becomes one here.
+        let message = item.into_message();
         if matches!(message, Message::Close(_)) {
             self.closed = true;
         }

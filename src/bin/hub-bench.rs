@@ -689,16 +689,19 @@ impl Receipts {
     }
 }
 
-/// Extracts the `"t":<µs>` stamp from a frame or RESP message without a JSON parse.
+/// Extracts the `"t":<µs>` stamp from a frame or RESP message without a JSON parse. The
+/// search is `memchr`'s vectorised one and the digits are read in place: the byte-by-byte
+/// search it replaces was 24 % of the load generator's samples, and it cost more per frame the
+/// later the stamp sits in it (the hub's frames carry topic, event and position before the
+/// payload, the floor's raw payload does not), so it slowed the reader of the hub more than
+/// the reader of the floor.
 fn stamp(bytes: &[u8]) -> Option<u64> {
-    let needle = b"\"t\":";
-    let start = bytes.windows(needle.len()).position(|w| w == needle)? + needle.len();
-    let digits: Vec<u8> = bytes[start..]
-        .iter()
-        .copied()
-        .take_while(u8::is_ascii_digit)
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"t\":"));
+    let start = FINDER.find(bytes)? + 4;
+    let digits = bytes.get(start..)?;
+    let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(digits.get(..len)?).ok()?.parse().ok()
 }
 
 fn payload(seq: usize, org: &str, padding: &str) -> String {

@@ -395,24 +395,38 @@ impl BroadcastFrame {
         &self.payload
     }
 
+    /// The broadcast's text in `vsn` (a reference-count bump, no copy).
     pub fn text(&self, vsn: Vsn) -> Utf8Bytes {
+        self.text_ref(vsn).clone()
+    }
+
+    fn text_ref(&self, vsn: Vsn) -> &Utf8Bytes {
         match vsn {
-            Vsn::V2 => self.v2.clone(),
-            Vsn::V1 => self
-                .v1
-                .get_or_init(|| {
-                    let position = self.position.as_ref().map(Position::to_string);
-                    encode_message(
-                        Vsn::V1,
-                        None,
-                        position.as_deref(),
-                        &self.topic,
-                        &self.event,
-                        &self.payload,
-                    )
-                })
-                .clone(),
+            Vsn::V2 => &self.v2,
+            Vsn::V1 => self.v1.get_or_init(|| {
+                let position = self.position.as_ref().map(Position::to_string);
+                encode_message(
+                    Vsn::V1,
+                    None,
+                    position.as_deref(),
+                    &self.topic,
+                    &self.event,
+                    &self.payload,
+                )
+            }),
         }
+    }
+}
+
+/// The V2 text is what a WebSocket of the default serializer copies straight from the shared
+/// frame into its write buffer ([`super::ws::Outbound::Shared`]).
+impl super::ws::SharedText for BroadcastFrame {
+    fn text(&self) -> &str {
+        &self.v2
+    }
+
+    fn utf8_bytes(&self) -> Utf8Bytes {
+        self.v2.clone()
     }
 }
 

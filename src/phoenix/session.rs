@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::codec::{self, BroadcastFrame, Inbound, InboundPayload, ReplyStatus, Vsn};
+use super::ws::Outbound;
 use crate::auth::Authenticated;
 use crate::channels;
 use crate::history::Position;
@@ -73,10 +74,10 @@ struct Session {
     /// Joins and leaves: their own budget, with a burst covering a rejoin of every channel
     /// (phoenix.js rejoins all of them at once after a reconnect).
     control: TokenBucket,
-    pending: Vec<Message>,
+    pending: Vec<Outbound>,
     /// The outgoing batch of a flush, kept between flushes (small) so a delivery to an idle
     /// socket allocates nothing: at 19k sockets per broadcast, allocator time showed.
-    scratch: Vec<Message>,
+    scratch: Vec<Outbound>,
 }
 
 /// A token bucket: `rate` per second up to `burst`; `None` is unlimited.
@@ -137,7 +138,7 @@ impl TransportError for std::io::Error {
 /// dropped like on any other ending, so it leaves nothing behind.
 pub async fn run<S, E>(socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + Unpin,
     E: TransportError,
 {
     use futures_util::FutureExt;
@@ -187,7 +188,7 @@ impl Session {
 
 async fn serve<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + Unpin,
     E: TransportError,
 {
     let limits = deps.limits.clone();
@@ -294,12 +295,13 @@ pub(crate) fn join_params(params: &InboundPayload) -> Result<JoinParams, ()> {
 /// Sends a close frame and waits briefly for the client's answer, both bounded in time.
 async fn close<S, E>(socket: &mut S, code: u16, reason: &'static str)
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Message, Error = E> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + Unpin,
 {
-    let frame = Message::Close(Some(CloseFrame {
+    let frame: Outbound = Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
-    }));
+    }))
+    .into();
     if tokio::time::timeout(Duration::from_secs(1), socket.send(frame))
         .await
         .is_err()
@@ -354,7 +356,7 @@ impl Session {
             ReplyStatus::Ok,
             b"{}",
         );
-        self.pending.push(Message::Text(reply));
+        self.pending.push(Message::Text(reply).into());
         true
     }
 
@@ -410,9 +412,12 @@ impl Session {
         response: &Value,
     ) {
         let body = serde_json::to_vec(response).expect("JSON value serializes");
-        self.pending.push(Message::Text(codec::encode_reply(
-            self.vsn, join_ref, msg_ref, topic, status, &body,
-        )));
+        self.pending.push(
+            Message::Text(codec::encode_reply(
+                self.vsn, join_ref, msg_ref, topic, status, &body,
+            ))
+            .into(),
+        );
     }
 
     fn error_reply(
@@ -433,10 +438,11 @@ impl Session {
 
     /// A channel lifecycle frame (`phx_close`, `phx_error`) for the channel of `join_ref`:
     /// phoenix.js matches it to the channel by that ref.
-    fn lifecycle(&self, join_ref: Option<&str>, topic: &str, event: &str) -> Message {
+    fn lifecycle(&self, join_ref: Option<&str>, topic: &str, event: &str) -> Outbound {
         Message::Text(codec::encode_message(
             self.vsn, join_ref, join_ref, topic, event, b"{}",
         ))
+        .into()
     }
 
     fn push_close(&mut self, join_ref: Option<&str>, topic: &str) {
@@ -596,7 +602,7 @@ impl Session {
                 Some(entry.position),
                 std::time::Instant::now(),
             );
-            self.pending.push(Message::Text(frame.text(self.vsn)));
+            self.pending.push(Self::outbound(self.vsn, frame));
         }
         if joined.presence {
             // After the reply, like Phoenix's `after_join`; diffs already on their way are
@@ -612,22 +618,28 @@ impl Session {
 
     async fn push_presence_state(&mut self, join_ref: Option<&str>, topic: &str) {
         let view = self.deps.presence.state(topic).await;
-        self.pending.push(Message::Text(codec::encode_message(
-            self.vsn,
-            join_ref,
-            None,
-            topic,
-            "presence_state",
-            &view.state,
-        )));
+        self.pending.push(
+            Message::Text(codec::encode_message(
+                self.vsn,
+                join_ref,
+                None,
+                topic,
+                "presence_state",
+                &view.state,
+            ))
+            .into(),
+        );
         for (event, payload) in [
             ("presence_diff", view.pending),
             ("presence_summary", view.summary),
         ] {
             if let Some(payload) = payload {
-                self.pending.push(Message::Text(codec::encode_message(
-                    self.vsn, join_ref, None, topic, event, &payload,
-                )));
+                self.pending.push(
+                    Message::Text(codec::encode_message(
+                        self.vsn, join_ref, None, topic, event, &payload,
+                    ))
+                    .into(),
+                );
             }
         }
     }
@@ -695,7 +707,7 @@ impl Session {
     /// Writes the queued replies.
     async fn write_pending<S, E>(&mut self, socket: &mut S) -> Result<(), Ending>
     where
-        S: Sink<Message, Error = E> + Unpin,
+        S: Sink<Outbound, Error = E> + Unpin,
     {
         if self.pending.is_empty() {
             return Ok(());
@@ -713,7 +725,7 @@ impl Session {
         drained: &mut Drained,
     ) -> Result<(), Ending>
     where
-        S: Sink<Message, Error = E> + Unpin,
+        S: Sink<Outbound, Error = E> + Unpin,
     {
         self.outbox.drain(256, drained);
         let mut messages = std::mem::take(&mut self.scratch);
@@ -730,6 +742,8 @@ impl Session {
                     .record(first.published_at.elapsed().as_secs_f64());
             }
         }
+        // One allocation for the batch rather than doublings as it fills.
+        messages.reserve(drained.frames.len());
         self.encode_frames(&mut drained.frames, &mut messages);
         drained.frames.shrink_to(crate::hub::RETAINED_CAPACITY);
         for (topic, join_ref) in resync {
@@ -762,7 +776,7 @@ impl Session {
     fn apply_revocation(
         &mut self,
         scope: crate::auth::Scope,
-        messages: &mut Vec<Message>,
+        messages: &mut Vec<Outbound>,
     ) -> Result<(), Ending> {
         let org = match scope {
             crate::auth::Scope::All => {
@@ -790,7 +804,7 @@ impl Session {
     fn notice_drops(
         &self,
         dropped: &mut Vec<(Arc<str>, u64)>,
-        messages: &mut Vec<Message>,
+        messages: &mut Vec<Outbound>,
     ) -> Vec<(Arc<str>, Option<String>)> {
         let mut resync = Vec::new();
         for (topic, count) in dropped.drain(..) {
@@ -800,14 +814,17 @@ impl Session {
                 }
             }
             let payload = format!("{{\"count\":{count}}}");
-            messages.push(Message::Text(codec::encode_message(
-                self.vsn,
-                None,
-                None,
-                &topic,
-                "events_dropped",
-                payload.as_bytes(),
-            )));
+            messages.push(
+                Message::Text(codec::encode_message(
+                    self.vsn,
+                    None,
+                    None,
+                    &topic,
+                    "events_dropped",
+                    payload.as_bytes(),
+                ))
+                .into(),
+            );
         }
         resync
     }
@@ -818,7 +835,7 @@ impl Session {
     fn encode_frames(
         &mut self,
         frames: &mut Vec<Arc<BroadcastFrame>>,
-        messages: &mut Vec<Message>,
+        messages: &mut Vec<Outbound>,
     ) {
         // Consecutive frames usually share a topic: its channel is looked up once per run.
         let mut current: Option<(Arc<str>, Option<&mut Channel>)> = None;
@@ -855,7 +872,7 @@ impl Session {
                 filtered += 1;
                 continue;
             }
-            messages.push(Message::Text(frame.text(self.vsn)));
+            messages.push(Self::outbound(self.vsn, frame));
         }
         drop(current);
         if filtered > 0 {
@@ -868,13 +885,22 @@ impl Session {
         }
     }
 
+    /// A broadcast as this socket sends it: the shared frame itself for the V2 serializer,
+    /// the frame's (lazily encoded, then shared) V1 text otherwise.
+    fn outbound(vsn: Vsn, frame: Arc<BroadcastFrame>) -> Outbound {
+        match vsn {
+            Vsn::V2 => Outbound::Shared(frame),
+            Vsn::V1 => Message::Text(frame.text(Vsn::V1)).into(),
+        }
+    }
+
     async fn write_all<S, E>(
         &mut self,
         socket: &mut S,
-        messages: &mut Vec<Message>,
+        messages: &mut Vec<Outbound>,
     ) -> Result<(), Ending>
     where
-        S: Sink<Message, Error = E> + Unpin,
+        S: Sink<Outbound, Error = E> + Unpin,
     {
         let count = messages.len() as u64;
         let write = async {
@@ -981,7 +1007,7 @@ mod tests {
         }
     }
 
-    impl Sink<Message> for EmptySocket {
+    impl Sink<Outbound> for EmptySocket {
         type Error = std::io::Error;
         fn poll_ready(
             self: std::pin::Pin<&mut Self>,
@@ -989,7 +1015,7 @@ mod tests {
         ) -> std::task::Poll<Result<(), Self::Error>> {
             std::task::Poll::Ready(Ok(()))
         }
-        fn start_send(self: std::pin::Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
+        fn start_send(self: std::pin::Pin<&mut Self>, _: Outbound) -> Result<(), Self::Error> {
             Ok(())
         }
         fn poll_flush(

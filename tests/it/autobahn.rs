@@ -91,7 +91,7 @@ async fn echo_server() -> u16 {
                 while let Some(message) = ws.next().await {
                     match message {
                         Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
-                            if ws.send(message).await.is_err() {
+                            if ws.send(message.into()).await.is_err() {
                                 return;
                             }
                         }
@@ -108,7 +108,7 @@ async fn echo_server() -> u16 {
                                     code,
                                     reason: "".into(),
                                 };
-                                let _ = ws.send(Message::Close(Some(frame))).await;
+                                let _ = ws.send(Message::Close(Some(frame)).into()).await;
                             }
                             let _ = ws.close().await;
                             return;
