@@ -47,7 +47,7 @@ use crate::config::LongPollConfig;
 use crate::metrics as m;
 use crate::phoenix::codec::Vsn;
 use crate::phoenix::session;
-use crate::phoenix::ws::Outbound;
+use crate::phoenix::ws::{Outbound, ReserveWrite};
 use crate::redis::{self, Handler, HandlerFuture, RedisLink};
 use crate::subscriber::SessionDeps;
 
@@ -678,6 +678,9 @@ impl Stream for LpSocket {
         self.inbound.poll_recv(cx).map(|message| message.map(Ok))
     }
 }
+
+/// Long-poll answers are messages: nothing to reserve.
+impl ReserveWrite for LpSocket {}
 
 impl Sink<Outbound> for LpSocket {
     type Error = LpClosed;

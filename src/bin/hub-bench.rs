@@ -689,6 +689,9 @@ impl Receipts {
     }
 }
 
+/// The channels the hub reads events from (`PSUBSCRIBE prostaff:events:*`).
+const HUB_CHANNEL_PREFIX: &str = "prostaff:events:";
+
 /// Extracts the `"t":<µs>` stamp from a frame or RESP message without a JSON parse. The
 /// search is `memchr`'s vectorised one and the digits are read in place: the byte-by-byte
 /// search it replaces was 24 % of the load generator's samples, and it cost more per frame the
@@ -829,6 +832,7 @@ async fn wait_for_deliveries(receipts: &Receipts, expected: u64) {
 async fn hub_fanout(
     args: &FanoutArgs,
     target: &str,
+    channel_prefix: &str,
     pids: &[(&'static str, Option<u32>)],
 ) -> FanoutResult {
     let mut common = args.common.clone();
@@ -907,7 +911,7 @@ async fn hub_fanout(
     let cpu = CpuWatch::start(pids);
     let span = publish_all(&client, args, |seq| {
         let org = org_name(seq);
-        (format!("prostaff:events:{org}"), org)
+        (format!("{channel_prefix}{org}"), org)
     })
     .await;
     wait_for_deliveries(&receipts, expected).await;
@@ -1182,7 +1186,7 @@ async fn compare(args: FanoutArgs, json_out: bool) {
         Some(url) => {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let pids = [("floor CPU % of a core", args.floor_pid), redis_pid];
-            let result = hub_fanout(&args, url, &pids).await;
+            let result = hub_fanout(&args, url, floor::CHANNEL_PREFIX, &pids).await;
             report(json_out, "floor server", result.rows.clone());
             Some(result)
         }
@@ -1190,7 +1194,7 @@ async fn compare(args: FanoutArgs, json_out: bool) {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pids = [("hub CPU % of a core", args.common.hub_pid), redis_pid];
-    let hub = hub_fanout(&args, &args.common.hub, &pids).await;
+    let hub = hub_fanout(&args, &args.common.hub, HUB_CHANNEL_PREFIX, &pids).await;
     report(json_out, "hub", hub.rows.clone());
     let latency = |result: &FanoutResult, key: &str| -> f64 {
         result
@@ -1245,12 +1249,12 @@ async fn main() {
         Scenario::Fanout(mut args) => {
             args.orgs = 1;
             let pids = [("hub CPU % of a core", args.common.hub_pid)];
-            let result = hub_fanout(&args, &args.common.hub, &pids).await;
+            let result = hub_fanout(&args, &args.common.hub, HUB_CHANNEL_PREFIX, &pids).await;
             report(cli.json, "fanout (hub)", result.rows);
         }
         Scenario::Spread(args) => {
             let pids = [("hub CPU % of a core", args.common.hub_pid)];
-            let result = hub_fanout(&args, &args.common.hub, &pids).await;
+            let result = hub_fanout(&args, &args.common.hub, HUB_CHANNEL_PREFIX, &pids).await;
             report(cli.json, "spread (hub)", result.rows);
         }
         Scenario::RedisBaseline(args) => {

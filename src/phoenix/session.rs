@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::codec::{self, BroadcastFrame, Inbound, InboundPayload, ReplyStatus, Vsn};
-use super::ws::Outbound;
+use super::ws::{Outbound, ReserveWrite};
 use crate::auth::Authenticated;
 use crate::channels;
 use crate::history::Position;
@@ -138,7 +138,7 @@ impl TransportError for std::io::Error {
 /// dropped like on any other ending, so it leaves nothing behind.
 pub async fn run<S, E>(socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + ReserveWrite + Unpin,
     E: TransportError,
 {
     use futures_util::FutureExt;
@@ -188,7 +188,7 @@ impl Session {
 
 async fn serve<S, E>(mut socket: S, deps: Arc<SessionDeps>, vsn: Vsn, auth: Authenticated)
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + ReserveWrite + Unpin,
     E: TransportError,
 {
     let limits = deps.limits.clone();
@@ -295,7 +295,7 @@ pub(crate) fn join_params(params: &InboundPayload) -> Result<JoinParams, ()> {
 /// Sends a close frame and waits briefly for the client's answer, both bounded in time.
 async fn close<S, E>(socket: &mut S, code: u16, reason: &'static str)
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Outbound, Error = E> + ReserveWrite + Unpin,
 {
     let frame: Outbound = Message::Close(Some(CloseFrame {
         code,
@@ -707,7 +707,7 @@ impl Session {
     /// Writes the queued replies.
     async fn write_pending<S, E>(&mut self, socket: &mut S) -> Result<(), Ending>
     where
-        S: Sink<Outbound, Error = E> + Unpin,
+        S: Sink<Outbound, Error = E> + ReserveWrite + Unpin,
     {
         if self.pending.is_empty() {
             return Ok(());
@@ -725,7 +725,7 @@ impl Session {
         drained: &mut Drained,
     ) -> Result<(), Ending>
     where
-        S: Sink<Outbound, Error = E> + Unpin,
+        S: Sink<Outbound, Error = E> + ReserveWrite + Unpin,
     {
         self.outbox.drain(256, drained);
         let mut messages = std::mem::take(&mut self.scratch);
@@ -900,9 +900,10 @@ impl Session {
         messages: &mut Vec<Outbound>,
     ) -> Result<(), Ending>
     where
-        S: Sink<Outbound, Error = E> + Unpin,
+        S: Sink<Outbound, Error = E> + ReserveWrite + Unpin,
     {
         let count = messages.len() as u64;
+        socket.reserve_write(messages.iter().map(Outbound::wire_len).sum());
         let write = async {
             for message in messages.drain(..) {
                 socket.feed(message).await?;
@@ -1006,6 +1007,8 @@ mod tests {
             std::task::Poll::Ready(None)
         }
     }
+
+    impl ReserveWrite for std::pin::Pin<Box<EmptySocket>> {}
 
     impl Sink<Outbound> for EmptySocket {
         type Error = std::io::Error;

@@ -1,6 +1,6 @@
 //! The `floor-server`: the minimal fan-out server of issue 14, the physical reference for "one
 //! process pushing bytes into sockets" on this machine. Redis in (`PSUBSCRIBE
-//! prostaff:events:*`); each event framed once as a WebSocket text frame (header + the raw
+//! floor:events:*`: channels of its own, see [`CHANNEL_PREFIX`]); each event framed once as a WebSocket text frame (header + the raw
 //! payload, shared by every client); one task per client that writes everything queued for it
 //! with one `write_all`. No auth, no limits, no history, no presence; the only routing is the
 //! channel → joined-topic lookup the `spread` scenario needs, and a fixed ok reply to joins and
@@ -14,6 +14,12 @@ use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+
+/// The floor's channels. Not the hub's `prostaff:events:`: in a `compare` run the hub and the
+/// floor share one Redis, and with one prefix each received the other's events too — the
+/// floor's run was slowed by the hub appending every event to its history (Redis at 33 % of
+/// the shared core instead of 10 %), the hub's by the floor framing them.
+pub const CHANNEL_PREFIX: &str = "floor:events:";
 
 struct Client {
     queue: Mutex<Vec<Bytes>>,
@@ -181,16 +187,13 @@ pub async fn run(port: u16, redis: &str) {
     let mut messages = subscriber.message_rx();
     subscriber.init().await.expect("redis reachable");
     subscriber
-        .psubscribe("prostaff:events:*")
+        .psubscribe(format!("{CHANNEL_PREFIX}*"))
         .await
         .expect("psubscribe");
     let fanout_topics = topics.clone();
     tokio::spawn(async move {
         while let Ok(message) = messages.recv().await {
-            let org = message
-                .channel
-                .strip_prefix("prostaff:events:")
-                .unwrap_or("");
+            let org = message.channel.strip_prefix(CHANNEL_PREFIX).unwrap_or("");
             let Some(payload) = message.value.as_bytes() else {
                 continue;
             };
