@@ -910,9 +910,11 @@ impl Session {
             }
             socket.flush().await
         };
-        let hard_stop = self.deps.hard_stop.clone();
-        // Biased: a write that completes at once (the usual case) never registers with the
-        // shared hard-stop token, so 10k sockets writing do not contend on it.
+        // Borrowed, not cloned: cloning and dropping a `CancellationToken` locks its tree node's
+        // mutex, one shared by every socket. Biased: a write that completes at once (the
+        // usual case) never registers with the token either, so 10k sockets writing do not
+        // contend on it.
+        let hard_stop = &self.deps.hard_stop;
         let outcome = tokio::select! {
             biased;
             result = tokio::time::timeout(self.deps.limits.write_timeout, write) => Some(result),
