@@ -57,8 +57,9 @@ const FLUSH_THRESHOLD: usize = 64 * 1024;
 const MAX_HEADER: usize = 10;
 
 /// A text message shared between sockets (a broadcast, encoded once for all its subscribers).
-/// A socket holds it until its batch is framed and copies the text then: no per-socket
-/// message is built and its reference count is touched once per delivery, not three times.
+/// A socket is handed the shared object itself (moved out of its outbox) and copies the text
+/// into its write buffer when fed: no per-socket `Message` is built and the text's reference
+/// count is not touched (a `Message::Text` clone counted it up and down once per delivery).
 pub trait SharedText: Send + Sync + std::fmt::Debug {
     fn text(&self) -> &str;
     /// The text as a message of its own, for a transport that keeps messages.
