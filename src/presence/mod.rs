@@ -281,11 +281,7 @@ impl Handler for Presence {
                     metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "summarized")
                         .increment(1);
                 }
-                Relay::State(state, summary) => {
-                    self.hub.publish_at(topic, "presence_state", state, None);
-                    self.hub
-                        .publish_at(topic, "presence_summary", summary, None);
-                }
+                Relay::State(state, summary) => self.publish_state(topic, state, Some(summary)),
                 Relay::Unwatched => {
                     metrics::counter!(crate::metrics::PRESENCE_DIFFS, "outcome" => "unwatched")
                         .increment(1);
@@ -670,16 +666,17 @@ impl Presence {
     /// After Redis came back: the diffs of the outage are lost, so every mirror is read again
     /// and every local subscriber gets a fresh `presence_state` (phoenix.js re-syncs on it).
     async fn refresh_mirrors(&self) {
-        let topics: Vec<Arc<str>> = {
+        // The mirrored topics and those whose joiners got only this instance's members, each
+        // once.
+        let topics: HashSet<Arc<str>> = {
             let mut mirrors = self.mirrors.lock().expect("mirror lock");
-            let topics = mirrors.keys().cloned().collect();
-            mirrors.clear();
+            let mut topics = std::mem::take(&mut *self.unsynced.lock().expect("unsynced lock"));
+            topics.extend(mirrors.drain().map(|(topic, _)| topic));
             topics
         };
         for topic in topics {
             self.send_state(topic).await;
         }
-        self.sync_unsynced().await;
     }
 
     /// Topics whose joiners got only this instance's members: their subscribers get the whole
@@ -694,6 +691,16 @@ impl Presence {
         }
     }
 
+    /// The whole state to the topic's subscribers on this instance, then (over the bound) its
+    /// summary.
+    fn publish_state(&self, topic: &str, state: Bytes, summary: Option<Bytes>) {
+        self.hub.publish_at(topic, "presence_state", state, None);
+        if let Some(summary) = summary {
+            self.hub
+                .publish_at(topic, "presence_summary", summary, None);
+        }
+    }
+
     /// Sends the topic's subscribers on this instance its whole `presence_state` (and, over the
     /// bound, its summary), read into the mirror first; a topic whose state Redis cannot give
     /// stays unsynced and is tried again.
@@ -702,13 +709,7 @@ impl Presence {
             return;
         }
         match self.mirrored_state(&topic).await {
-            Some((state, summary)) => {
-                self.hub.publish_at(&topic, "presence_state", state, None);
-                if let Some(summary) = summary {
-                    self.hub
-                        .publish_at(&topic, "presence_summary", summary, None);
-                }
-            }
+            Some((state, summary)) => self.publish_state(&topic, state, summary),
             None => {
                 self.unsynced.lock().expect("unsynced lock").insert(topic);
             }
