@@ -171,6 +171,9 @@ struct Built {
     longpoll: Arc<longpoll::LongPoll>,
     hard_stop: CancellationToken,
     reconciler: Reconciler,
+    /// Where the Redis link and the sequencer run; dropped last (a field drops after the ones
+    /// above it), which stops the thread.
+    link_thread: redis::LinkThread,
 }
 
 /// Builds the subsystems from the configuration and registers each one's Redis channel.
@@ -256,6 +259,7 @@ fn build(config: Config) -> std::io::Result<Built> {
         longpoll,
         hard_stop,
         reconciler,
+        link_thread: redis::LinkThread::start()?,
     })
 }
 
@@ -304,15 +308,18 @@ async fn spawn(
 ) -> std::io::Result<Server> {
     // Taken before the link runs, so that no connect (the first included) goes unseen.
     let (presence_connects, revocation_connects) = (built.redis.connects(), built.redis.connects());
-    tasks.spawn(built.redis.clone().run(background.child_token()));
-    tasks.spawn(built.reconciler.clone().run(background.child_token()));
-    tasks.spawn(
+    // The link (and every handler it dispatches to) and the sequencer on the link's thread.
+    let link = built.link_thread.handle();
+    tasks.spawn_on(built.redis.clone().run(background.child_token()), link);
+    tasks.spawn_on(
         built
             .pipeline
             .sequencer
             .clone()
             .run(background.child_token()),
+        link,
     );
+    tasks.spawn(built.reconciler.clone().run(background.child_token()));
     tasks.spawn(inhouse::deadlines::run(
         built.pipeline.inhouse.clone(),
         background.child_token(),

@@ -263,6 +263,9 @@ pub struct LongPoll {
     sessions: DashMap<String, Arc<LpSession>>,
     routed: DashMap<u64, oneshot::Sender<Answer>>,
     next_request: AtomicU64,
+    /// The runtime requests routed from other instances are served on: the one `new` was
+    /// called on, not the Redis link's thread that hands them over.
+    runtime: tokio::runtime::Handle,
 }
 
 /// One session as its owner holds it.
@@ -370,6 +373,7 @@ impl LongPoll {
         );
     }
 
+    /// Must be called on the runtime that serves the hub's requests.
     pub fn new(redis: Arc<RedisLink>, config: LongPollConfig) -> Self {
         LongPoll {
             instance: redis.instance().to_string(),
@@ -378,6 +382,7 @@ impl LongPoll {
             sessions: DashMap::new(),
             routed: DashMap::new(),
             next_request: AtomicU64::new(1),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -574,7 +579,7 @@ impl LongPoll {
                 }
             }
             Wire::Poll { id, from, sid, ack } => {
-                tokio::spawn(async move {
+                self.runtime.spawn(async move {
                     let answer = this.poll_local(&sid, ack).await;
                     this.answer(&from, id, answer).await;
                 });
@@ -585,7 +590,7 @@ impl LongPoll {
                 sid,
                 body,
             } => {
-                tokio::spawn(async move {
+                self.runtime.spawn(async move {
                     let answer = this.post_local(&sid, body.as_bytes()).await;
                     this.answer(&from, id, answer).await;
                 });

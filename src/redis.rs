@@ -15,6 +15,11 @@
 //! connect is announced ([`RedisLink::connects`]) so the reconciler, presence and revocations
 //! can catch up. Redis being down never blocks sockets.
 //!
+//! The link runs on a thread of its own ([`LinkThread`]): its connections, its loop and every
+//! handler it dispatches to (the ingest pipeline's decode, history append and fan-out) are
+//! never queued behind the socket tasks of the main runtime, so a reply from Redis is read when
+//! it arrives. Any task may call the link's clients; only the link's own work runs there.
+//!
 //! Invariant: this is the only place that opens Redis connections, and it names no module above
 //! it.
 
@@ -173,6 +178,63 @@ impl Registry {
         if let Some((handler, messages)) = run {
             handler.messages(messages).await;
         }
+    }
+}
+
+/// The thread the Redis link runs on: a current-thread tokio runtime of its own.
+///
+/// Why: on the main runtime every hop of an event (the subscriber's message, the history
+/// append's reply) waits in the run queue behind the socket tasks the previous fan-out woke,
+/// so at 1,000 subscribers and a few hundred events a second each event waited for the
+/// previous fan-out's writes two or three times over (BENCHMARKS.md, "The link's own thread").
+/// Here the operating system schedules the link as soon as a reply is readable.
+///
+/// Dropping it stops the thread: its runtime is dropped there, and with it every task still on
+/// it (the fred connections close), whatever path the hub left `run` by.
+pub struct LinkThread {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the `LinkThread`: the thread's `block_on` returns and its runtime shuts down.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl LinkThread {
+    /// Starts the thread and its runtime.
+    pub fn start() -> std::io::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (started, handle) = std::sync::mpsc::sync_channel(1);
+        // The runtime is built and dropped on its own thread: a runtime must not be dropped
+        // inside the async context `run` is called from.
+        std::thread::Builder::new()
+            .name("redis-link".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = started.send(Err(error));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(runtime.handle().clone()));
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        // Waits the few microseconds the thread takes to build its runtime.
+        let handle = handle
+            .recv()
+            .map_err(|_| std::io::Error::other("redis-link thread ended before it started"))??;
+        Ok(LinkThread {
+            handle,
+            _stop: stop,
+        })
+    }
+
+    /// Where the link's tasks are spawned.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 }
 
@@ -930,4 +992,41 @@ fn take_batch(
         }
     }
     (batch, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drops its sender when dropped, so the test sees the task go.
+    struct Gone(std::sync::mpsc::Sender<()>);
+
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    #[test]
+    fn the_link_thread_runs_what_is_spawned_on_it_and_drops_it_when_dropped() {
+        let thread = LinkThread::start().expect("the link thread starts");
+        let (ran_on, name) = std::sync::mpsc::channel();
+        let (gone_tx, gone) = std::sync::mpsc::channel();
+        thread.handle().spawn(async move {
+            let _guard = Gone(gone_tx);
+            let _ = ran_on.send(std::thread::current().name().map(str::to_string));
+            std::future::pending::<()>().await;
+        });
+        let name = name
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the task runs");
+        assert_eq!(name.as_deref(), Some("redis-link"));
+        assert!(
+            gone.try_recv().is_err(),
+            "the task is still running while the thread is held"
+        );
+        drop(thread);
+        gone.recv_timeout(Duration::from_secs(5))
+            .expect("dropping the link thread drops the tasks on it");
+    }
 }
