@@ -675,17 +675,35 @@ struct Receipts {
     delivered: AtomicU64,
     last_receipt_us: AtomicU64,
     samples: Mutex<Vec<u32>>,
+    /// The largest latency (µs) and when its event was published (µs, the bench's clock): tells
+    /// a one-off (the first events) from a stall in the middle of the run.
+    worst: Mutex<(u32, u64)>,
+}
+
+/// One reader's receipts, merged into [`Receipts`] when it stops.
+#[derive(Default)]
+struct LocalReceipts {
+    samples: Vec<u32>,
+    worst: (u32, u64),
 }
 
 impl Receipts {
-    fn record(&self, sent_us: u64, local: &mut Vec<u32>) {
+    fn record(&self, sent_us: u64, local: &mut LocalReceipts) {
         let now = now_us();
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.last_receipt_us.fetch_max(now, Ordering::Relaxed);
-        local.push(now.saturating_sub(sent_us).min(u32::MAX as u64) as u32);
+        let latency = now.saturating_sub(sent_us).min(u32::MAX as u64) as u32;
+        local.samples.push(latency);
+        if latency > local.worst.0 {
+            local.worst = (latency, sent_us);
+        }
     }
-    fn merge(&self, local: Vec<u32>) {
-        self.samples.lock().unwrap().extend(local);
+    fn merge(&self, local: LocalReceipts) {
+        self.samples.lock().unwrap().extend(local.samples);
+        let mut worst = self.worst.lock().unwrap();
+        if local.worst.0 > worst.0 {
+            *worst = local.worst;
+        }
     }
 }
 
@@ -799,9 +817,22 @@ fn summarize(
         ("latency p50 ms", json!(percentile(&samples, 0.50))),
         ("latency p90 ms", json!(percentile(&samples, 0.90))),
         ("latency p99 ms", json!(percentile(&samples, 0.99))),
+        ("latency p99.9 ms", json!(percentile(&samples, 0.999))),
         (
             "latency max ms",
             json!(samples.last().map(|v| *v as f64 / 1000.0).unwrap_or(0.0)),
+        ),
+        (
+            "latency max: its event published at s",
+            json!(
+                receipts
+                    .worst
+                    .lock()
+                    .unwrap()
+                    .1
+                    .saturating_sub(publish_started_us) as f64
+                    / 1e6
+            ),
         ),
     ];
     FanoutResult {
@@ -885,7 +916,7 @@ async fn hub_fanout(
         let receipts = receipts.clone();
         let stop = stop.clone();
         readers.push(tokio::spawn(async move {
-            let mut local = Vec::new();
+            let mut local = LocalReceipts::default();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -983,7 +1014,7 @@ async fn redis_fanout(args: &FanoutArgs, pids: &[(&'static str, Option<u32>)]) -
             {
                 return;
             }
-            let mut local = Vec::new();
+            let mut local = LocalReceipts::default();
             let mut line = String::new();
             let mut confirmed = false;
             drop(permit);
@@ -1217,7 +1248,9 @@ async fn compare(args: FanoutArgs, json_out: bool) {
     for key in [
         "latency p50 ms",
         "latency p99 ms",
+        "latency p99.9 ms",
         "latency max ms",
+        "latency max: its event published at s",
         "first publish → last receipt s",
     ] {
         let (h, r) = (latency(&hub, key), latency(&baseline, key));
