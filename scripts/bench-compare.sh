@@ -8,7 +8,8 @@
 # RATE 0 (the default) publishes flat out (throughput); a rate measures latency. Extra hub
 # settings can be passed in the environment as HUB_ENV="NAME=value …"; HUB_BIN picks another
 # build of the hub (e.g. target/release-unchecked/prostaff-events); PRELOAD=/path/to/lib.so runs
-# the hub on another malloc (the allocator comparison in BENCHMARKS.md).
+# the hub on another malloc (the allocator comparison in BENCHMARKS.md). PAYLOAD_BYTES sets the
+# events' padding (the workload, not a hub setting; 100 by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUBSCRIBERS=${1:?subscribers}
@@ -29,4 +30,5 @@ taskset -c 1 ./target/release/hub-bench compare \
   --hub "http://127.0.0.1:$HUB_PORT" --floor "http://127.0.0.1:$FLOOR_PORT" \
   --redis "redis://127.0.0.1:$REDIS_PORT" \
   --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --rate "$RATE" --orgs "$ORGS" \
-  --hub-pid "$HUB_PID" --floor-pid "$FLOOR_PID" --redis-pid "$REDIS_PID"
+  --hub-pid "$HUB_PID" --floor-pid "$FLOOR_PID" --redis-pid "$REDIS_PID" \
+  ${PAYLOAD_BYTES:+--payload-bytes "$PAYLOAD_BYTES"}
