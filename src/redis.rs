@@ -184,10 +184,11 @@ impl Registry {
 /// The thread the Redis link runs on: a current-thread tokio runtime of its own.
 ///
 /// Why: on the main runtime every hop of an event (the subscriber's message, the history
-/// append's reply) waits in the run queue behind the socket tasks the previous fan-out woke,
-/// so at 1,000 subscribers and a few hundred events a second each event waited for the
-/// previous fan-out's writes two or three times over (BENCHMARKS.md, "The link's own thread").
-/// Here the operating system schedules the link as soon as a reply is readable.
+/// append's reply) waited in the run queue behind the socket tasks the previous fan-out woke:
+/// at 1,000 subscribers and 435 events/s the hub's p50 was twice the floor server's and its
+/// p99 above Redis's; on this thread both are at the floor's or below (BENCHMARKS.md, issue
+/// 21's "Round four"). Here the operating system schedules the link as soon as a reply is
+/// readable.
 ///
 /// Dropping it stops the thread: its runtime is dropped there, and with it every task still on
 /// it (the fred connections close), whatever path the hub left `run` by.
