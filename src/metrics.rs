@@ -118,7 +118,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (INHOUSE_EXPIRIES, Kind::Counter, "check-in deadline attempts, by outcome (kept, closed, early, stale, unavailable)"),
     (RECONCILES, Kind::Counter, "reconcile runs by outcome"),
     (HISTORY_SCRIPT_SECONDS, Kind::Seconds, "latency of the history scripts (append, recover) in Redis"),
-    (HISTORY_APPENDS, Kind::Counter, "broadcasts given a history position, by outcome (ok, failed: delivered without one) and via (appended: by this instance as the sequencer; notice: learnt from the sequencer's notice; fallback: appended here after waiting FALLBACK_AFTER for a notice)"),
+    (HISTORY_APPENDS, Kind::Counter, "broadcasts given a history position, by outcome (ok; deferred: the append failed with the link, the broadcasts wait for it to come back; failed: Redis refused it, delivered without one) and via (appended: by this instance as the sequencer; notice: learnt from the sequencer's notice; fallback: appended here after waiting FALLBACK_AFTER for a notice)"),
     (HISTORY_NOTICES, Kind::Counter, "position notices of other instances' appends, by outcome (received; undecodable; overflow: too many unmatched kept; repaired: broadcasts this instance never received, delivered from history; gap: history could not cover them; repair_failed)"),
     (QUEUE_REPLICATION, Kind::Counter, "queue script calls followed by WAIT 1 100 on a master with replicas, by outcome (acknowledged: a replica has it; unacknowledged: none within 100 ms, a failover now may lose it; no_replica: nothing to wait for)"),
     (SEQUENCER, Kind::Gauge, "1 while this instance holds the history sequencer lease (it appends every event; the others learn the positions from its notices)"),

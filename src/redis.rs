@@ -73,6 +73,25 @@ impl RedisError {
         }
     }
 
+    /// Whether the call failed because the link did — no connection, no answer in time, the
+    /// connection dropped under it — rather than because Redis refused it: worth making again
+    /// once the link is back.
+    pub fn is_link_failure(&self) -> bool {
+        use fred::error::ErrorKind;
+        match self {
+            RedisError::Disconnected | RedisError::Timeout => true,
+            RedisError::Failed(kind) => [
+                ErrorKind::IO,
+                ErrorKind::Canceled,
+                ErrorKind::Timeout,
+                ErrorKind::Sentinel,
+            ]
+            .iter()
+            .any(|link| link.to_str() == *kind),
+            RedisError::Malformed(_) => false,
+        }
+    }
+
     fn from_fred(error: &fred::error::Error) -> Self {
         RedisError::Failed(error.kind().to_str())
     }
@@ -1005,6 +1024,26 @@ mod tests {
     impl Drop for Gone {
         fn drop(&mut self) {
             let _ = self.0.send(());
+        }
+    }
+
+    #[test]
+    fn a_call_lost_with_the_link_is_told_from_one_redis_refused() {
+        use fred::error::{Error, ErrorKind};
+        for lost in [
+            RedisError::Disconnected,
+            RedisError::Timeout,
+            RedisError::from_fred(&Error::new(ErrorKind::IO, "connection reset")),
+            RedisError::from_fred(&Error::new(ErrorKind::Canceled, "connection closed")),
+        ] {
+            assert!(lost.is_link_failure(), "{lost:?}");
+        }
+        for refused in [
+            RedisError::from_fred(&Error::new(ErrorKind::Unknown, "ERR script error")),
+            RedisError::from_fred(&Error::new(ErrorKind::InvalidArgument, "bad")),
+            RedisError::Malformed("not a list"),
+        ] {
+            assert!(!refused.is_link_failure(), "{refused:?}");
         }
     }
 

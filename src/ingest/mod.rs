@@ -188,11 +188,15 @@ impl Handler for Pipeline {
 
     fn connected(&self) -> HandlerFuture<'_> {
         Box::pin(async {
+            // No fallback append until history's catch-up is delivered (it runs first here,
+            // before any message of the new subscription).
+            self.sequencer.suspend();
             if self.history.enabled() {
                 // Take the lease at once if it is free: the first events need no fallback.
                 self.sequencer.claim(true).await;
             }
-            self.catch_up().await
+            self.catch_up().await;
+            self.sequencer.resume();
         })
     }
 }

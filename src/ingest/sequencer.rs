@@ -13,7 +13,12 @@
 //! itself, give an event the same one position. An event still waiting [`FALLBACK_AFTER`] its
 //! arrival (the sequencer died, lost its link, or missed the message) is appended by the
 //! instance that waits for it, together with everything queued behind it on its topic: a lost
-//! sequencer costs that latency, never an event. A notice that names an event this instance
+//! sequencer costs that latency, never an event. An append that fails because the link did
+//! (disconnected, timed out, the connection dropped under it) leaves its broadcasts waiting:
+//! once the link is back and the pipeline has caught up from history ([`Sequencer::suspend`],
+//! [`Sequencer::resume`]), the sweep appends them — the same position if history already has
+//! them, the next ones if the failover lost them — so a Redis failover delivers them late but
+//! positioned, never without a position a client could resume past. A notice that names an event this instance
 //! never received (it missed the message while reconnecting) is repaired from history after
 //! [`EARLY_GRACE`] when the topic has subscribers here, so a reconnect leaves no silent gap.
 //!
@@ -143,6 +148,10 @@ pub struct Sequencer {
     holds_lease: AtomicBool,
     /// Set by [`Sequencer::retire`]: the lease is never taken again.
     retired: AtomicBool,
+    /// Whether the sweep may append what waits: false from the start of each (re)connect until
+    /// the pipeline has caught up from history, so that what history already holds is
+    /// delivered before anything that waited here is appended behind it.
+    caught_up: AtomicBool,
     lease: Script,
     state: Mutex<State>,
 }
@@ -155,6 +164,7 @@ impl Sequencer {
             redis,
             holds_lease: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            caught_up: AtomicBool::new(false),
             lease: Script::from_lua(LEASE_SCRIPT),
             state: Mutex::default(),
         }
@@ -202,6 +212,16 @@ impl Sequencer {
     pub async fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
         self.claim(false).await;
+    }
+
+    /// A (re)connect starts: the sweep appends nothing until [`Sequencer::resume`].
+    pub fn suspend(&self) {
+        self.caught_up.store(false, Ordering::Relaxed);
+    }
+
+    /// The pipeline has caught up after a (re)connect: what waits may be appended again.
+    pub fn resume(&self) {
+        self.caught_up.store(true, Ordering::Relaxed);
     }
 
     /// Renews the lease every [`LEASE_INTERVAL`] and appends what waited too long every
@@ -335,13 +355,20 @@ impl Sequencer {
     /// Appends the broadcasts that waited longer than [`FALLBACK_AFTER`] (with whatever waits
     /// behind them on their topic), and repairs from history the topics of notices that stayed
     /// unmatched for [`EARLY_GRACE`].
+    /// While the link is down (or not yet caught up after a reconnect), what waits keeps
+    /// waiting: an append now could only fail.
     pub async fn sweep(&self) {
         let now = Instant::now();
-        let calls = self.take_calls(|_, queue| {
-            queue.queued.iter().any(|q| {
-                q.status == Status::Waiting && now.duration_since(q.arrived) >= FALLBACK_AFTER
+        let linked = self.redis.is_connected() && self.caught_up.load(Ordering::Relaxed);
+        let calls = if linked {
+            self.take_calls(|_, queue| {
+                queue.queued.iter().any(|q| {
+                    q.status == Status::Waiting && now.duration_since(q.arrived) >= FALLBACK_AFTER
+                })
             })
-        });
+        } else {
+            Vec::new()
+        };
         if !calls.is_empty() {
             self.append(calls, Via::Fallback).await;
             let mut state = self.state.lock().expect("sequencer lock");
@@ -383,8 +410,10 @@ impl Sequencer {
         calls
     }
 
-    /// Runs `calls` (topics concurrently) and records each broadcast's position; a failed call
-    /// leaves its broadcasts ready without one (delivered, but not resumable past).
+    /// Runs `calls` (topics concurrently) and records each broadcast's position. A call that
+    /// failed with the link puts its broadcasts back to waiting (the sweep appends them once the
+    /// link is back); one that Redis refused leaves them ready without a position (delivered,
+    /// but not resumable past): retrying it would hold the topic up for good.
     async fn append(&self, calls: Vec<Call>, via: Via) {
         let results = futures_util::future::join_all(calls.into_iter().map(|call| async move {
             let items: Vec<AppendItem> = call
@@ -402,26 +431,35 @@ impl Sequencer {
         .await;
         let mut state = self.state.lock().expect("sequencer lock");
         for (call, result) in results {
-            let positions: Vec<Option<Position>> = match result {
+            let statuses: Vec<Status> = match result {
                 Ok(positions) => {
                     count(via, positions.len() as u64);
-                    positions.into_iter().map(Some).collect()
+                    positions
+                        .into_iter()
+                        .map(|p| Status::Ready(Some(p)))
+                        .collect()
+                }
+                Err(error) if error.is_link_failure() || !self.redis.is_connected() => {
+                    metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "deferred", "via" => via.label())
+                        .increment(call.items.len() as u64);
+                    tracing::warn!(%error, topic = %LogSafe(&call.topic), "history append failed with the link; broadcasts wait for it");
+                    vec![Status::Waiting; call.items.len()]
                 }
                 Err(error) => {
                     metrics::counter!(crate::metrics::HISTORY_APPENDS, "outcome" => "failed", "via" => via.label())
                         .increment(call.items.len() as u64);
                     tracing::warn!(%error, topic = %LogSafe(&call.topic), "broadcasts delivered without a history position");
-                    vec![None; call.items.len()]
+                    vec![Status::Ready(None); call.items.len()]
                 }
             };
             let Some(queue) = state.topics.get_mut(&call.topic) else {
                 continue;
             };
-            for ((id, ..), position) in call.items.iter().zip(positions) {
+            for ((id, ..), status) in call.items.iter().zip(statuses) {
                 if let Some(queued) = queue.queued.iter_mut().find(|q| q.id == *id) {
                     // A notice may have placed it meanwhile: the same position (one per event).
                     if queued.status == Status::Appending {
-                        queued.status = Status::Ready(position);
+                        queued.status = status;
                     }
                 }
             }
@@ -620,6 +658,48 @@ mod tests {
             [("placed", "e1:4"), ("late", "e1:5")].map(|(e, p)| (e.into(), p.into())),
             "in queue order the socket would skip e1:4 as already seen after e1:5"
         );
+    }
+
+    /// Makes everything queued look older than [`FALLBACK_AFTER`].
+    fn age(sequencer: &Sequencer) {
+        for queue in sequencer.state.lock().unwrap().topics.values_mut() {
+            for queued in queue.queued.iter_mut() {
+                queued.arrived = queued
+                    .arrived
+                    .checked_sub(FALLBACK_AFTER * 2)
+                    .expect("the clock is past FALLBACK_AFTER");
+            }
+        }
+    }
+
+    #[test]
+    fn what_waits_while_the_link_is_down_keeps_waiting_for_a_position() {
+        let (sequencer, outbox) = setup();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        sequencer.resume();
+        push(&sequencer, "a");
+        age(&sequencer);
+        // Due for a fallback append, but the link is down: the sweep makes none.
+        rt.block_on(sequencer.sweep());
+        assert!(
+            delivered(&outbox).is_empty(),
+            "nothing goes out without a position"
+        );
+        // An append that fails with the link puts the broadcast back to waiting.
+        let calls = sequencer.take_calls(|_, _| true);
+        assert_eq!(calls.len(), 1);
+        rt.block_on(sequencer.append(calls, Via::Fallback));
+        assert!(delivered(&outbox).is_empty());
+        assert_eq!(
+            sequencer.state.lock().unwrap().topics["t"].queued[0].status,
+            Status::Waiting
+        );
+        // Placed once the link is back (here by the sequencer's notice): out, positioned.
+        sequencer.notice("t", b"elsewhere\na e1:1");
+        assert_eq!(delivered(&outbox), [("a".to_string(), "e1:1".to_string())]);
     }
 
     #[test]

@@ -229,3 +229,45 @@ async fn a_notice_for_a_missed_broadcast_is_repaired_from_history() {
     assert_eq!(repaired[4]["payload"]["n"], 2, "{repaired}");
     wait_for_log(&["broadcasts this instance missed delivered from history"]).await;
 }
+
+/// The link dies while a broadcast waits for the sequencer's notice (the lease is held by an
+/// instance that no longer runs): when its fallback comes due with the link down it is not
+/// delivered without a position — which no client could resume past — but waits, and goes out
+/// positioned once Redis is back (here an empty one on the same port, as after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_waiting_when_the_link_dies_goes_out_positioned_after_the_reconnect() {
+    let (mut redis, hub) = redis_and_ready_hub().await;
+    let org = unique("org");
+    let topic = format!("org_events:{org}");
+    let mut member = Phx::org_member(&hub, &org).await;
+    assert_eq!(
+        redis
+            .command("SET prostaff:sequencer vanished PX 60000")
+            .as_deref(),
+        Some("+OK")
+    );
+    eventually("the hub is not the sequencer", || async {
+        sequencers(std::slice::from_ref(&hub)).await.is_empty()
+    })
+    .await;
+    publish_numbered(&redis, &org, 1..=1);
+    // Received (loopback), not yet due for its fallback (500 ms): the link dies now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.stop();
+    let frames = member.collect(Duration::from_millis(1500)).await;
+    let early: Vec<&serde_json::Value> = frames
+        .iter()
+        .filter(|f| f[2] == topic.as_str() && f[3] == "player.transferred")
+        .collect();
+    assert!(
+        early.is_empty(),
+        "delivered while the link was down: {early:?}"
+    );
+    redis.spawn();
+    let event = member.event(&topic, "player.transferred").await;
+    assert_eq!(event[4]["payload"]["n"], 1, "{event}");
+    assert!(
+        event[1].as_str().is_some_and(|p| p.contains(':')),
+        "delivered with a position: {event}"
+    );
+}
