@@ -18,9 +18,10 @@
 //! once the link is back and the pipeline has caught up from history ([`Sequencer::suspend`],
 //! [`Sequencer::resume`]), the sweep appends them — the same position if history already has
 //! them, the next ones if the failover lost them — so a Redis failover delivers them late but
-//! positioned, never without a position a client could resume past. A notice that names an event this instance
-//! never received (it missed the message while reconnecting) is repaired from history after
-//! [`EARLY_GRACE`] when the topic has subscribers here, so a reconnect leaves no silent gap.
+//! positioned, never without a position a client could resume past. A notice that names an
+//! event this instance never received (it missed the message while reconnecting) is repaired
+//! from history after [`EARLY_GRACE`] when the topic has subscribers here, so a reconnect
+//! leaves no silent gap.
 //!
 //! Invariant: each topic's broadcasts are delivered in queue order (Redis's order); a run of
 //! ready broadcasts is delivered in offset order, so a late fallback append (which gets a later
@@ -355,6 +356,7 @@ impl Sequencer {
     /// Appends the broadcasts that waited longer than [`FALLBACK_AFTER`] (with whatever waits
     /// behind them on their topic), and repairs from history the topics of notices that stayed
     /// unmatched for [`EARLY_GRACE`].
+    ///
     /// While the link is down (or not yet caught up after a reconnect), what waits keeps
     /// waiting: an append now could only fail.
     pub async fn sweep(&self) {
