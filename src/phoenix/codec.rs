@@ -397,11 +397,7 @@ impl BroadcastFrame {
 
     /// The broadcast's text in `vsn` (a reference-count bump, no copy).
     pub fn text(&self, vsn: Vsn) -> Utf8Bytes {
-        self.text_ref(vsn).clone()
-    }
-
-    fn text_ref(&self, vsn: Vsn) -> &Utf8Bytes {
-        match vsn {
+        let text = match vsn {
             Vsn::V2 => &self.v2,
             Vsn::V1 => self.v1.get_or_init(|| {
                 let position = self.position.as_ref().map(Position::to_string);
@@ -414,7 +410,8 @@ impl BroadcastFrame {
                     &self.payload,
                 )
             }),
-        }
+        };
+        text.clone()
     }
 }
 

@@ -2,9 +2,10 @@
 //! process pushing bytes into sockets" on this machine. Redis in (`PSUBSCRIBE floor:events:*`:
 //! channels of its own, see [`CHANNEL_PREFIX`]); each event framed once as a WebSocket text
 //! frame (header + the raw payload, shared by every client); one task per client that writes
-//! everything queued for it with one `write_all`. No auth, no limits, no history, no presence; the only routing is the
-//! channel → joined-topic lookup the `spread` scenario needs, and a fixed ok reply to joins and
-//! heartbeats so the bench's clients connect to it (and rest on it) exactly as on the hub.
+//! everything queued for it with one `write_all`. No auth, no limits, no history, no presence;
+//! the only routing is the channel → joined-topic lookup the `spread` scenario needs, and a
+//! fixed ok reply to joins and heartbeats so the bench's clients connect to it (and rest on it)
+//! exactly as on the hub.
 
 use std::sync::{Arc, Mutex};
 
